@@ -1,0 +1,219 @@
+"""Hugging Face <-> blip2_jax parameter names and tensor layouts.
+
+Our parameter tree mirrors the Hugging Face module tree (design decision 2), so a Hugging Face
+name is our path with: scanned stacks expanded to per-layer indices, `layer_N` children of a T5
+block written `layer.N`, Flax leaf names (`kernel`, `scale`, `embedding`) written `weight`, and
+kernels transposed. The few names that do not follow the pattern are listed in `_SPECIAL`.
+Tied tensors that Hugging Face may or may not write (OPT `lm_head`, T5 `embed_tokens`) are
+aliases: accepted when equal to the tensor they alias, never required.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+Tree = Any
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not match the model; the message lists every offending tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one Hugging Face tensor lives in our tree: leaf `path`, stacked `index` or None."""
+
+    path: str
+    index: int | None
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _transpose(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.T)
+
+
+def _conv_to_flax(x: np.ndarray) -> np.ndarray:  # torch (O, I, kh, kw) -> flax (kh, kw, I, O)
+    return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+
+
+def _conv_to_hf(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+
+
+# Our path -> HF name, for names outside the general pattern.
+_SPECIAL = {
+    "encoder/relative_attention_bias/embedding": "encoder/block/0/layer/0/SelfAttention/relative_attention_bias/weight",
+    "decoder/relative_attention_bias/embedding": "decoder/block/0/layer/0/SelfAttention/relative_attention_bias/weight",
+}
+
+# Hugging Face tensors that duplicate another (tied weights): alias -> canonical, relative to the
+# language model's prefix. Written by some checkpoints, required by none.
+_ALIASES = {
+    "lm_head/weight": "model/decoder/embed_tokens/weight",  # OPT: head tied to the input embedding
+    "encoder/embed_tokens/weight": "shared/weight",  # T5: both stacks embed with `shared`
+    "decoder/embed_tokens/weight": "shared/weight",
+}
+# A T5 checkpoint without `lm_head.weight` ties the head to `shared` (what transformers does).
+_FALLBACKS = {"lm_head/weight": "shared/weight"}
+
+
+def _split_stack(path: str, qformer_group: int) -> tuple[str, str, Callable[[int], int]] | None:
+    """For a leaf inside a scanned stack: (stack prefix in HF form, rest, stacked index -> layer index)."""
+    m = re.match(r"^(.*?qformer/encoder)/layers/layer_(\d+)/(.*)$", path)
+    if m:
+        j = int(m.group(2))
+        return m.group(1) + "/layer", m.group(3), lambda g: g * qformer_group + j
+    m = re.match(r"^(.*?(?:^|/)(?:encoder|decoder)/block)/layer_(\d+)/(.*)$", path)
+    if m:  # T5 block: layer_N child -> layer.N
+        return m.group(1), f"layer/{m.group(2)}/{m.group(3)}", lambda i: i
+    m = re.match(r"^(.*?(?:^|/)(?:encoder|decoder)/layers)/(.*)$", path)
+    if m:  # ViT encoder layers, OPT decoder layers
+        return m.group(1), m.group(2), lambda i: i
+    return None
+
+
+def _leaf_name(rest: str, ndim: int) -> tuple[str, Callable, Callable]:
+    """Rename a Flax leaf to its HF name and give the layout transforms (both directions)."""
+    head, _, leaf = rest.rpartition("/")
+    prefix = head + "/" if head else ""
+    if leaf == "kernel":
+        if ndim == 4:
+            return prefix + "weight", _conv_to_flax, _conv_to_hf
+        return prefix + "weight", _transpose, _transpose
+    if leaf in ("scale", "embedding"):
+        return prefix + "weight", _identity, _identity
+    return rest, _identity, _identity
+
+
+def slots(flat_shapes: Mapping[str, tuple[int, ...]], *, qformer_group: int = 2) -> dict[str, Slot]:
+    """HF name -> Slot for every leaf of our tree (`flat_shapes`: '/'-joined path -> shape)."""
+    out: dict[str, Slot] = {}
+    for path, shape in flat_shapes.items():
+        special = next((v for k, v in _SPECIAL.items() if path.endswith(k)), None)
+        if special is not None:
+            hf = path[: len(path) - len(next(k for k in _SPECIAL if path.endswith(k)))] + special
+            out[hf.replace("/", ".")] = Slot(path, None, _identity, _identity)
+            continue
+        stack = _split_stack(path, qformer_group)
+        if stack is None:
+            name, to_flax, to_hf = _leaf_name(path, len(shape))
+            out[name.replace("/", ".")] = Slot(path, None, to_flax, to_hf)
+            continue
+        prefix, rest, layer_of = stack
+        name, to_flax, to_hf = _leaf_name(rest, len(shape) - 1)
+        for i in range(shape[0]):
+            out[f"{prefix}/{layer_of(i)}/{name}".replace("/", ".")] = Slot(path, i, to_flax, to_hf)
+    return out
+
+
+def _lm_prefixed(table: Mapping[str, str], keys: set[str]) -> dict[str, str]:
+    """`table` (relative to a language model) resolved against the LM prefixes present in `keys`."""
+    out = {}
+    for prefix in ("language_model.", ""):
+        for alias, canon in table.items():
+            a, c = prefix + alias.replace("/", "."), prefix + canon.replace("/", ".")
+            if c in keys:
+                out[a] = c
+    return out
+
+
+def flat_shapes(tree: Tree) -> dict[str, tuple[int, ...]]:
+    return {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor, jax array or numpy array as numpy (bf16 kept through ml_dtypes)."""
+    if hasattr(t, "detach"):  # torch
+        import torch  # pylint: disable=import-outside-toplevel
+
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes  # pylint: disable=import-outside-toplevel
+
+            return t.float().numpy().astype(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(t)
+
+
+def from_hf(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: int = 2,
+            dtype: Any = None, source: str = "checkpoint") -> Tree:
+    """Our parameter tree (shapes of `abstract`) filled from Hugging Face `tensors`.
+
+    Strict: every tensor is used exactly once (tied aliases must equal what they alias); every
+    parameter is found; every shape matches. All problems are collected and raised together in
+    one `CheckpointMismatchError` before anything is built, so nothing is ever half-loaded.
+    `dtype` (default: the abstract leaf dtype) is the storage dtype of the result.
+    """
+    shapes = flat_shapes(abstract)
+    dtypes = {"/".join(k): v.dtype for k, v in traverse_util.flatten_dict(abstract).items()}
+    table = slots(shapes, qformer_group=qformer_group)
+    keys = set(tensors)
+    aliases = _lm_prefixed(_ALIASES, set(table))
+    fallbacks = _lm_prefixed(_FALLBACKS, keys)
+
+    missing, shape_errors, alias_errors = [], [], []
+    for name, slot in table.items():
+        if name in keys:
+            continue
+        if name in fallbacks:
+            continue
+        missing.append(f"{name} (for {slot.path}{'' if slot.index is None else f'[{slot.index}]'})")
+    unknown = sorted(keys - set(table) - set(aliases))
+
+    def expected_shape(slot: Slot) -> tuple[int, ...]:
+        full = shapes[slot.path]
+        return full if slot.index is None else full[1:]
+
+    def source_for(name: str) -> str:
+        return name if name in keys else fallbacks[name]
+
+    for name, slot in table.items():
+        if name not in keys and name not in fallbacks:
+            continue
+        got = tuple(np.shape(tensors[source_for(name)]))
+        want = tuple(np.shape(slot.to_hf(np.empty(expected_shape(slot), np.int8))))
+        if got != want:
+            shape_errors.append(f"{source_for(name)}: shape {got}, expected {want} (for {slot.path})")
+    for alias, canon in aliases.items():
+        if alias in keys and canon in keys:
+            a, c = to_numpy(tensors[alias]), to_numpy(tensors[canon])
+            if a.shape != c.shape or not np.array_equal(a, c):
+                alias_errors.append(f"{alias}: must equal the tied tensor {canon} but differs")
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unknown), ("wrong shape", shape_errors),
+                         ("tied tensors that differ", alias_errors)):
+        if items:
+            problems.append(f"  {title} ({len(items)}):\n" + "\n".join(f"    {x}" for x in sorted(items)))
+    if problems:
+        raise CheckpointMismatchError(f"{source} does not match the model:\n" + "\n".join(problems))
+
+    flat: dict[str, np.ndarray] = {}
+    stacked: dict[str, list] = {}
+    for name, slot in table.items():
+        value = slot.to_flax(to_numpy(tensors[source_for(name)]))
+        target = dtype if dtype is not None else dtypes[slot.path]
+        value = value.astype(target)
+        if slot.index is None:
+            flat[slot.path] = value
+        else:
+            stacked.setdefault(slot.path, [None] * shapes[slot.path][0])[slot.index] = value
+    for path, layers in stacked.items():
+        flat[path] = np.stack(layers)
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def to_hf(params: Tree, *, qformer_group: int = 2) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, tensor) for every parameter of `params`, one tensor at a time."""
+    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+    for name, slot in slots({k: np.shape(v) for k, v in flat.items()}, qformer_group=qformer_group).items():
+        value = np.asarray(flat[slot.path])
+        yield name, slot.to_hf(value if slot.index is None else value[slot.index])

@@ -1,0 +1,132 @@
+"""Load a Hugging Face BLIP-2 checkpoint (directory, hub id, or torch state dict) into Flax.
+
+A directory holds `config.json` and either `model.safetensors` or sharded
+`model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`. Loading is strict
+(see `convert.hf.from_hf`): one error lists every missing, unexpected or mis-shaped tensor, and
+no parameters are returned unless all of them load.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from blip2_jax.convert.hf import CheckpointMismatchError, from_hf
+from blip2_jax.models import blip2
+from blip2_jax.models import config as config_lib
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+    """A local checkpoint directory; a hub id (e.g. `Salesforce/blip2-opt-2.7b`) is downloaded
+    through `huggingface_hub` (config and safetensors only) when the network allows."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{path} is a file; a Hugging Face checkpoint is a directory with config.json")
+    if str(path_or_id).count("/") != 1 or str(path_or_id).startswith((".", "/")):
+        raise FileNotFoundError(f"no checkpoint directory at {path} (and it is not a hub id 'org/name')")
+    from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
+
+    return Path(snapshot_download(str(path_or_id), allow_patterns=["config.json", "*.safetensors", SAFE_INDEX]))
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    file = directory / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: a Hugging Face checkpoint needs its config.json")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+
+
+def _read_safetensors(file: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint shard {file} not found")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if names is not None:
+        absent = sorted(set(names) - set(tensors))
+        if absent:
+            raise ValueError(f"{file} lacks tensors its index assigns to it: {absent[:10]}")
+    return tensors
+
+
+def read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a single-file or index-sharded safetensors checkpoint."""
+    index = directory / SAFE_INDEX
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, []).append(name)
+        missing = sorted(s for s in shards if not (directory / s).is_file())
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are not in {directory}: {missing}")
+        out: dict[str, np.ndarray] = {}
+        for shard, names in sorted(shards.items()):
+            out.update({k: v for k, v in _read_safetensors(directory / shard, names).items() if k in names})
+        return out
+    single = directory / SAFE_WEIGHTS
+    if not single.is_file():
+        raise FileNotFoundError(f"{directory} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}")
+    return _read_safetensors(single)
+
+
+def params_from_state_dict(state_dict: Mapping[str, Any], config: config_lib.Blip2Config, *,
+                           dtype: Any = None, source: str = "state dict") -> Any:
+    """Flax parameters for `config` from a Hugging Face state dict (torch or numpy tensors)."""
+    abstract = blip2.abstract_params(config)
+    return from_hf(state_dict, abstract, qformer_group=config.qformer.cross_attention_frequency,
+                   dtype=dtype, source=source)
+
+
+def _config_differences(a: config_lib.Blip2Config, b: config_lib.Blip2Config) -> list[str]:
+    import dataclasses  # pylint: disable=import-outside-toplevel
+
+    diffs = []
+    for part in ("vision", "qformer", "text"):
+        x, y = getattr(a, part), getattr(b, part)
+        if type(x) is not type(y):
+            diffs.append(f"{part}: {type(x).__name__} vs {type(y).__name__}")
+            continue
+        if x is None:
+            continue
+        for f in dataclasses.fields(x):
+            if getattr(x, f.name) != getattr(y, f.name):
+                diffs.append(f"{part}.{f.name}: {getattr(x, f.name)!r} vs {getattr(y, f.name)!r}")
+    for f in ("num_query_tokens", "image_text_hidden_size", "image_token_index"):
+        if getattr(a, f) != getattr(b, f):
+            diffs.append(f"{f}: {getattr(a, f)!r} vs {getattr(b, f)!r}")
+    return diffs
+
+
+def load_pretrained(path_or_id: str | os.PathLike, *, config: config_lib.Blip2Config | None = None,
+                    dtype: Any = None, **overrides) -> tuple[config_lib.Blip2Config, Any]:
+    """(config, params) from a Hugging Face BLIP-2 checkpoint directory or hub id.
+
+    `config`, when given, must agree with the checkpoint's config.json (architecture fields);
+    `overrides` set non-architectural fields (`dtype`, `param_dtype`, `remat_policy`).
+    """
+    directory = resolve(path_or_id)
+    found = config_lib.from_hf(read_config(directory), **overrides)
+    if config is not None:
+        diffs = _config_differences(config, found)
+        if diffs:
+            raise CheckpointMismatchError(f"{directory}/config.json does not match the requested config "
+                                          "(requested vs checkpoint):\n  " + "\n  ".join(diffs))
+        found = config
+    params = params_from_state_dict(read_tensors(directory), found, dtype=dtype, source=str(directory))
+    return found, params

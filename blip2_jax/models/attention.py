@@ -1,0 +1,80 @@
+"""The one attention function every tower uses, and the boolean mask builders.
+
+Masks are boolean (True = may attend) and broadcast to (batch, heads, query, key). Without
+attention dropout the computation goes through `jax.nn.dot_product_attention` (cuDNN flash where
+the device allows, XLA elsewhere); attention-probability dropout (the Q-Former trains with 0.1)
+needs the probabilities, so that case is computed explicitly here and nowhere else.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    deterministic: bool = True,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Multi-head attention. query (B,T,N,H), key/value (B,S,N,H) -> (B,T,N,H).
+
+    `scale` defaults to H**-0.5 (T5 passes 1.0). `bias` (T5 relative positions) is added to the
+    logits before masking. Softmax runs in float32.
+    """
+    if mask is not None:
+        mask = _as_4d(mask)
+    if bias is not None:
+        bias = _as_4d(bias)
+    if deterministic or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
+                                            implementation=implementation)
+    if dropout_rng is None:
+        raise ValueError("attention dropout is active but no dropout_rng was given")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    logits = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, value)
+
+
+def _as_4d(x: jax.Array) -> jax.Array:
+    if x.ndim > 4:
+        raise ValueError(f"attention mask/bias must have at most 4 dims (B,N,T,S), got shape {x.shape}")
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def padding_mask(key_mask: jax.Array) -> jax.Array:
+    """(B,S) 1/0 or bool key validity -> (B,1,1,S) boolean mask."""
+    return key_mask.astype(bool)[:, None, None, :]
+
+
+def causal_mask(query_length: int, key_length: int | None = None, offset: int | jax.Array = 0) -> jax.Array:
+    """(1,1,T,S) lower-triangular mask: query t (at absolute position offset+t) sees keys <= it."""
+    key_length = query_length if key_length is None else key_length
+    q_pos = jnp.arange(query_length)[:, None] + offset
+    k_pos = jnp.arange(key_length)[None, :]
+    return (k_pos <= q_pos)[None, None]
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """Logical AND of the given masks (None entries ignored), broadcast to 4 dims."""
+    present = [_as_4d(m.astype(bool)) for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0]
+    for m in present[1:]:
+        out = jnp.logical_and(out, m)
+    return out

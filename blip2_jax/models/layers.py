@@ -1,0 +1,138 @@
+"""Leaf layers shared by every tower: dense, norms, embeddings, activations, scanned stacks.
+
+Every parameter is created through `nn.with_logical_partitioning`, so each leaf carries logical
+axis names (`embed`, `mlp`, `heads`, `vocab`, `layers`, ...) that `parallel/mesh.py` maps onto
+mesh axes. Norms compute in float32 whatever the compute dtype (design decision 6).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+# BERT/OPT/Q-Former initialiser; the loaders overwrite it, training from scratch relies on it.
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+def partitioned(init: Callable, axes: Axes) -> Callable:
+    """An initializer whose parameter carries the logical axis names `axes`."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def dense(
+    features: int,
+    axes: Axes,
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+    use_bias: bool = True,
+    kernel_init: Callable = default_init,
+) -> nn.Dense:
+    """A Dense layer with kernel axes `axes` (in, out) and bias axis (out,)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=partitioned(kernel_init, axes),
+        bias_init=partitioned(nn.initializers.zeros_init(), (axes[-1],)),
+        name=name,
+    )
+
+
+def layer_norm(epsilon: float, *, param_dtype: Dtype, name: str, use_scale: bool = True,
+               use_bias: bool = True) -> nn.LayerNorm:
+    """LayerNorm in float32 with the exact (two-pass) variance, as torch computes it."""
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        use_scale=use_scale,
+        use_bias=use_bias,
+        use_fast_variance=False,
+        scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
+        bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """T5's LayerNorm: scale-only, no mean subtraction, variance in float32."""
+
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", partitioned(nn.initializers.ones_init(), ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        # T5 casts the normalised activations to the weight dtype before scaling.
+        return (scale * x32.astype(self.param_dtype)).astype(self.dtype)
+
+
+def embed(num_embeddings: int, features: int, axes: Axes, *, dtype: Dtype, param_dtype: Dtype,
+          name: str, init: Callable = default_init) -> nn.Embed:
+    return nn.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
+                    embedding_init=partitioned(init, axes), name=name)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's QuickGELU: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "quick_gelu": quick_gelu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation with the Hugging Face name `name` (exact `gelu`, tanh `gelu_new`, ...)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def stack_layers(block: type[nn.Module], *, length: int, remat_policy: str,
+                 in_axes: Sequence[Any] = (), static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+    """`block` repeated `length` times with `nn.scan` (parameters stacked on a `layers` axis).
+
+    `block.__call__(carry, *args) -> (carry, out)`; `in_axes` says per extra argument whether it is
+    scanned (0) or broadcast (`nn.broadcast`; broadcast Python values stay static). Python-valued
+    arguments are listed in `static_argnums` (counting `self` as 0) for `nn.remat`.
+    """
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+    if remat_policy != "none":
+        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False, static_argnums=static_argnums)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=tuple(in_axes),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

@@ -1,0 +1,29 @@
+"""blip2_jax: BLIP-2 in JAX/Flax for TPU pods and GPU clusters."""
+from setuptools import find_packages, setup
+
+_TORCH = ["torch==2.13.0", "transformers==5.23.0", "safetensors>=0.4"]
+
+setup(
+    name="blip2_jax",
+    version="0.1.0",
+    description="BLIP-2 (Q-Former + frozen ViT + frozen OPT/FlanT5) in JAX/Flax, numerically faithful "
+    "to Hugging Face transformers and Salesforce LAVIS.",
+    packages=find_packages(include=["blip2_jax", "blip2_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "numpy>=1.26",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "safetensors>=0.4",
+        "huggingface-hub>=0.30",
+    ],
+    extras_require={
+        # CPU torch only: torch==2.13.0 is the CPU wheel; anything else pulls a multi-GB CUDA build.
+        "torch": _TORCH,
+        "test": _TORCH + ["pytest>=8", "pytest-xdist>=3.5"],
+        "tpu": ["jax[tpu]>=0.7"],
+        "gpu": ["jax[cuda12]>=0.7"],
+    },
+)
