@@ -1,0 +1,231 @@
+"""The BLIP-2 composites: image -> frozen ViT -> Q-Former -> (LLM | retrieval heads).
+
+`Blip2ForConditionalGeneration` and `Blip2ForImageTextRetrieval` compute what their Hugging Face
+namesakes compute, with the same parameter tree (design decision 2). Named methods
+(`encode_image`, `query_features`, `language_inputs`, `image_features`, `text_features`, `itm`)
+are the building blocks the objectives, generation and evaluation call.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+
+from blip2_jax.models import layers
+from blip2_jax.models.config import Blip2Config, OPTConfig, T5Config
+from blip2_jax.models.opt import OPTForCausalLM
+from blip2_jax.models.qformer import QFormer, QFormerTextEmbeddings
+from blip2_jax.models.t5 import T5ForConditionalGeneration
+from blip2_jax.models.vit import VisionModel
+
+
+@struct.dataclass
+class Blip2Output:
+    logits: jax.Array  # (B, T, V) float32
+    image_embeds: jax.Array  # post_layernorm(ViT) (B, N, Dv)
+    query_output: jax.Array  # Q-Former query rows (B, Q, Dq)
+    language_inputs: jax.Array  # language_projection(query_output) (B, Q, D_llm)
+
+
+@struct.dataclass
+class RetrievalOutput:
+    logits_per_image: jax.Array  # ITM: (B, 2) logits; ITC: (B_img, B_txt) max-over-queries cosine
+    image_embeds: jax.Array | None  # ITC: normalised projected queries (B_img, Q, E)
+    text_embeds: jax.Array | None  # ITC: normalised projected [CLS] (B_txt, E)
+
+
+class Blip2Base(nn.Module):
+    """Vision tower, learned queries and Q-Former: what every BLIP-2 model shares."""
+
+    config: Blip2Config
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        self.vision_model = VisionModel(cfg.vision, cfg.remat_policy, **kw)
+        self.query_tokens = self.param(
+            "query_tokens", layers.partitioned(layers.default_init, (None, None, "embed")),
+            (1, cfg.num_query_tokens, cfg.qformer.hidden_size), cfg.weight_dtype)
+        self.qformer = QFormer(cfg.qformer, cfg.remat_policy, **kw)
+
+    def encode_image(self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False,
+                     deterministic: bool = True) -> jax.Array:
+        """(B,H,W,3) -> image embeddings `ln_vision(ViT(x))` (B, N, Dv)."""
+        return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                 deterministic=deterministic)
+
+    def query_features(self, image_embeds: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Query-only Q-Former pass over the image: (B, N, Dv) -> Z (B, Q, Dq)."""
+        queries = jnp.broadcast_to(self.query_tokens, (image_embeds.shape[0], *self.query_tokens.shape[1:]))
+        out, _ = self.qformer(queries, query_length=queries.shape[1], image_embeds=image_embeds,
+                              deterministic=deterministic)
+        return out
+
+
+def merge_image_tokens(inputs_embeds: jax.Array, input_ids: jax.Array, image_token_index: int,
+                       image_inputs: jax.Array) -> jax.Array:
+    """Overwrite the positions holding `image_token_index` by `image_inputs`, in order (HF's
+    `masked_scatter` with exactly Q image tokens per row). inputs_embeds (B,T,D), image_inputs (B,Q,D)."""
+    is_image = input_ids == image_token_index
+    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_inputs.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_inputs, slot[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered.astype(inputs_embeds.dtype), inputs_embeds)
+
+
+class Blip2ForConditionalGeneration(Blip2Base):
+    """BLIP-2 with a frozen OPT (decoder-only) or T5 (encoder-decoder) language model."""
+
+    def setup(self):
+        super().setup()
+        cfg = self.config
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        self.language_projection = layers.dense(cfg.text.hidden_size, ("embed", "mlp"), name="language_projection",
+                                                **kw)
+        if isinstance(cfg.text, OPTConfig):
+            self.language_model = OPTForCausalLM(cfg.text, cfg.remat_policy, **kw)
+        elif isinstance(cfg.text, T5Config):
+            self.language_model = T5ForConditionalGeneration(cfg.text, remat_policy=cfg.remat_policy, **kw)
+        else:
+            raise ValueError(f"Blip2ForConditionalGeneration needs an OPT or T5 text config, got {cfg.text!r}")
+
+    def language_inputs(self, query_output: jax.Array) -> jax.Array:
+        """Q-Former output (B,Q,Dq) -> soft visual prompt for the LLM (B,Q,D_llm)."""
+        return self.language_projection(query_output)
+
+    def embed_prompt(self, input_ids: jax.Array, attention_mask: jax.Array,
+                     image_inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """LLM input embeddings with the visual prompt placed as HF does (spec §11.4).
+
+        With `image_token_index` set, input_ids already hold Q `<image>` tokens whose embeddings
+        are replaced; without it (legacy checkpoints) the visual prompt is prepended.
+        """
+        embeds = self.language_model.embed(input_ids)
+        index = self.config.image_token_index
+        if index is not None:
+            return merge_image_tokens(embeds, input_ids, index, image_inputs), attention_mask
+        ones = jnp.ones(image_inputs.shape[:2], attention_mask.dtype)
+        return (jnp.concatenate([image_inputs.astype(embeds.dtype), embeds], axis=1),
+                jnp.concatenate([ones, attention_mask], axis=1))
+
+    def __call__(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 decoder_input_ids: jax.Array | None = None, decoder_attention_mask: jax.Array | None = None,
+                 *, interpolate_pos_encoding: bool = False, deterministic: bool = True) -> Blip2Output:
+        """Logits of the LLM conditioned on the image (OPT: over the whole input; T5: decoder)."""
+        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                         deterministic=deterministic)
+        query_output = self.query_features(image_embeds, deterministic=deterministic)
+        image_inputs = self.language_inputs(query_output)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        embeds, mask = self.embed_prompt(input_ids, attention_mask, image_inputs)
+        if isinstance(self.config.text, OPTConfig):
+            logits, _ = self.language_model(embeds, mask, deterministic=deterministic)
+        else:
+            if decoder_input_ids is None:
+                raise ValueError("a T5 BLIP-2 needs decoder_input_ids")
+            logits = self.language_model(embeds, mask, decoder_input_ids, decoder_attention_mask,
+                                         deterministic=deterministic)
+        return Blip2Output(logits=logits, image_embeds=image_embeds, query_output=query_output,
+                           language_inputs=image_inputs)
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    """x / max(||x||, 1e-12), as torch.nn.functional.normalize."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class Blip2ForImageTextRetrieval(Blip2Base):
+    """BLIP-2 with text input to the Q-Former: ITC projections and the ITM head."""
+
+    def setup(self):
+        super().setup()
+        cfg = self.config
+        if not cfg.qformer.use_qformer_text_input:
+            raise ValueError("Blip2ForImageTextRetrieval needs qformer.use_qformer_text_input=True")
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        self.embeddings = QFormerTextEmbeddings(cfg.qformer, **kw)
+        self.vision_projection = layers.dense(cfg.image_text_hidden_size, ("embed", "mlp"), name="vision_projection",
+                                              **kw)
+        self.text_projection = layers.dense(cfg.image_text_hidden_size, ("embed", "mlp"), name="text_projection",
+                                            **kw)
+        self.itm_head = layers.dense(2, ("embed", None), name="itm_head", **kw)
+
+    def image_features(self, image_embeds: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Normalised projected queries (B, Q, E) for ITC."""
+        return _normalize(self.vision_projection(self.query_features(image_embeds, deterministic=deterministic)))
+
+    def text_features(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                      deterministic: bool = True) -> jax.Array:
+        """Normalised projected [CLS] of the text-only pass (B, E)."""
+        out, _ = self.qformer(self.embeddings(input_ids), query_length=0, attention_mask=attention_mask,
+                              deterministic=deterministic)
+        return _normalize(self.text_projection(out[:, 0]))
+
+    def itm(self, image_embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
+            deterministic: bool = True) -> jax.Array:
+        """ITM logits (B, 2): mean over query rows of `itm_head` after a joint bidirectional pass."""
+        b, q = input_ids.shape[0], self.config.num_query_tokens
+        queries = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:]))
+        rows = jnp.concatenate([queries.astype(self.config.compute_dtype),
+                                self.embeddings(input_ids).astype(self.config.compute_dtype)], axis=1)
+        mask = jnp.concatenate([jnp.ones((b, q), attention_mask.dtype), attention_mask], axis=1)
+        out, _ = self.qformer(rows, query_length=q, attention_mask=mask, image_embeds=image_embeds,
+                              deterministic=deterministic)
+        return jnp.mean(self.itm_head(out[:, :q]).astype(jnp.float32), axis=1)
+
+    def __call__(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 *, use_image_text_matching_head: bool = False, interpolate_pos_encoding: bool = False,
+                 deterministic: bool = True) -> RetrievalOutput:
+        """HF semantics: ITM logits (B,2) for aligned pairs, or ITC cosine (B_img, B_txt)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                         deterministic=deterministic)
+        if use_image_text_matching_head:
+            return RetrievalOutput(self.itm(image_embeds, input_ids, attention_mask, deterministic=deterministic),
+                                   None, None)
+        image_feats = self.image_features(image_embeds, deterministic=deterministic)
+        text_feats = self.text_features(input_ids, attention_mask, deterministic=deterministic)
+        sims = jnp.max(jnp.einsum("iqe,te->iqt", image_feats, text_feats), axis=1)
+        return RetrievalOutput(sims, image_feats, text_feats)
+
+    def init_all(self, pixel_values: jax.Array, input_ids: jax.Array) -> RetrievalOutput:
+        """Touches every parameter (ITC and ITM paths) so `init` creates them all."""
+        self(pixel_values, input_ids, use_image_text_matching_head=True)
+        return self(pixel_values, input_ids)
+
+
+Model = Blip2ForConditionalGeneration | Blip2ForImageTextRetrieval
+
+
+def build(config: Blip2Config) -> Model:
+    """The composite for `config`: retrieval when there is no text config."""
+    return Blip2ForImageTextRetrieval(config) if config.text is None else Blip2ForConditionalGeneration(config)
+
+
+def _dummy_inputs(config: Blip2Config) -> dict[str, jax.Array]:
+    size = config.vision.image_size
+    batch = {"pixel_values": jnp.zeros((1, size, size, 3), jnp.float32), "input_ids": jnp.ones((1, 2), jnp.int32)}
+    if isinstance(config.text, T5Config):
+        batch["decoder_input_ids"] = jnp.zeros((1, 2), jnp.int32)
+    if config.image_token_index is not None and config.text is not None:
+        batch["input_ids"] = jnp.concatenate(
+            [jnp.full((1, config.num_query_tokens), config.image_token_index, jnp.int32), batch["input_ids"]], 1)
+    return batch
+
+
+def init(config: Blip2Config, rng: jax.Array) -> Any:
+    """Freshly initialised variables (boxed with logical axis names) for `config`."""
+    model = build(config)
+    method = model.init_all if isinstance(model, Blip2ForImageTextRetrieval) else model.__call__
+    return model.init(rng, **_dummy_inputs(config), method=method)
+
+
+def abstract_params(config: Blip2Config, *, unbox: bool = True) -> Any:
+    """Shapes/dtypes of the parameters without allocating them (`jax.eval_shape`)."""
+    variables = jax.eval_shape(lambda: init(config, jax.random.PRNGKey(0)))
+    return nn.unbox(variables["params"]) if unbox else variables["params"]

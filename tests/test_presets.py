@@ -1,0 +1,103 @@
+"""Presets: full-size parameter counts against `transformers` (meta device), logical axis names
+on every parameter, every config file loads (issue "model family" Done-when 4 and 5)."""
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import linen as nn
+from flax import traverse_util
+
+from blip2_jax.models import blip2, presets
+from blip2_jax.models import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOWERS = ("vision_model", "query_tokens", "qformer", "language_projection", "language_model", "embeddings",
+          "vision_projection", "text_projection", "itm_head")
+
+
+def _tower_counts(flat: dict[tuple[str, ...], tuple[int, ...]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path, shape in flat.items():
+        counts[path[0]] = counts.get(path[0], 0) + int(np.prod(shape))
+    return counts
+
+
+def _hf_counts(cfg: config_lib.Blip2Config) -> dict[str, int]:
+    hf_cfg = transformers.Blip2Config(**config_lib.to_hf(cfg))
+    cls = transformers.Blip2ForImageTextRetrieval if cfg.text is None else transformers.Blip2ForConditionalGeneration
+    with torch.device("meta"):
+        model = cls(hf_cfg)
+        if isinstance(cfg.text, config_lib.T5Config):
+            # The published FlanT5 checkpoints have their own lm_head (transformers unties it on load).
+            lm = model.language_model
+            lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.lm_head.weight))
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():  # tied tensors are listed once
+        tower = name.split(".")[0]
+        counts[tower] = counts.get(tower, 0) + p.numel()
+    return counts
+
+
+@pytest.mark.parametrize("name", presets.PUBLISHED)
+def test_full_size_parameter_counts_match_transformers(name):
+    cfg = presets.get(name)
+    flat = {k: v.shape for k, v in traverse_util.flatten_dict(blip2.abstract_params(cfg)).items()}
+    ours, theirs = _tower_counts(flat), _hf_counts(cfg)
+    assert ours == theirs
+    assert set(ours) <= set(TOWERS)
+
+
+def test_published_sizes_are_the_papers():
+    """Sanity of the presets themselves: ViT-g ~1.0B, Q-Former ~105M in a generation model (spec §1)."""
+    counts = _tower_counts({k: v.shape for k, v in
+                            traverse_util.flatten_dict(blip2.abstract_params(presets.get("opt2.7b"))).items()})
+    assert 0.98e9 < counts["vision_model"] < 1.0e9
+    assert 100e6 < counts["qformer"] + counts["query_tokens"] + counts["language_projection"] < 110e6
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_t5", "tiny_itm", "itm_vit_l", "flant5xl_vit_l"])
+def test_every_parameter_has_logical_axis_names(name):
+    boxed = blip2.abstract_params(presets.get(name), unbox=False)
+    leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves
+    for leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), f"a parameter without logical axis names: {leaf}"
+        assert len(leaf.names) == leaf.value.ndim, (leaf.names, leaf.value.shape)
+
+
+def test_scanned_stacks_carry_the_layers_axis():
+    boxed = blip2.abstract_params(presets.get("tiny"), unbox=False)
+    flat = traverse_util.flatten_dict(boxed, is_leaf=lambda _, x: isinstance(x, nn.Partitioned))
+    kernel = flat[("vision_model", "encoder", "layers", "self_attn", "qkv", "kernel")]
+    assert kernel.names == ("layers", "embed", "heads")
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_presets_round_trip_through_config_dict(name):
+    cfg = presets.get(name)
+    assert presets.from_config_dict(presets.to_config_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name", [n for n in presets.names() if presets.get(n).vision.variant == "eva"])
+def test_presets_round_trip_through_hf_config_json(name):
+    cfg = presets.get(name)
+    hf = transformers.Blip2Config(**config_lib.to_hf(cfg))
+    assert config_lib.from_hf(hf.to_dict()) == cfg
+
+
+def test_config_files_load():
+    for file in sorted((ROOT / "configs").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(file.stem, file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config("tiny")
+        assert presets.from_config_dict(config.model) == presets.get("tiny")
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(KeyError, match="opt2.7b"):
+        presets.get("opt-2.7b")
