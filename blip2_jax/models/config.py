@@ -157,6 +157,8 @@ class T5Config:
     def __post_init__(self):
         if self.scale_decoder_outputs is None:
             object.__setattr__(self, "scale_decoder_outputs", self.tie_word_embeddings)
+        if self.num_decoder_layers is None:  # HF: symmetric by default
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
 
     @property
     def is_gated_act(self) -> bool:
@@ -164,7 +166,7 @@ class T5Config:
 
     @property
     def decoder_layers(self) -> int:
-        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+        return self.num_decoder_layers
 
     @property
     def hidden_size(self) -> int:
@@ -221,9 +223,13 @@ def text_config_from_hf(d: Mapping[str, Any]) -> TextConfig:
     if model_type == "opt":
         return _take(OPTConfig, d, _OPT_RENAMES)
     if model_type == "t5":
+        d = dict(d)
+        if "scale_decoder_outputs" in d:  # transformers 5 writes tie_word_embeddings=True regardless
+            d["tie_word_embeddings"] = d["scale_decoder_outputs"]
         cfg = _take(T5Config, d)
-        if "dense_act_fn" not in d:  # HF derives it from feed_forward_proj
-            cfg = dataclasses.replace(cfg, dense_act_fn=cfg.feed_forward_proj.split("-")[-1])
+        if "dense_act_fn" not in d:  # HF derives it: 'gated-gelu' means gelu_new (T5 v1.1 legacy)
+            act = "gelu_new" if cfg.feed_forward_proj == "gated-gelu" else cfg.feed_forward_proj.split("-")[-1]
+            cfg = dataclasses.replace(cfg, dense_act_fn=act)
         return cfg
     raise ValueError(f"unsupported text_config.model_type {model_type!r}: blip2_jax supports 'opt' and 't5'")
 
