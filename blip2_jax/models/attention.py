@@ -78,3 +78,32 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
     for m in present[1:]:
         out = jnp.logical_and(out, m)
     return out
+
+
+QFORMER_MASKS = ("unimodal", "bidirectional", "multimodal_causal")
+
+
+def qformer_mask(kind: str, query_length: int, text_mask: jax.Array) -> jax.Array:
+    """The Q-Former self-attention mask over [queries ; text] (spec §5.4), (B,1,Q+L,Q+L) bool.
+
+    unimodal (ITC): queries see queries, text sees (unpadded) text.
+    bidirectional (ITM): everyone sees the queries and the unpadded text.
+    multimodal_causal (ITG): queries see queries; text sees the queries and earlier unpadded text.
+    text_mask: (B,L) 1 for real tokens.
+    """
+    if kind not in QFORMER_MASKS:
+        raise ValueError(f"unknown Q-Former mask {kind!r}; expected one of {QFORMER_MASKS}")
+    b, length = text_mask.shape
+    q = query_length
+    text_keys = text_mask.astype(bool)[:, None, :]  # (B,1,L)
+    ones_qq = jnp.ones((b, q, q), bool)
+    if kind == "bidirectional":
+        keys = jnp.concatenate([jnp.ones((b, 1, q), bool), text_keys], axis=-1)
+        return jnp.broadcast_to(keys, (b, q + length, q + length))[:, None]
+    text_text = jnp.broadcast_to(text_keys, (b, length, length))
+    if kind == "multimodal_causal":
+        text_text = jnp.logical_and(text_text, jnp.tri(length, dtype=bool)[None])
+    text_query = jnp.full((b, length, q), kind == "multimodal_causal")
+    top = jnp.concatenate([ones_qq, jnp.zeros((b, q, length), bool)], axis=-1)
+    bottom = jnp.concatenate([text_query, text_text], axis=-1)
+    return jnp.concatenate([top, bottom], axis=1)[:, None]

@@ -15,9 +15,10 @@ from flax import linen as nn
 from flax import struct
 
 from blip2_jax.models import layers
+from blip2_jax.models.attention import qformer_mask
 from blip2_jax.models.config import Blip2Config, OPTConfig, T5Config
 from blip2_jax.models.opt import OPTForCausalLM
-from blip2_jax.models.qformer import QFormer, QFormerTextEmbeddings
+from blip2_jax.models.qformer import KV, QFormer, QFormerTextEmbeddings
 from blip2_jax.models.t5 import T5ForConditionalGeneration
 from blip2_jax.models.vit import VisionModel
 
@@ -52,17 +53,22 @@ class Blip2Base(nn.Module):
         self.qformer = QFormer(cfg.qformer, cfg.remat_policy, **kw)
 
     def encode_image(self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False,
-                     deterministic: bool = True) -> jax.Array:
-        """(B,H,W,3) -> image embeddings `ln_vision(ViT(x))` (B, N, Dv)."""
+                     deterministic: bool = True, freeze_backbone: bool = False) -> jax.Array:
+        """(B,H,W,3) -> image embeddings `ln_vision(ViT(x))` (B, N, Dv); `freeze_backbone` stops
+        the gradient between the frozen ViT and the trainable `ln_vision`."""
         return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                 deterministic=deterministic)
+                                 deterministic=deterministic, freeze_backbone=freeze_backbone)
+
+    def query_pass(self, image_embeds: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, KV]:
+        """Query-only Q-Former pass: Z (B, Q, Dq) and every layer's self-attention (K, V) of the
+        queries (layers, B, Q, N, H), the prefix that ITG and Q-Former captioning attend to."""
+        queries = jnp.broadcast_to(self.query_tokens, (image_embeds.shape[0], *self.query_tokens.shape[1:]))
+        return self.qformer(queries, query_length=queries.shape[1], image_embeds=image_embeds,
+                            deterministic=deterministic)
 
     def query_features(self, image_embeds: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """Query-only Q-Former pass over the image: (B, N, Dv) -> Z (B, Q, Dq)."""
-        queries = jnp.broadcast_to(self.query_tokens, (image_embeds.shape[0], *self.query_tokens.shape[1:]))
-        out, _ = self.qformer(queries, query_length=queries.shape[1], image_embeds=image_embeds,
-                              deterministic=deterministic)
-        return out
+        return self.query_pass(image_embeds, deterministic=deterministic)[0]
 
 
 def merge_image_tokens(inputs_embeds: jax.Array, input_ids: jax.Array, image_token_index: int,
@@ -156,13 +162,23 @@ class Blip2ForImageTextRetrieval(Blip2Base):
 
     def image_features(self, image_embeds: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """Normalised projected queries (B, Q, E) for ITC."""
-        return _normalize(self.vision_projection(self.query_features(image_embeds, deterministic=deterministic)))
+        return self.project_queries(self.query_features(image_embeds, deterministic=deterministic))
+
+    def project_queries(self, query_output: jax.Array) -> jax.Array:
+        """Q-Former query rows (B, Q, Dq) -> normalised ITC image features (B, Q, E)."""
+        return _normalize(self.vision_projection(query_output))
+
+    def text_hidden(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                    deterministic: bool = True) -> jax.Array:
+        """The text-only Q-Former pass (bidirectional over real tokens, text FFN): (B, L, Dq)."""
+        out, _ = self.qformer(self.embeddings(input_ids), query_length=0, attention_mask=attention_mask,
+                              deterministic=deterministic)
+        return out
 
     def text_features(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                       deterministic: bool = True) -> jax.Array:
         """Normalised projected [CLS] of the text-only pass (B, E)."""
-        out, _ = self.qformer(self.embeddings(input_ids), query_length=0, attention_mask=attention_mask,
-                              deterministic=deterministic)
+        out = self.text_hidden(input_ids, attention_mask, deterministic=deterministic)
         return _normalize(self.text_projection(out[:, 0]))
 
     def itm(self, image_embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
@@ -172,9 +188,8 @@ class Blip2ForImageTextRetrieval(Blip2Base):
         queries = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:]))
         rows = jnp.concatenate([queries.astype(self.config.compute_dtype),
                                 self.embeddings(input_ids).astype(self.config.compute_dtype)], axis=1)
-        mask = jnp.concatenate([jnp.ones((b, q), attention_mask.dtype), attention_mask], axis=1)
-        out, _ = self.qformer(rows, query_length=q, attention_mask=mask, image_embeds=image_embeds,
-                              deterministic=deterministic)
+        out, _ = self.qformer(rows, query_length=q, attention_mask=qformer_mask("bidirectional", q, attention_mask),
+                              image_embeds=image_embeds, deterministic=deterministic)
         return jnp.mean(self.itm_head(out[:, :q]).astype(jnp.float32), axis=1)
 
     def __call__(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -199,6 +214,100 @@ class Blip2ForImageTextRetrieval(Blip2Base):
         return self(pixel_values, input_ids)
 
 
+class LMTransform(nn.Module):
+    """BERT's `cls.predictions.transform`: LayerNorm(act(dense(x)))."""
+
+    hidden_size: int
+    hidden_act: str
+    layer_norm_eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = layers.dense(self.hidden_size, ("embed", "mlp"), name="dense", dtype=self.dtype,
+                         param_dtype=self.param_dtype)(x)
+        h = layers.activation(self.hidden_act)(h)
+        return layers.layer_norm(self.layer_norm_eps, param_dtype=self.param_dtype, name="LayerNorm")(h)
+
+
+class LMPredictions(nn.Module):
+    """BERT's `cls.predictions`: transform, then the decoder tied to the word embeddings + bias."""
+
+    config: Any  # QFormerConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, embeddings: QFormerTextEmbeddings) -> jax.Array:
+        cfg = self.config
+        h = LMTransform(cfg.hidden_size, cfg.hidden_act, cfg.layer_norm_eps, self.dtype, self.param_dtype,
+                        name="transform")(hidden)
+        bias = self.param("bias", layers.partitioned(nn.initializers.zeros_init(), ("vocab",)), (cfg.vocab_size,),
+                          self.param_dtype)
+        return embeddings.attend(h.astype(self.dtype)).astype(jnp.float32) + bias
+
+
+class BertLMHead(nn.Module):
+    """Holds `predictions` so paths read `cls/predictions/...` as in LAVIS/BERT."""
+
+    config: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, embeddings: QFormerTextEmbeddings) -> jax.Array:
+        return LMPredictions(self.config, self.dtype, self.param_dtype, name="predictions")(hidden, embeddings)
+
+
+class Blip2Stage1(Blip2ForImageTextRetrieval):
+    """The stage-1 model (LAVIS `Blip2Qformer`): the retrieval model plus the Q-Former's LM head
+    (ITG) and the learnable ITC temperature `temp` (init 0.07, spec §3.5). Neither has a home in
+    Hugging Face's classes; conversion keeps them in a side file."""
+
+    temp_init: float = 0.07
+
+    def setup(self):
+        super().setup()
+        cfg = self.config
+        self.cls = BertLMHead(cfg.qformer, cfg.compute_dtype, cfg.weight_dtype)
+        self.temp = self.param("temp", layers.partitioned(nn.initializers.constant(self.temp_init), ()), (),
+                               jnp.float32)
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """The Q-Former LM head on text rows (B, L, Dq) -> (B, L, V)."""
+        return self.cls(hidden, self.embeddings)
+
+    def itg_logits(self, input_ids: jax.Array, attention_mask: jax.Array, query_kv: KV, *,
+                   deterministic: bool = True) -> jax.Array:
+        """Image-grounded text generation logits (B, L, V): the text attends causally to itself
+        and to the query-only pass's self-attention keys/values (`query_kv`, from `query_pass`),
+        which is a joint [queries ; text] pass under the multimodal-causal mask without
+        recomputing the queries (spec §5.3)."""
+        q = query_kv[0].shape[2]
+        mask = qformer_mask("multimodal_causal", q, attention_mask)[:, :, q:, :]
+        out, _ = self.qformer(self.embeddings(input_ids), query_length=0, attention_mask=mask, prefix=query_kv,
+                              deterministic=deterministic)
+        return self.cls(out, self.embeddings)
+
+    def joint_logits(self, image_embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
+                     kind: str, *, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """One pass over [queries ; text] under the `kind` mask: (query rows, LM logits of text rows)."""
+        b, q = input_ids.shape[0], self.config.num_query_tokens
+        queries = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:]))
+        rows = jnp.concatenate([queries.astype(self.config.compute_dtype),
+                                self.embeddings(input_ids).astype(self.config.compute_dtype)], axis=1)
+        out, _ = self.qformer(rows, query_length=q, attention_mask=qformer_mask(kind, q, attention_mask),
+                              image_embeds=image_embeds, deterministic=deterministic)
+        return out[:, :q], self.cls(out[:, q:], self.embeddings)
+
+    def init_all(self, pixel_values: jax.Array, input_ids: jax.Array) -> RetrievalOutput:
+        image_embeds = self.encode_image(pixel_values)
+        _, kv = self.query_pass(image_embeds)
+        self.itg_logits(input_ids, jnp.ones_like(input_ids), kv)
+        return super().init_all(pixel_values, input_ids)
+
+
 Model = Blip2ForConditionalGeneration | Blip2ForImageTextRetrieval
 
 
@@ -218,14 +327,15 @@ def _dummy_inputs(config: Blip2Config) -> dict[str, jax.Array]:
     return batch
 
 
-def init(config: Blip2Config, rng: jax.Array) -> Any:
-    """Freshly initialised variables (boxed with logical axis names) for `config`."""
-    model = build(config)
+def init(config: Blip2Config, rng: jax.Array, model: nn.Module | None = None) -> Any:
+    """Freshly initialised variables (boxed with logical axis names) for `config` (and `model`,
+    default `build(config)`)."""
+    model = build(config) if model is None else model
     method = model.init_all if isinstance(model, Blip2ForImageTextRetrieval) else model.__call__
     return model.init(rng, **_dummy_inputs(config), method=method)
 
 
-def abstract_params(config: Blip2Config, *, unbox: bool = True) -> Any:
+def abstract_params(config: Blip2Config, *, unbox: bool = True, model: nn.Module | None = None) -> Any:
     """Shapes/dtypes of the parameters without allocating them (`jax.eval_shape`)."""
-    variables = jax.eval_shape(lambda: init(config, jax.random.PRNGKey(0)))
+    variables = jax.eval_shape(lambda: init(config, jax.random.PRNGKey(0), model))
     return nn.unbox(variables["params"]) if unbox else variables["params"]

@@ -26,25 +26,32 @@ KV = tuple[jax.Array, jax.Array]
 
 class QFormerTextEmbeddings(nn.Module):
     """Word + absolute position embeddings of the Q-Former's text (no LayerNorm: that is the
-    Q-Former's `layernorm`, shared with the queries). HF `Blip2TextEmbeddings`."""
+    Q-Former's `layernorm`, shared with the queries). HF `Blip2TextEmbeddings`. The word table is
+    also the decoder of the stage-1 LM head (`attend`)."""
 
     config: QFormerConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, input_ids: jax.Array, position_offset: int = 0) -> jax.Array:
-        """input_ids (B,L) -> (B,L,D); positions start at `position_offset` (0 in BLIP-2)."""
+    def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        words = layers.embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="word_embeddings", **kw)
-        positions = layers.embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"),
-                                 name="position_embeddings", **kw)
-        if input_ids.shape[1] + position_offset > cfg.max_position_embeddings:
+        self.word_embeddings = layers.embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"),
+                                            name="word_embeddings", **kw)
+        self.position_embeddings = layers.embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"),
+                                                name="position_embeddings", **kw)
+
+    def __call__(self, input_ids: jax.Array, position_offset: int = 0) -> jax.Array:
+        """input_ids (B,L) -> (B,L,D); positions start at `position_offset` (0 in BLIP-2)."""
+        if input_ids.shape[1] + position_offset > self.config.max_position_embeddings:
             raise ValueError(f"text of length {input_ids.shape[1]} exceeds the Q-Former's "
-                             f"{cfg.max_position_embeddings} positions")
+                             f"{self.config.max_position_embeddings} positions")
         pos = jnp.arange(input_ids.shape[1]) + position_offset
-        return words(input_ids) + positions(pos)[None]
+        return self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """hidden (B,L,D) -> scores against every word embedding (B,L,V) (the tied LM decoder)."""
+        return self.word_embeddings.attend(hidden)
 
 
 class ResidualOutput(nn.Module):

@@ -1,0 +1,83 @@
+"""Stage-1 objectives (issue "stage 1" Done-when 2): loss values against LAVIS's formulas
+computed in PyTorch with the Hugging Face modules on the same weights and batch, and ITG through
+the query-pass key/value prefix equal to one joint pass under the multimodal-causal mask."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blip2_jax.models import blip2
+from blip2_jax.models import config as config_lib
+from blip2_jax.objectives.stage1 import stage1_loss
+from tests.reference import hf_models as ref
+from tests.reference import stage1 as torch_stage1
+from tests.stage1_setup import CONFIG, TEMP, VOCAB, stage1_params
+
+
+@pytest.fixture(scope="module")
+def setup():
+    hf = ref.retrieval_model(seed=3)
+    hf.set_attn_implementation("eager")
+    cfg = config_lib.from_hf(hf.config.to_dict())
+    model = blip2.Blip2Stage1(cfg)
+    params = stage1_params(hf, cfg, model)
+    b = 4
+    px = ref.pixels(b, seed=3)
+    ids, mask = ref.padded_text([6, 4, 7, 3], 7, VOCAB - 1, first=1, seed=3)
+    batch = {"image": jnp.asarray(ref.nhwc(px)), "text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask)}
+    return hf, cfg, model, params, px, ids, mask, batch
+
+
+def test_losses_match_pytorch_reference(setup):
+    hf, cfg, model, params, px, ids, mask, batch = setup
+    neg_image, neg_text = np.array([2, 3, 0, 1]), np.array([1, 0, 3, 2])
+    _, metrics = jax.jit(lambda p, b: stage1_loss(p, b, jax.random.PRNGKey(0), model=model, config=CONFIG,
+                                                  deterministic=True,
+                                                  negatives=(jnp.asarray(neg_image), jnp.asarray(neg_text))))(
+        params, batch)
+    c = params["cls"]["predictions"]
+    lm_head = {"dense_kernel": c["transform"]["dense"]["kernel"], "dense_bias": c["transform"]["dense"]["bias"],
+               "ln_scale": c["transform"]["LayerNorm"]["scale"], "ln_bias": c["transform"]["LayerNorm"]["bias"],
+               "bias": c["bias"]}
+    expected = torch_stage1.losses(hf, {k: np.asarray(v) for k, v in lm_head.items()}, TEMP, px, ids, mask,
+                                   neg_image, neg_text, CONFIG.bos_token_id, CONFIG.pad_token_id, 0.1)
+    for name in ("loss_itc", "loss_itm", "loss_itg"):
+        assert abs(float(metrics[name]) - expected[name]) <= 1e-5, (name, float(metrics[name]), expected[name])
+    total = expected["loss_itc"] + expected["loss_itm"] + expected["loss_itg"]
+    assert abs(float(metrics["loss"]) - total) <= 3e-5
+
+
+@pytest.fixture(scope="module")
+def itg(setup):
+    """ITG logits through the query-pass prefix and through one joint pass."""
+    hf, cfg, model, params, px, ids, mask, batch = setup
+
+    @jax.jit
+    def both(params, image, text_ids, text_mask):
+        v = {"params": params}
+        image_embeds = model.apply(v, image, method=model.encode_image)
+        _, kv = model.apply(v, image_embeds, method=model.query_pass)
+        dec = text_ids.at[:, 0].set(CONFIG.bos_token_id)
+        prefix = model.apply(v, dec, text_mask, kv, method=model.itg_logits)
+        _, joint = model.apply(v, image_embeds, dec, text_mask, "multimodal_causal", method=model.joint_logits)
+        return prefix, joint
+
+    return [np.asarray(x) for x in both(params, batch["image"], batch["text_ids"], batch["text_mask"])]
+
+
+def test_itg_prefix_pass_equals_joint_multimodal_causal_pass(setup, itg):
+    prefix, joint = itg
+    real = np.asarray(setup[6]).astype(bool)
+    assert float(np.abs(prefix - joint)[real].max()) <= 1e-5
+
+
+def test_itg_logits_match_pytorch_joint_pass(setup, itg):
+    hf, cfg, model, params, px, ids, mask, batch = setup
+    ours = itg[0]
+    c = params["cls"]["predictions"]
+    lm_head = {"dense_kernel": c["transform"]["dense"]["kernel"], "dense_bias": c["transform"]["dense"]["bias"],
+               "ln_scale": c["transform"]["LayerNorm"]["scale"], "ln_bias": c["transform"]["LayerNorm"]["bias"],
+               "bias": c["bias"]}
+    expected = torch_stage1.losses(hf, {k: np.asarray(x) for k, x in lm_head.items()}, TEMP, px, ids, mask,
+                                   np.zeros(4, int), np.zeros(4, int), CONFIG.bos_token_id, 0, 0.1)["itg_logits"]
+    assert float(np.abs(ours - expected)[mask.astype(bool)].max()) <= 1e-4
