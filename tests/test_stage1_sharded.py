@@ -14,6 +14,7 @@ from blip2_jax.objectives.stage1 import hard_negative_indices, positives, stage1
 from tests.reference import hf_models as ref
 from tests.stage1_setup import CONFIG, VOCAB, stage1_params
 
+pytestmark = pytest.mark.slow  # two compiles of the full stage-1 gradient (~2 min on 2 cores)
 N = 8
 
 
