@@ -28,19 +28,27 @@ def setup():
     return hf, cfg, model, params, px, ids, mask, batch
 
 
-def test_losses_match_pytorch_reference(setup):
+NEG_IMAGE, NEG_TEXT = np.array([2, 3, 0, 1]), np.array([1, 0, 3, 2])  # fixed hard negatives
+
+
+@pytest.fixture(scope="module")
+def expected(setup):
+    """The PyTorch reference's losses and ITG logits on the same weights and batch."""
     hf, cfg, model, params, px, ids, mask, batch = setup
-    neg_image, neg_text = np.array([2, 3, 0, 1]), np.array([1, 0, 3, 2])
-    _, metrics = jax.jit(lambda p, b: stage1_loss(p, b, jax.random.PRNGKey(0), model=model, config=CONFIG,
-                                                  deterministic=True,
-                                                  negatives=(jnp.asarray(neg_image), jnp.asarray(neg_text))))(
-        params, batch)
     c = params["cls"]["predictions"]
     lm_head = {"dense_kernel": c["transform"]["dense"]["kernel"], "dense_bias": c["transform"]["dense"]["bias"],
                "ln_scale": c["transform"]["LayerNorm"]["scale"], "ln_bias": c["transform"]["LayerNorm"]["bias"],
                "bias": c["bias"]}
-    expected = torch_stage1.losses(hf, {k: np.asarray(v) for k, v in lm_head.items()}, TEMP, px, ids, mask,
-                                   neg_image, neg_text, CONFIG.bos_token_id, CONFIG.pad_token_id, 0.1)
+    return torch_stage1.losses(hf, {k: np.asarray(v) for k, v in lm_head.items()}, TEMP, px, ids, mask,
+                               NEG_IMAGE, NEG_TEXT, CONFIG.bos_token_id, CONFIG.pad_token_id, 0.1)
+
+
+def test_losses_match_pytorch_reference(setup, expected):
+    hf, cfg, model, params, px, ids, mask, batch = setup
+    _, metrics = jax.jit(lambda p, b: stage1_loss(p, b, jax.random.PRNGKey(0), model=model, config=CONFIG,
+                                                  deterministic=True,
+                                                  negatives=(jnp.asarray(NEG_IMAGE), jnp.asarray(NEG_TEXT))))(
+        params, batch)
     for name in ("loss_itc", "loss_itm", "loss_itg"):
         assert abs(float(metrics[name]) - expected[name]) <= 1e-5, (name, float(metrics[name]), expected[name])
     total = expected["loss_itc"] + expected["loss_itm"] + expected["loss_itg"]
@@ -71,13 +79,6 @@ def test_itg_prefix_pass_equals_joint_multimodal_causal_pass(setup, itg):
     assert float(np.abs(prefix - joint)[real].max()) <= 1e-5
 
 
-def test_itg_logits_match_pytorch_joint_pass(setup, itg):
-    hf, cfg, model, params, px, ids, mask, batch = setup
-    ours = itg[0]
-    c = params["cls"]["predictions"]
-    lm_head = {"dense_kernel": c["transform"]["dense"]["kernel"], "dense_bias": c["transform"]["dense"]["bias"],
-               "ln_scale": c["transform"]["LayerNorm"]["scale"], "ln_bias": c["transform"]["LayerNorm"]["bias"],
-               "bias": c["bias"]}
-    expected = torch_stage1.losses(hf, {k: np.asarray(x) for k, x in lm_head.items()}, TEMP, px, ids, mask,
-                                   np.zeros(4, int), np.zeros(4, int), CONFIG.bos_token_id, 0, 0.1)["itg_logits"]
-    assert float(np.abs(ours - expected)[mask.astype(bool)].max()) <= 1e-4
+def test_itg_logits_match_pytorch_joint_pass(setup, itg, expected):
+    mask = setup[6]
+    assert float(np.abs(itg[0] - expected["itg_logits"])[mask.astype(bool)].max()) <= 1e-4
