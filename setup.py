@@ -18,7 +18,11 @@ setup(
         "absl-py>=2.0",
         "safetensors>=0.4",
         "huggingface-hub>=0.30",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "tensorboardX>=2.6",
     ],
+    entry_points={"console_scripts": ["blip2-jax=blip2_jax.cli:run"]},
     extras_require={
         # CPU torch only: torch==2.13.0 is the CPU wheel; anything else pulls a multi-GB CUDA build.
         "torch": _TORCH,

@@ -1,0 +1,99 @@
+"""BLIP-2 stage-2 objective: language modelling through a frozen LLM (OPT or FlanT5).
+
+The Q-Former's query outputs, projected to the LLM width, are a soft visual prompt in front of
+the text (spec §6.2, §7.2). The LLM is frozen by the optimiser (its parameters get no update),
+not here: its gradient must flow back into the projection and the Q-Former. The ViT is frozen
+by a stop-gradient inside `encode_image(freeze_backbone=True)` (ln_vision still trains).
+
+OPT: causal LM over [visual prompt ; BOS prompt text "\\n"], loss on the text tokens (BOS too
+with an empty prompt, §13.10). FlanT5: prefix LM, encoder [visual prompt ; prefix], decoder
+predicts the suffix. No label smoothing in either (§13.6).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
+from blip2_jax.models.config import OPTConfig, T5Config
+from blip2_jax.models.t5 import shift_right
+from blip2_jax.objectives.stage1 import IGNORE, token_cross_entropy
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Config:
+    """Loss settings (defaults: LAVIS, spec §6.2 / §7.2)."""
+
+    label_smoothing: float = 0.0  # LAVIS's OPT and T5 LM losses use none
+
+
+def opt_labels(text_ids: jax.Array, text_mask: jax.Array, prompt_length: jax.Array | int) -> jax.Array:
+    """LAVIS OPT targets (B,L): padding and the first `prompt_length` tokens (BOS + prompt; an
+    int or per-sample (B,)) become -100. With prompt_length 0, BOS stays a target."""
+    positions = jnp.arange(text_ids.shape[1])[None, :]
+    in_prompt = positions < jnp.reshape(jnp.asarray(prompt_length), (-1, 1))
+    return jnp.where((text_mask == 0) | in_prompt, IGNORE, text_ids)
+
+
+def _visual_prompt(module: Blip2ForConditionalGeneration, image: jax.Array, deterministic: bool) -> jax.Array:
+    """Image (B,H,W,3) -> projected query outputs (B,Q,D_llm); the ViT is frozen and in eval mode."""
+    image_embeds = module.encode_image(image, freeze_backbone=True)
+    return module.language_inputs(module.query_features(image_embeds, deterministic=deterministic))
+
+
+def _prepend(module: Blip2ForConditionalGeneration, image_inputs: jax.Array, ids: jax.Array,
+             mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[visual prompt ; embed(ids)] and [ones ; mask] (LAVIS concatenation; no <image> tokens)."""
+    embeds = module.language_model.embed(ids)
+    ones = jnp.ones(image_inputs.shape[:2], mask.dtype)
+    return (jnp.concatenate([image_inputs.astype(embeds.dtype), embeds], axis=1),
+            jnp.concatenate([ones, mask], axis=1))
+
+
+def _opt_logits(module: Blip2ForConditionalGeneration, image: jax.Array, text_ids: jax.Array,
+                text_mask: jax.Array, deterministic: bool) -> jax.Array:
+    """OPT logits (B, Q+L, V) over [visual prompt ; text]."""
+    embeds, mask = _prepend(module, _visual_prompt(module, image, deterministic), text_ids, text_mask)
+    return module.language_model(embeds, mask, deterministic=deterministic)[0]
+
+
+def _t5_logits(module: Blip2ForConditionalGeneration, image: jax.Array, input_ids: jax.Array,
+               input_mask: jax.Array, decoder_input_ids: jax.Array, decoder_mask: jax.Array,
+               deterministic: bool) -> jax.Array:
+    """T5 decoder logits (B, T, V): encoder over [visual prompt ; prefix]."""
+    embeds, mask = _prepend(module, _visual_prompt(module, image, deterministic), input_ids, input_mask)
+    return module.language_model(embeds, mask, decoder_input_ids, decoder_mask, deterministic=deterministic)
+
+
+def stage2_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                model: Blip2ForConditionalGeneration, config: Stage2Config = Stage2Config(),
+                deterministic: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Image-conditioned LM loss on one global batch (a pure function to `jax.jit` over a mesh).
+
+    OPT batch: `image` (B,H,W,3), `text_ids`/`text_mask` (B,L) (BOS + prompt + text + "\\n",
+    right-padded), `labels` (B,L) from `opt_labels`. T5 batch: `image`, `input_ids`/`input_mask`
+    (prefix ending in </s>), `output_ids`/`output_mask` (target ending in </s>).
+    `rng` drives the Q-Former's and the LLM's dropout (unused when `deterministic`).
+    Returns the mean token cross-entropy and the metrics `loss`, `loss_lm`.
+    """
+    variables = {"params": params}
+    rngs = {"dropout": rng}
+    text_cfg = model.config.text
+    if isinstance(text_cfg, OPTConfig):
+        logits = model.apply(variables, batch["image"], batch["text_ids"], batch["text_mask"], deterministic,
+                             method=_opt_logits, rngs=rngs)
+        q = logits.shape[1] - batch["text_ids"].shape[1]
+        # Shifted causal LM: position t predicts token t+1, so the last query predicts text token 0.
+        loss = token_cross_entropy(logits[:, q - 1:-1], batch["labels"], config.label_smoothing)
+    elif isinstance(text_cfg, T5Config):
+        targets = jnp.where(batch["output_mask"] == 0, IGNORE, batch["output_ids"])  # = pad -> -100
+        decoder_input_ids = shift_right(targets, text_cfg.decoder_start_token_id, text_cfg.pad_token_id)
+        logits = model.apply(variables, batch["image"], batch["input_ids"], batch["input_mask"], decoder_input_ids,
+                             batch["output_mask"], deterministic, method=_t5_logits, rngs=rngs)
+        loss = token_cross_entropy(logits, targets, config.label_smoothing)
+    else:
+        raise ValueError(f"stage 2 needs an OPT or T5 language model, got {text_cfg!r}")
+    return loss, {"loss": loss, "loss_lm": loss}

@@ -1,0 +1,37 @@
+"""The fields every training config has; `configs/stage*.py` fill them per preset.
+
+Like big_vision's `configs/common.py`: config files are data, this is the shared skeleton so
+every field exists (and can be overridden with `--config.x=y`) in every preset.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from blip2_jax.models import presets
+from blip2_jax.train import optim
+
+
+def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = stage  # 'stage1' (Blip2Stage1: ITC+ITM+ITG) or 'stage2' (LM loss through a frozen LLM)
+    c.model_preset = model_preset
+    c.model = presets.to_config_dict(presets.get(model_preset))
+    c.trainable = stage  # partition preset (train/partition.py) or a list of path regexes
+    c.frozen_dtype = "float32"  # storage of the frozen ViT/LLM; 'bfloat16' halves their memory
+    c.seed = 0
+    c.batch_size = 8  # global batch
+    c.total_steps = 10
+    # data=-1 takes the devices fsdp*tensor leave; num_devices=-1 uses every device (all hosts)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=-1))
+    c.optim = optim.default_config()
+    c.optim.schedule = "cosine"
+    c.optim.total_steps = c.get_ref("total_steps")
+    c.loss = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict(dict(source="synthetic", text_length=32))
+    c.init = ml_collections.ConfigDict(dict(hf="", bert=""))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+    c.log = ml_collections.ConfigDict(dict(every=50, tensorboard=True,
+                                           peak_flops_per_device=config_dict.placeholder(float)))
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    return c

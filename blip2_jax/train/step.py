@@ -1,0 +1,36 @@
+"""The pure training step: gradients w.r.t. the trainable tree only, then the optimizer update.
+
+Frozen parameters enter as constants, so JAX never forms their gradients (no weight-gradient
+matmuls for the ViT or the LLM), while gradients still flow *through* them to what trains
+(stage 2 needs the LLM's activation gradients). The step's RNG is the state's key folded with
+the step number, so a resumed run draws the same dropout masks and hard negatives.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import optax
+
+from blip2_jax.train.partition import merge
+from blip2_jax.train.state import TrainState
+
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *, loss_fn: LossFn,
+               tx: optax.GradientTransformation, schedule: optax.Schedule | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on one global batch; returns the new state and the metrics."""
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_of_trainable(trainable):
+        return loss_fn(merge(trainable, frozen), batch, rng)
+
+    (_, metrics), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    if schedule is not None:
+        metrics["lr"] = schedule(state.step)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
