@@ -98,6 +98,7 @@ def test_one_device_and_a_2x2x2_mesh_train_the_same(tmp_path):
     for name, mesh in {"one": dict(num_devices=1, data=1), "mesh": dict(data=2, fsdp=2, tensor=2)}.items():
         config = load_config("configs/stage2_opt.py", "tiny")
         config.total_steps = 4
+        config.optim.warmup_steps = 2
         config.mesh.update(mesh)
         config.checkpoint.async_save = False
         lines = _run(tmp_path / name, config)

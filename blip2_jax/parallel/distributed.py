@@ -13,8 +13,9 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     if jax.distributed.is_initialized():
         return
     if coordinator_address:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        # Only the CPU client reads this (cross-process collectives on CPU); asking for the backend
+        # here would initialise it before `jax.distributed.initialize`, which must come first.
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
     elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:

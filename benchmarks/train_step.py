@@ -1,0 +1,385 @@
+"""Stage-2 (OPT) training step: blip2_jax against `transformers`' PyTorch BLIP-2, time and memory.
+
+    python benchmarks/train_step.py              # 5 timed steps per framework, a few minutes on 2 CPU cores
+    python benchmarks/train_step.py --steps 3 --batch 8
+
+What it measures: one optimizer step of BLIP-2 stage 2 (image-conditioned LM loss through a
+frozen OPT) on a ViT-B/16-sized EVA-style vision tower (768 wide, 12 layers, 224 px), a BERT-base
+Q-Former (32 queries, cross-attention every 2nd layer) and an OPT-125m-sized LM (vocab 50272),
+batch `--batch` with `--text-length` text tokens after the 32 queries, fp32, dropout on, AdamW
+(decay on matrices, none on biases and 1-d leaves) over what stage 2 trains: the Q-Former, query
+tokens, language projection and ln_vision. The ViT and OPT are frozen; the gradient still flows
+back through OPT's activations.
+  ours:   `blip2_jax.train.step.train_step` jitted with the state donated and the frozen towers
+          as arguments (so XLA forms no weight gradients for them).
+  theirs: `transformers.Blip2ForConditionalGeneration` in train mode with `requires_grad_(False)`
+          on the ViT (except post_layernorm) and OPT, `torch.optim.AdamW` on the rest,
+          `loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)`.
+Both load the same random weights (one `transformers` model saved to a temporary directory) and
+see the same synthetic batches; the `eval loss` row (batch 0, dropout off, before training) shows
+they compute the same function. Each framework runs in its own subprocess (`--framework`).
+
+How to read it:
+  step time: median over `--steps` timed steps after one warm-up step (and, for ours, the
+    compile, reported apart). `torch / ours` > 1 means ours is faster; the issue's CPU target is 1.3.
+  peak memory: the child's peak RSS (`ru_maxrss`) minus its RSS right after importing and
+    initialising its framework, i.e. weights, optimizer state, activations and workspaces, not
+    library code. `peak before step 1` is the same for setup alone (loading, optimizer state,
+    compile): when it equals the peak, setup and not the step sets the peak.
+  FLOPs: XLA's cost analysis of our compiled step. `fp32 matmul` is the best of a few jitted
+    2048^3 `jnp.dot`s in this process; `floor` = FLOPs / that rate, a lower bound on any step on
+    this machine, so `torch / floor` is the largest speed-up on offer.
+  On a GPU backend it also prints the MFU of a stage-1 step at ViT-g size (`configs/stage1.py`,
+  `--stage1-config`, bf16 compute, `--stage1-batch`), FLOPs from XLA over
+  `blip2_jax.train.metrics.PEAK_FLOPS`; elsewhere it says it skipped that.
+Timings share the machine with whatever else runs: the load average is printed before and after,
+and when it is above the core count the numbers are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+NUM_QUERY_TOKENS = 32
+IMAGE_TOKEN_INDEX = 50265  # OPT's <image> id in the BLIP-2 checkpoints; text ids are drawn below it
+VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
+              image_size=224, qkv_bias=True)
+QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+               cross_attention_frequency=2, encoder_hidden_size=768)
+OPT_125M = dict(model_type="opt", vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                ffn_dim=3072, max_position_embeddings=2048, word_embed_proj_dim=768)
+LR, WEIGHT_DECAY, BETAS, EPS = 1e-4, 0.05, (0.9, 0.999), 1e-8
+RESULT = "RESULT "  # prefix of the child's one line of JSON on stdout
+
+
+def _rss_mib() -> float:
+    """Current resident set size (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _batches(args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
+    """Batch 0 (warm-up and eval) and one batch per timed step, as NHWC images and OPT ids."""
+    from blip2_jax.data.synthetic import SyntheticData  # pylint: disable=import-outside-toplevel
+
+    data = SyntheticData("stage2_opt", args.batch, VISION["image_size"], args.text_length, IMAGE_TOKEN_INDEX)
+    return [data.batch(i) for i in range(args.steps + 1)]
+
+
+def _timed(step: Callable[[int], float], steps: int) -> list[float]:
+    """Wall time of `step(i)` (which must wait for its result) for i = 1..steps."""
+    times = []
+    for i in range(1, steps + 1):
+        tick = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - tick)
+    return times
+
+
+def _flops(compiled: Any) -> float:
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
+
+
+def run_jax(args: argparse.Namespace) -> dict[str, Any]:
+    """Our stage-2 step on the saved weights."""
+    # Imported here so that each child pays only for its own framework before the RSS baseline.
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from blip2_jax.convert.hf_checkpoint import load_pretrained  # pylint: disable=import-outside-toplevel
+    from blip2_jax.models.blip2 import Blip2ForConditionalGeneration  # pylint: disable=import-outside-toplevel
+    from blip2_jax.objectives.stage2 import stage2_loss  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train.optim import default_config, make_optimizer  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train.partition import merge, partition, patterns_for  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train.step import train_step  # pylint: disable=import-outside-toplevel
+
+    device = jax.devices()[0]
+    base = _rss_mib()
+    batches = [jax.device_put(b) for b in _batches(args)]
+    cfg, params = load_pretrained(args.weights)
+    model = Blip2ForConditionalGeneration(cfg)
+    trainable, frozen = jax.device_put(partition(params, patterns_for("stage2")))
+    del params
+    optim = default_config()
+    optim.update(schedule="constant", lr=LR, weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1], eps=EPS)
+    tx = make_optimizer(optim, trainable)
+    loss_fn = functools.partial(stage2_loss, model=model)
+    key = jax.random.PRNGKey(0)
+    eval_loss = jax.jit(functools.partial(loss_fn, deterministic=True))(merge(trainable, frozen), batches[0], key)[0]
+    eval_loss = float(eval_loss)
+    state = TrainState.create(trainable, tx, key)
+    counts = [sum(x.size for x in jax.tree.leaves(t)) for t in (trainable, frozen)]
+    del trainable  # donated with the state from the first step on
+
+    tick = time.perf_counter()
+    compiled = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx), donate_argnums=0).lower(
+        state, frozen, batches[0]).compile()
+    compile_s = time.perf_counter() - tick
+    before = _peak_rss_mib()
+    state, metrics = compiled(state, frozen, batches[0])
+    first_loss = float(metrics["loss"])
+
+    def step(i: int) -> None:
+        nonlocal state, metrics
+        state, metrics = compiled(state, frozen, batches[i])
+        jax.block_until_ready(metrics)
+
+    times = _timed(step, args.steps)
+    return dict(device=f"{device.platform}: {device.device_kind}", times=times, compile_s=compile_s,
+                flops=_flops(compiled), eval_loss=eval_loss, first_loss=first_loss, last_loss=float(metrics["loss"]),
+                trainable=counts[0], frozen=counts[1], base_mib=base, before_mib=before, peak_mib=_peak_rss_mib())
+
+
+def run_torch(args: argparse.Namespace) -> dict[str, Any]:
+    """`transformers`' Blip2ForConditionalGeneration with the stage-2 split on the saved weights."""
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    torch.set_num_threads(os.cpu_count())
+    base = _rss_mib()
+    q = NUM_QUERY_TOKENS
+
+    def inputs(b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """[<image>]*Q + text, as the BLIP-2 processor builds it; the loss skips the image rows."""
+        n = b["text_ids"].shape[0]
+        return dict(pixel_values=torch.from_numpy(np.ascontiguousarray(b["image"].transpose(0, 3, 1, 2))),
+                    input_ids=torch.from_numpy(np.concatenate([np.full((n, q), IMAGE_TOKEN_INDEX), b["text_ids"]],
+                                                              1).astype(np.int64)),
+                    attention_mask=torch.from_numpy(np.concatenate([np.ones((n, q)), b["text_mask"]], 1)
+                                                    .astype(np.int64)),
+                    labels=torch.from_numpy(np.concatenate([np.full((n, q), -100), b["labels"]], 1).astype(np.int64)))
+
+    batches = [inputs(b) for b in _batches(args)]
+    model = transformers.Blip2ForConditionalGeneration.from_pretrained(args.weights, dtype=torch.float32)
+    model.vision_model.requires_grad_(False)
+    model.vision_model.post_layernorm.requires_grad_(True)
+    model.language_model.requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim != 1 and not n.endswith(".bias")]  # LAVIS's rule, as ours
+    rest = [p for n, p in named if p.ndim == 1 or n.endswith(".bias")]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=WEIGHT_DECAY), dict(params=rest, weight_decay=0.0)],
+                            lr=LR, betas=BETAS, eps=EPS)
+    model.eval()
+    with torch.no_grad():
+        eval_loss = float(model(**batches[0]).loss)
+    model.train()
+    trainable = sum(p.numel() for _, p in named)
+    frozen = sum(p.numel() for p in model.parameters()) - trainable
+
+    def step(i: int) -> float:
+        loss = model(**batches[i]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    before = _peak_rss_mib()
+    first_loss = step(0)
+    losses = []
+    times = _timed(lambda i: losses.append(step(i)), args.steps)
+    return dict(device=f"cpu: {torch.get_num_threads()} threads", times=times, eval_loss=eval_loss,
+                first_loss=first_loss, last_loss=losses[-1], trainable=trainable, frozen=frozen, base_mib=base,
+                before_mib=before, peak_mib=_peak_rss_mib())
+
+
+def run_stage1(args: argparse.Namespace) -> dict[str, Any]:
+    """Our stage-1 step at `--stage1-config` size in bf16 compute: step time, FLOPs and MFU."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from flax import linen as nn  # pylint: disable=import-outside-toplevel
+
+    from blip2_jax.models import blip2  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train import loop, metrics  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train.partition import partition, patterns_for  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train.step import train_step  # pylint: disable=import-outside-toplevel
+
+    spec = importlib.util.spec_from_file_location("stage1_config", REPO / "configs" / "stage1.py")
+    config_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config_module)
+    config = config_module.get_config(args.stage1_config)
+    config.model.dtype = "bfloat16"
+    config.batch_size = args.stage1_batch
+    model, model_cfg, loss_fn = loop.build_objective(config)
+    patterns = patterns_for(config.trainable)
+    trainable, frozen = jax.jit(lambda rng: partition(nn.unbox(blip2.init(model_cfg, rng, model)["params"]),
+                                                      patterns))(jax.random.PRNGKey(config.seed))
+    frozen = jax.tree.map(lambda x: x.astype(config.frozen_dtype), frozen)
+    tx = make_optimizer(config.optim, trainable)
+    state = TrainState.create(trainable, tx, jax.random.PRNGKey(config.seed + 1))
+    del trainable
+    data = loop.make_data(config, model_cfg)
+    batches = [jax.device_put(data.batch(i)) for i in range(args.steps + 1)]
+    compiled = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx), donate_argnums=0).lower(
+        state, frozen, batches[0]).compile()
+    state, out = compiled(state, frozen, batches[0])
+    jax.block_until_ready(out)
+
+    def step(i: int) -> None:
+        nonlocal state, out
+        state, out = compiled(state, frozen, batches[i])
+        jax.block_until_ready(out)
+
+    seconds = statistics.median(_timed(step, args.steps))
+    flops = _flops(compiled)
+    peak = metrics.peak_flops_per_device()
+    device = jax.devices()[0]
+    return dict(device=f"{device.platform}: {device.device_kind}", preset=args.stage1_config,
+                batch=args.stage1_batch, step_s=seconds, flops=flops, peak_flops=peak,
+                mfu=None if peak is None else flops / seconds / peak, loss=float(out["loss"]))
+
+
+def _save_weights(directory: str) -> None:
+    """A random `transformers` model of the benchmark's sizes, saved for both children to load."""
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    torch.manual_seed(0)
+    config = transformers.Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=OPT_125M,
+                                      num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN_INDEX)
+    transformers.Blip2ForConditionalGeneration(config).save_pretrained(directory)
+
+
+def _matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Best-of-`reps` fp32 rate of a jitted n^3 `jnp.dot`, GFLOP/s."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        tick = time.perf_counter()
+        dot(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - tick)
+    return 2 * n ** 3 / best / 1e9
+
+
+def _child(framework: str, args: argparse.Namespace, weights: str = "") -> dict[str, Any]:
+    """Run this file as `--framework framework` and return its result line."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--framework", framework, "--weights", weights,
+           "--steps", str(args.steps), "--batch", str(args.batch), "--text-length", str(args.text_length),
+           "--stage1-config", args.stage1_config, "--stage1-batch", str(args.stage1_batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise RuntimeError(f"the {framework} child failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _row(name: str, ours: str, theirs: str, ratio: str = "") -> str:
+    return f"  {name:<30}{ours:>16}{theirs:>22}{ratio:>16}"
+
+
+def parent(args: argparse.Namespace) -> None:
+    import jax  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    load_before = _load()
+    start = datetime.datetime.now().astimezone()
+    with tempfile.TemporaryDirectory(prefix="blip2_bench_") as weights:
+        _save_weights(weights)
+        theirs = _child("torch", args, weights)
+        ours = _child("jax", args, weights)
+    rate = _matmul_gflops()
+    load_after = _load()
+
+    t_ours, t_theirs = statistics.median(ours["times"]), statistics.median(theirs["times"])
+    mem = {k: (r["peak_mib"] - r["base_mib"], r["before_mib"] - r["base_mib"]) for k, r in
+           (("ours", ours), ("theirs", theirs))}
+    floor = ours["flops"] / (rate * 1e9)
+    print(f"BLIP-2 stage-2 OPT training step: blip2_jax (jax {jax.__version__}) vs transformers "
+          f"{transformers.__version__} (torch {torch.__version__})")
+    print(f"  date {start:%Y-%m-%d %H:%M %Z}; host {_cpu_name()}, {os.cpu_count()} cores; "
+          f"load average (1/5/15 min) {load_before} before, {load_after} after"
+          + ("  -- loaded machine: timings are noisy" if max(os.getloadavg()) > os.cpu_count() else ""))
+    print(f"  model: ViT-B/16 224 px (EVA-style, qkv bias) + BERT-base Q-Former ({NUM_QUERY_TOKENS} queries) + "
+          f"OPT-125m-sized LM; batch {args.batch}, text {args.text_length} tokens; fp32, dropout on, AdamW; "
+          f"median of {args.steps} steps after 1 warm-up step")
+    print(_row("", "ours (JAX)", "transformers (torch)", "torch / ours"))
+    print(_row("device", ours["device"], theirs["device"]))
+    print(_row("step time, median (s)", f"{t_ours:.3f}", f"{t_theirs:.3f}", f"{t_theirs / t_ours:.2f}x"))
+    print(_row("step time, min-max (s)", f"{min(ours['times']):.3f}-{max(ours['times']):.3f}",
+               f"{min(theirs['times']):.3f}-{max(theirs['times']):.3f}"))
+    print(_row("peak memory (MiB)", f"{mem['ours'][0]:.0f}", f"{mem['theirs'][0]:.0f}",
+               f"{mem['theirs'][0] / mem['ours'][0]:.2f}x"))
+    print(_row("  peak before step 1 (MiB)", f"{mem['ours'][1]:.0f}", f"{mem['theirs'][1]:.0f}"))
+    print(_row("trainable / frozen params (M)", f"{ours['trainable'] / 1e6:.1f} / {ours['frozen'] / 1e6:.1f}",
+               f"{theirs['trainable'] / 1e6:.1f} / {theirs['frozen'] / 1e6:.1f}"))
+    print(_row("eval loss, batch 0", f"{ours['eval_loss']:.6f}", f"{theirs['eval_loss']:.6f}",
+               f"|d| {abs(ours['eval_loss'] - theirs['eval_loss']):.1e}"))
+    print(_row("train loss, first / last", f"{ours['first_loss']:.4f} / {ours['last_loss']:.4f}",
+               f"{theirs['first_loss']:.4f} / {theirs['last_loss']:.4f}"))
+    print(_row("compile (s)", f"{ours['compile_s']:.1f}", "-"))
+    print(f"  our step: {ours['flops'] / 1e9:.1f} GFLOP (XLA cost analysis); fp32 matmul 2048^3: {rate:.0f} GFLOP/s "
+          f"(best of 5) -> floor {floor:.3f} s; ours / floor {t_ours / floor:.2f}, torch / floor "
+          f"{t_theirs / floor:.2f}x (the most any step could gain over torch here)")
+    if jax.default_backend() != "gpu":
+        print(f"  stage-1 MFU at {args.stage1_config} size: needs a GPU (jax backend is "
+              f"{jax.default_backend()}), skipped")
+        return
+    s1 = _child("stage1", args)
+    mfu = "unknown peak for this device" if s1["mfu"] is None else f"MFU {100 * s1['mfu']:.1f}%"
+    print(f"  stage-1 step, {s1['preset']} bf16, batch {s1['batch']} on {s1['device']}: {s1['step_s']:.3f} s, "
+          f"{s1['flops'] / 1e12:.1f} TFLOP -> {s1['flops'] / s1['step_s'] / 1e12:.0f} TFLOP/s; {mfu}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per framework (after 1 warm-up step)")
+    parser.add_argument("--batch", type=int, default=8, help="stage-2 batch size")
+    parser.add_argument("--text-length", type=int, default=32, help="text tokens per example (after the queries)")
+    parser.add_argument("--stage1-config", default="vit_g", help="configs/stage1.py preset for the GPU MFU run")
+    parser.add_argument("--stage1-batch", type=int, default=128, help="batch of the GPU stage-1 MFU run")
+    parser.add_argument("--framework", choices=("jax", "torch", "stage1"), default=None,
+                        help="internal: run one side in this process and print its result line")
+    parser.add_argument("--weights", default="", help="internal: the saved weights the children load")
+    args = parser.parse_args()
+    if args.framework is None:
+        parent(args)
+        return
+    run = {"jax": run_jax, "torch": run_torch, "stage1": run_stage1}[args.framework]
+    print(RESULT + json.dumps(run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
