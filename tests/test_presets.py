@@ -89,13 +89,23 @@ def test_presets_round_trip_through_hf_config_json(name):
     assert config_lib.from_hf(hf.to_dict()) == cfg
 
 
-def test_config_files_load():
+def _config_presets():
+    """(file, preset) for every preset of every config file."""
     for file in sorted((ROOT / "configs").glob("*.py")):
         spec = importlib.util.spec_from_file_location(file.stem, file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        config = module.get_config("tiny")
-        assert presets.from_config_dict(config.model) == presets.get("tiny")
+        for arg in getattr(module, "_MODEL", None) or presets.names():
+            yield file.name, module.get_config(arg), arg
+
+
+def test_every_config_file_and_preset_loads():
+    seen = set()
+    for name, config, arg in _config_presets():
+        model_preset = config.get("model_preset", config.get("preset"))
+        assert presets.from_config_dict(config.model) == presets.get(model_preset), (name, arg)
+        seen.add(name)
+    assert {"model.py", "stage1.py", "stage2_opt.py", "stage2_t5.py"} <= seen
 
 
 def test_unknown_preset_names_the_known_ones():

@@ -1,6 +1,7 @@
 """The training system (issue "training" Done-when 1-3): optimizer state only for what trains,
 no weight gradients for frozen towers, and the same run on 1 device and on a
 data x fsdp x tensor = 2 x 2 x 2 mesh of 8 simulated devices."""
+import functools
 import importlib.util
 import json
 import pathlib
@@ -17,6 +18,8 @@ from blip2_jax.models import blip2, presets
 from blip2_jax.train import loop
 from blip2_jax.train.optim import make_optimizer
 from blip2_jax.train.partition import merge, partition, patterns_for
+from blip2_jax.train.state import TrainState
+from blip2_jax.train.step import train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -110,3 +113,23 @@ def test_one_device_and_a_2x2x2_mesh_train_the_same(tmp_path):
     np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=0, atol=1e-5)
     for a, b in zip(jax.tree.leaves(params["one"]), jax.tree.leaves(params["mesh"])):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+
+
+def test_frozen_values_are_bit_identical_after_training_steps():
+    config = load_config("configs/stage2_opt.py", "tiny")
+    config.optim.warmup_steps = 1
+    model, cfg, loss_fn = loop.build_objective(config)
+    params = nn.unbox(jax.jit(lambda r: blip2.init(cfg, r, model))(jax.random.PRNGKey(0))["params"])
+    trainable, frozen = partition(params, patterns_for(config.trainable))
+    before_frozen, before_trainable = jax.device_get(frozen), jax.device_get(trainable)
+    tx = make_optimizer(config.optim, trainable)
+    state = TrainState.create(trainable, tx, jax.random.PRNGKey(1))
+    step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx), donate_argnums=(0,))
+    data = loop.make_data(config, cfg)
+    for i in range(3):
+        state, _ = step(state, frozen, jax.tree.map(jnp.asarray, data.batch(i)))
+    for a, b in zip(jax.tree.leaves(before_frozen), jax.tree.leaves(jax.device_get(frozen))):
+        np.testing.assert_array_equal(a, b)
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before_trainable),
+                                                         jax.tree.leaves(jax.device_get(state.params)))]
+    assert all(changed)  # every trainable leaf moved, so the steps really trained
