@@ -32,6 +32,7 @@ from blip2_jax.objectives.stage2 import stage2_loss
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.parallel.distributed import initialize
 from blip2_jax.train import metrics as metrics_lib
+from blip2_jax.train.flops import step_flops
 from blip2_jax.train.optim import learning_rate_schedule, make_optimizer
 from blip2_jax.train.partition import partition, patterns_for
 from blip2_jax.train.state import TrainState
@@ -165,7 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
         raise RuntimeError(f"checkpoint step {start} and data position {data_state['next_step']} disagree")
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard,
                                       resume_step=start)
-    flops = metrics_lib.step_flops(step_fn, state, frozen, global_batch(start))
+    flops = step_flops(step_fn, state, frozen, global_batch(start))
     preemption = _Preemption()
     last: dict[str, float] = {}
     tick, since = time.perf_counter(), 0
@@ -177,7 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
             metrics = jax.device_get(metrics)  # waits for the step: the timing below is real
             step_time = (time.perf_counter() - tick) / since
             last = writer.write(done, metrics, step_time=step_time, batch_size=config.batch_size,
-                                tokens=int(batch_tokens(batch)), flops=flops,
+                                tokens=int(batch_tokens(batch)), flops=flops, num_devices=mesh.size,
                                 peak_flops=config.log.peak_flops_per_device)
             tick, since = time.perf_counter(), 0
         preempted = preemption.agreed()

@@ -1,8 +1,8 @@
 """Step metrics to the console, `workdir/metrics.jsonl` and TensorBoard (process 0 only).
 
-Throughput is images/s and text tokens/s over the logging window; MFU divides the FLOPs XLA
-counts for the compiled step (the frozen towers' forward and the activation gradients that pass
-through them, no weight gradients for them) by the devices' peak.
+Throughput is images/s and text tokens/s over the logging window; MFU divides the step's matrix
+FLOPs (`train/flops.py`: the frozen towers' forward and the activation gradients that pass
+through them, no weight gradients for them) by the peak of all devices.
 """
 from __future__ import annotations
 
@@ -23,18 +23,6 @@ def peak_flops_per_device(override: float | None = None) -> float | None:
         return float(override)
     kind = jax.devices()[0].device_kind
     return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
-
-
-def step_flops(step_fn, *args) -> float | None:
-    """FLOPs one device executes in one compiled (SPMD-partitioned) step; None where XLA does not say."""
-    try:
-        analysis = step_fn.lower(*args).compile().cost_analysis()
-    except Exception as e:  # pylint: disable=broad-except  # some backends lack cost analysis
-        logging.warning("no cost analysis for the train step: %s", e)
-        return None
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    flops = (analysis or {}).get("flops")
-    return None if flops is None else float(flops)
 
 
 class MetricWriter:
@@ -59,12 +47,12 @@ class MetricWriter:
                 logging.warning("tensorboardX is not installed: no TensorBoard logs")
 
     def write(self, step: int, metrics: dict[str, Any], *, step_time: float, batch_size: int, tokens: int,
-              flops: float | None, peak_flops: float | None) -> dict[str, float]:
+              flops: float, num_devices: int, peak_flops: float | None) -> dict[str, float]:
         out = {k: float(v) for k, v in metrics.items()}
         out.update(step_time=step_time, images_per_s=batch_size / step_time, tokens_per_s=tokens / step_time)
         peak = peak_flops_per_device(peak_flops)
-        if flops is not None and peak:
-            out["mfu"] = flops / step_time / peak
+        if peak:
+            out["mfu"] = flops / step_time / (peak * num_devices)
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **out}) + "\n")
