@@ -1,7 +1,7 @@
 """Stage-2 (OPT) training step: blip2_jax against `transformers`' PyTorch BLIP-2, time and memory.
 
-    python benchmarks/train_step.py              # 5 timed steps per framework, a few minutes on 2 CPU cores
-    python benchmarks/train_step.py --steps 3 --batch 8
+    python benchmarks/train_step.py               # 5 timed steps per framework: ~6 min on 2 CPU cores
+    python benchmarks/train_step.py --steps 3     # ~5 min
 
 What it measures: one optimizer step of BLIP-2 stage 2 (image-conditioned LM loss through a
 frozen OPT) on a ViT-B/16-sized EVA-style vision tower (768 wide, 12 layers, 224 px), a BERT-base
@@ -22,24 +22,38 @@ they compute the same function. Each framework runs in its own subprocess (`--fr
 How to read it:
   step time: median over `--steps` timed steps after one warm-up step (and, for ours, the
     compile, reported apart). `torch / ours` > 1 means ours is faster; the issue's CPU target is 1.3.
+    `step CPU time` is the process's CPU seconds per step (all threads): less sensitive than wall
+    time to other work on the machine, since the two children run at different moments.
   peak memory: the child's peak RSS (`ru_maxrss`) minus its RSS right after importing and
-    initialising its framework, i.e. weights, optimizer state, activations and workspaces, not
-    library code. `peak before step 1` is the same for setup alone (loading, optimizer state,
-    compile): when it equals the peak, setup and not the step sets the peak.
-  FLOPs: XLA's cost analysis of our compiled step. `fp32 matmul` is the best of a few jitted
-    2048^3 `jnp.dot`s in this process; `floor` = FLOPs / that rate, a lower bound on any step on
+    initialising its framework: weights, optimizer state, activations and workspaces, not library
+    code, but also what loading the weights (and, for ours, compiling) briefly took. `during
+    steps` restarts the high-water mark (Linux `/proc/self/clear_refs`, after `malloc_trim`) just
+    before the warm-up step: the training step's peak, resident weights and optimizer state
+    included, without setup transients. `XLA buffers` is our compiled step's own account
+    (`memory_analysis()`): arguments (state, frozen towers, batch) and temporaries.
+  FLOPs: `XLA` is `jax.jit(step).lower(...).compile().cost_analysis()['flops']`, which counts
+    the body of each scanned layer stack once (a while loop), far below the real count.
+    `matmuls` counts every dot and convolution in the step's jaxpr with each scan body times its
+    length: the step's real matrix work. `fp32 matmul` is the best of a few jitted 2048^3
+    `jnp.dot`s in our child right after its timed steps; `floor` = matmul FLOPs / that rate, a lower bound on any step on
     this machine, so `torch / floor` is the largest speed-up on offer.
   On a GPU backend it also prints the MFU of a stage-1 step at ViT-g size (`configs/stage1.py`,
-  `--stage1-config`, bf16 compute, `--stage1-batch`), FLOPs from XLA over
-  `blip2_jax.train.metrics.PEAK_FLOPS`; elsewhere it says it skipped that.
+  `--stage1-config`, bf16 compute, `--stage1-batch`): matmul FLOPs per second over
+  `blip2_jax.train.metrics.PEAK_FLOPS` (and the same with XLA's count); elsewhere it says it
+  skipped that.
 Timings share the machine with whatever else runs: the load average is printed before and after,
 and when it is above the core count the numbers are noisy.
 """
+# Frameworks are imported inside the functions that use them, so that each child process pays
+# only for its own before its RSS baseline.
+# pylint: disable=import-outside-toplevel
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import functools
+import gc
 import importlib.util
 import json
 import os
@@ -68,57 +82,112 @@ LR, WEIGHT_DECAY, BETAS, EPS = 1e-4, 0.05, (0.9, 0.999), 1e-8
 RESULT = "RESULT "  # prefix of the child's one line of JSON on stdout
 
 
-def _rss_mib() -> float:
-    """Current resident set size (Linux /proc)."""
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (Linux), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _reset_peak_rss() -> None:
+    """Start the RSS high-water mark (VmHWM) afresh at the current RSS, after handing the heap
+    that malloc keeps but nothing uses (XLA's compile leaves hundreds of MiB) back to the OS."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _memory(base: float) -> dict[str, float]:
+    """At the end of a child: peak RSS over the whole run and since `_reset_peak_rss`, above `base`."""
+    return dict(peak_mib=_peak_rss_mib() - base, step_peak_mib=_status_mib("VmHWM") - base)
+
+
 def _batches(args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
     """Batch 0 (warm-up and eval) and one batch per timed step, as NHWC images and OPT ids."""
-    from blip2_jax.data.synthetic import SyntheticData  # pylint: disable=import-outside-toplevel
+    from blip2_jax.data.synthetic import SyntheticData
 
     data = SyntheticData("stage2_opt", args.batch, VISION["image_size"], args.text_length, IMAGE_TOKEN_INDEX)
     return [data.batch(i) for i in range(args.steps + 1)]
 
 
-def _timed(step: Callable[[int], float], steps: int) -> list[float]:
-    """Wall time of `step(i)` (which must wait for its result) for i = 1..steps."""
-    times = []
+def _timed(step: Callable[[int], object], steps: int) -> dict[str, list[float]]:
+    """Wall and process CPU time of `step(i)` (which must wait for its result) for i = 1..steps."""
+    wall, cpu = [], []
     for i in range(1, steps + 1):
-        tick = time.perf_counter()
+        tick, cpu_tick = time.perf_counter(), time.process_time()
         step(i)
-        times.append(time.perf_counter() - tick)
-    return times
+        wall.append(time.perf_counter() - tick)
+        cpu.append(time.process_time() - cpu_tick)
+    return dict(times=wall, cpu_times=cpu, load=os.getloadavg()[0])
 
 
-def _flops(compiled: Any) -> float:
+def _xla_flops(compiled: Any) -> float:
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return float(analysis["flops"])
 
 
+def _sub_jaxprs(value: Any) -> list[Any]:
+    """The jaxprs inside an equation parameter (a jaxpr, a closed jaxpr, or a tuple of them)."""
+    from jax.extend import core
+
+    if isinstance(value, core.ClosedJaxpr):
+        return [value.jaxpr]
+    if isinstance(value, core.Jaxpr):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [j for v in value for j in _sub_jaxprs(v)]
+    return []
+
+
+def matmul_flops(jaxpr: Any) -> float:
+    """FLOPs of the dots and convolutions in `jaxpr`, each scan body counted `length` times and
+    the costlier branch of a cond once (XLA's cost analysis counts a loop body once)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+            total += 2.0 * np.prod(lhs) * np.prod(free)
+        elif name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape
+            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(kernel) / out_features
+        inner = [matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if name == "cond":
+            total += max(inner, default=0.0)
+        else:
+            total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
+    return float(total)
+
+
+def _step_flops(step: Callable, *args: Any) -> float:
+    import jax
+
+    return matmul_flops(jax.make_jaxpr(step)(*args).jaxpr)
+
+
 def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     """Our stage-2 step on the saved weights."""
-    # Imported here so that each child pays only for its own framework before the RSS baseline.
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
 
-    from blip2_jax.convert.hf_checkpoint import load_pretrained  # pylint: disable=import-outside-toplevel
-    from blip2_jax.models.blip2 import Blip2ForConditionalGeneration  # pylint: disable=import-outside-toplevel
-    from blip2_jax.objectives.stage2 import stage2_loss  # pylint: disable=import-outside-toplevel
-    from blip2_jax.train.optim import default_config, make_optimizer  # pylint: disable=import-outside-toplevel
-    from blip2_jax.train.partition import merge, partition, patterns_for  # pylint: disable=import-outside-toplevel
-    from blip2_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
-    from blip2_jax.train.step import train_step  # pylint: disable=import-outside-toplevel
+    from blip2_jax.convert.hf_checkpoint import load_pretrained
+    from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
+    from blip2_jax.objectives.stage2 import stage2_loss
+    from blip2_jax.train.optim import default_config, make_optimizer
+    from blip2_jax.train.partition import merge, partition, patterns_for
+    from blip2_jax.train.state import TrainState
+    from blip2_jax.train.step import train_step
 
     device = jax.devices()[0]
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
     batches = [jax.device_put(b) for b in _batches(args)]
     cfg, params = load_pretrained(args.weights)
     model = Blip2ForConditionalGeneration(cfg)
@@ -135,11 +204,13 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     counts = [sum(x.size for x in jax.tree.leaves(t)) for t in (trainable, frozen)]
     del trainable  # donated with the state from the first step on
 
+    step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
+    flops = _step_flops(step_fn, state, frozen, batches[0])
     tick = time.perf_counter()
-    compiled = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx), donate_argnums=0).lower(
-        state, frozen, batches[0]).compile()
+    compiled = jax.jit(step_fn, donate_argnums=0).lower(state, frozen, batches[0]).compile()
     compile_s = time.perf_counter() - tick
-    before = _peak_rss_mib()
+    buffers = compiled.memory_analysis()
+    _reset_peak_rss()
     state, metrics = compiled(state, frozen, batches[0])
     first_loss = float(metrics["loss"])
 
@@ -149,18 +220,22 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
         jax.block_until_ready(metrics)
 
     times = _timed(step, args.steps)
-    return dict(device=f"{device.platform}: {device.device_kind}", times=times, compile_s=compile_s,
-                flops=_flops(compiled), eval_loss=eval_loss, first_loss=first_loss, last_loss=float(metrics["loss"]),
-                trainable=counts[0], frozen=counts[1], base_mib=base, before_mib=before, peak_mib=_peak_rss_mib())
+    memory = _memory(base)
+    return dict(device=f"{device.platform}: {device.device_kind}", **times, compile_s=compile_s, flops=flops,
+                xla_flops=_xla_flops(compiled), eval_loss=eval_loss, first_loss=first_loss,
+                last_loss=float(metrics["loss"]), trainable=counts[0], frozen=counts[1], **memory,
+                matmul_gflops=_matmul_gflops(),
+                xla_argument_mib=buffers.argument_size_in_bytes / 2 ** 20,
+                xla_temp_mib=buffers.temp_size_in_bytes / 2 ** 20)
 
 
 def run_torch(args: argparse.Namespace) -> dict[str, Any]:
     """`transformers`' Blip2ForConditionalGeneration with the stage-2 split on the saved weights."""
-    import torch  # pylint: disable=import-outside-toplevel
-    import transformers  # pylint: disable=import-outside-toplevel
+    import torch
+    import transformers
 
     torch.set_num_threads(os.cpu_count())
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
     q = NUM_QUERY_TOKENS
 
     def inputs(b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -195,28 +270,27 @@ def run_torch(args: argparse.Namespace) -> dict[str, Any]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
-    before = _peak_rss_mib()
+    _reset_peak_rss()
     first_loss = step(0)
     losses = []
     times = _timed(lambda i: losses.append(step(i)), args.steps)
-    return dict(device=f"cpu: {torch.get_num_threads()} threads", times=times, eval_loss=eval_loss,
-                first_loss=first_loss, last_loss=losses[-1], trainable=trainable, frozen=frozen, base_mib=base,
-                before_mib=before, peak_mib=_peak_rss_mib())
+    return dict(device=f"cpu: {torch.get_num_threads()} threads", **times, eval_loss=eval_loss,
+                first_loss=first_loss, last_loss=losses[-1], trainable=trainable, frozen=frozen, **_memory(base))
 
 
 def run_stage1(args: argparse.Namespace) -> dict[str, Any]:
     """Our stage-1 step at `--stage1-config` size in bf16 compute: step time, FLOPs and MFU."""
-    import jax  # pylint: disable=import-outside-toplevel
-    from flax import linen as nn  # pylint: disable=import-outside-toplevel
+    import jax
+    from flax import linen as nn
 
-    from blip2_jax.models import blip2  # pylint: disable=import-outside-toplevel
-    from blip2_jax.train import loop, metrics  # pylint: disable=import-outside-toplevel
-    from blip2_jax.train.optim import make_optimizer  # pylint: disable=import-outside-toplevel
-    from blip2_jax.train.partition import partition, patterns_for  # pylint: disable=import-outside-toplevel
-    from blip2_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
-    from blip2_jax.train.step import train_step  # pylint: disable=import-outside-toplevel
+    from blip2_jax.models import blip2
+    from blip2_jax.train import loop, metrics
+    from blip2_jax.train.optim import make_optimizer
+    from blip2_jax.train.partition import partition, patterns_for
+    from blip2_jax.train.state import TrainState
+    from blip2_jax.train.step import train_step
 
     spec = importlib.util.spec_from_file_location("stage1_config", REPO / "configs" / "stage1.py")
     config_module = importlib.util.module_from_spec(spec)
@@ -234,8 +308,9 @@ def run_stage1(args: argparse.Namespace) -> dict[str, Any]:
     del trainable
     data = loop.make_data(config, model_cfg)
     batches = [jax.device_put(data.batch(i)) for i in range(args.steps + 1)]
-    compiled = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx), donate_argnums=0).lower(
-        state, frozen, batches[0]).compile()
+    step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
+    flops = _step_flops(step_fn, state, frozen, batches[0])
+    compiled = jax.jit(step_fn, donate_argnums=0).lower(state, frozen, batches[0]).compile()
     state, out = compiled(state, frozen, batches[0])
     jax.block_until_ready(out)
 
@@ -244,19 +319,17 @@ def run_stage1(args: argparse.Namespace) -> dict[str, Any]:
         state, out = compiled(state, frozen, batches[i])
         jax.block_until_ready(out)
 
-    seconds = statistics.median(_timed(step, args.steps))
-    flops = _flops(compiled)
-    peak = metrics.peak_flops_per_device()
+    seconds = statistics.median(_timed(step, args.steps)["times"])
     device = jax.devices()[0]
     return dict(device=f"{device.platform}: {device.device_kind}", preset=args.stage1_config,
-                batch=args.stage1_batch, step_s=seconds, flops=flops, peak_flops=peak,
-                mfu=None if peak is None else flops / seconds / peak, loss=float(out["loss"]))
+                batch=args.stage1_batch, step_s=seconds, flops=flops, xla_flops=_xla_flops(compiled),
+                peak_flops=metrics.peak_flops_per_device(), loss=float(out["loss"]))
 
 
 def _save_weights(directory: str) -> None:
     """A random `transformers` model of the benchmark's sizes, saved for both children to load."""
-    import torch  # pylint: disable=import-outside-toplevel
-    import transformers  # pylint: disable=import-outside-toplevel
+    import torch
+    import transformers
 
     torch.manual_seed(0)
     config = transformers.Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=OPT_125M,
@@ -266,8 +339,8 @@ def _save_weights(directory: str) -> None:
 
 def _matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     """Best-of-`reps` fp32 rate of a jitted n^3 `jnp.dot`, GFLOP/s."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import jax
+    import jax.numpy as jnp
 
     a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
     dot = jax.jit(jnp.dot)
@@ -285,12 +358,13 @@ def _child(framework: str, args: argparse.Namespace, weights: str = "") -> dict[
     cmd = [sys.executable, str(Path(__file__).resolve()), "--framework", framework, "--weights", weights,
            "--steps", str(args.steps), "--batch", str(args.batch), "--text-length", str(args.text_length),
            "--stage1-config", args.stage1_config, "--stage1-batch", str(args.stage1_batch)]
+    tick = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise RuntimeError(f"the {framework} child failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len(RESULT):])
+    return dict(json.loads(lines[-1][len(RESULT):]), wall_s=time.perf_counter() - tick)
 
 
 def _cpu_name() -> str:
@@ -300,8 +374,8 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+def _load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in load)
 
 
 def _row(name: str, ours: str, theirs: str, ratio: str = "") -> str:
@@ -309,29 +383,29 @@ def _row(name: str, ours: str, theirs: str, ratio: str = "") -> str:
 
 
 def parent(args: argparse.Namespace) -> None:
-    import jax  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
-    import transformers  # pylint: disable=import-outside-toplevel
+    import jax
+    import torch
+    import transformers
 
-    load_before = _load()
+    load_before = os.getloadavg()
     start = datetime.datetime.now().astimezone()
     with tempfile.TemporaryDirectory(prefix="blip2_bench_") as weights:
         _save_weights(weights)
         theirs = _child("torch", args, weights)
         ours = _child("jax", args, weights)
-    rate = _matmul_gflops()
-    load_after = _load()
+    load_after = os.getloadavg()
 
     t_ours, t_theirs = statistics.median(ours["times"]), statistics.median(theirs["times"])
-    mem = {k: (r["peak_mib"] - r["base_mib"], r["before_mib"] - r["base_mib"]) for k, r in
-           (("ours", ours), ("theirs", theirs))}
+    c_ours, c_theirs = statistics.median(ours["cpu_times"]), statistics.median(theirs["cpu_times"])
+    rate = ours["matmul_gflops"]
     floor = ours["flops"] / (rate * 1e9)
+    loaded = max(load_before[0], load_after[0]) > os.cpu_count()
     print(f"BLIP-2 stage-2 OPT training step: blip2_jax (jax {jax.__version__}) vs transformers "
           f"{transformers.__version__} (torch {torch.__version__})")
-    print(f"  date {start:%Y-%m-%d %H:%M %Z}; host {_cpu_name()}, {os.cpu_count()} cores; "
-          f"load average (1/5/15 min) {load_before} before, {load_after} after"
-          + ("  -- loaded machine: timings are noisy" if max(os.getloadavg()) > os.cpu_count() else ""))
-    print(f"  model: ViT-B/16 224 px (EVA-style, qkv bias) + BERT-base Q-Former ({NUM_QUERY_TOKENS} queries) + "
+    print(f"  {start:%Y-%m-%d %H:%M %Z}; {_cpu_name()}, {os.cpu_count()} cores; load average (1/5/15 min) "
+          f"{_load(load_before)} before, {_load(load_after)} after"
+          + (": busier than the cores, timings are noisy" if loaded else ""))
+    print(f"  ViT-B/16 224 px (EVA-style, qkv bias) + BERT-base Q-Former ({NUM_QUERY_TOKENS} queries) + "
           f"OPT-125m-sized LM; batch {args.batch}, text {args.text_length} tokens; fp32, dropout on, AdamW; "
           f"median of {args.steps} steps after 1 warm-up step")
     print(_row("", "ours (JAX)", "transformers (torch)", "torch / ours"))
@@ -339,9 +413,12 @@ def parent(args: argparse.Namespace) -> None:
     print(_row("step time, median (s)", f"{t_ours:.3f}", f"{t_theirs:.3f}", f"{t_theirs / t_ours:.2f}x"))
     print(_row("step time, min-max (s)", f"{min(ours['times']):.3f}-{max(ours['times']):.3f}",
                f"{min(theirs['times']):.3f}-{max(theirs['times']):.3f}"))
-    print(_row("peak memory (MiB)", f"{mem['ours'][0]:.0f}", f"{mem['theirs'][0]:.0f}",
-               f"{mem['theirs'][0] / mem['ours'][0]:.2f}x"))
-    print(_row("  peak before step 1 (MiB)", f"{mem['ours'][1]:.0f}", f"{mem['theirs'][1]:.0f}"))
+    print(_row("1-min load average after steps", f"{ours['load']:.2f}", f"{theirs['load']:.2f}"))
+    print(_row("step CPU time, median (s)", f"{c_ours:.3f}", f"{c_theirs:.3f}", f"{c_theirs / c_ours:.2f}x"))
+    for name, key in (("peak memory (MiB)", "peak_mib"), ("  during steps (MiB)", "step_peak_mib")):
+        print(_row(name, f"{ours[key]:.0f}", f"{theirs[key]:.0f}", f"{theirs[key] / ours[key]:.2f}x"))
+    print(f"  XLA buffers of our step: arguments {ours['xla_argument_mib']:.0f} MiB (state donated) + "
+          f"temporaries {ours['xla_temp_mib']:.0f} MiB")
     print(_row("trainable / frozen params (M)", f"{ours['trainable'] / 1e6:.1f} / {ours['frozen'] / 1e6:.1f}",
                f"{theirs['trainable'] / 1e6:.1f} / {theirs['frozen'] / 1e6:.1f}"))
     print(_row("eval loss, batch 0", f"{ours['eval_loss']:.6f}", f"{theirs['eval_loss']:.6f}",
@@ -349,17 +426,24 @@ def parent(args: argparse.Namespace) -> None:
     print(_row("train loss, first / last", f"{ours['first_loss']:.4f} / {ours['last_loss']:.4f}",
                f"{theirs['first_loss']:.4f} / {theirs['last_loss']:.4f}"))
     print(_row("compile (s)", f"{ours['compile_s']:.1f}", "-"))
-    print(f"  our step: {ours['flops'] / 1e9:.1f} GFLOP (XLA cost analysis); fp32 matmul 2048^3: {rate:.0f} GFLOP/s "
-          f"(best of 5) -> floor {floor:.3f} s; ours / floor {t_ours / floor:.2f}, torch / floor "
-          f"{t_theirs / floor:.2f}x (the most any step could gain over torch here)")
+    print(_row("child process wall (s)", f"{ours['wall_s']:.0f}", f"{theirs['wall_s']:.0f}"))
+    print(f"  our step: {ours['flops'] / 1e9:.1f} GFLOP of matmuls (jaxpr, scans x length); XLA cost analysis "
+          f"says {ours['xla_flops'] / 1e9:.1f} GFLOP (each scanned layer stack once)")
+    print(f"  fp32 matmul 2048^3 (ours' process, after its steps): {rate:.1f} GFLOP/s (best of 5) -> floor {floor:.2f} s; ours / floor "
+          f"{t_ours / floor:.2f}, torch / floor {t_theirs / floor:.2f} (the most any step could gain over torch here)")
     if jax.default_backend() != "gpu":
         print(f"  stage-1 MFU at {args.stage1_config} size: needs a GPU (jax backend is "
               f"{jax.default_backend()}), skipped")
         return
     s1 = _child("stage1", args)
-    mfu = "unknown peak for this device" if s1["mfu"] is None else f"MFU {100 * s1['mfu']:.1f}%"
-    print(f"  stage-1 step, {s1['preset']} bf16, batch {s1['batch']} on {s1['device']}: {s1['step_s']:.3f} s, "
-          f"{s1['flops'] / 1e12:.1f} TFLOP -> {s1['flops'] / s1['step_s'] / 1e12:.0f} TFLOP/s; {mfu}")
+    line = (f"  stage-1 step, {s1['preset']} bf16, batch {s1['batch']} on {s1['device']}: {s1['step_s']:.3f} s, "
+            f"{s1['flops'] / 1e12:.1f} TFLOP of matmuls -> {s1['flops'] / s1['step_s'] / 1e12:.0f} TFLOP/s")
+    if s1["peak_flops"] is None:
+        print(line + "; no PEAK_FLOPS entry for this device, no MFU")
+    else:
+        print(line + f"; MFU {100 * s1['flops'] / s1['step_s'] / s1['peak_flops']:.1f}% "
+              f"(with XLA's {s1['xla_flops'] / 1e12:.1f} TFLOP: "
+              f"{100 * s1['xla_flops'] / s1['step_s'] / s1['peak_flops']:.1f}%)")
 
 
 def main() -> None:
