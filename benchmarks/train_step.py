@@ -1,7 +1,7 @@
 """Stage-2 (OPT) training step: blip2_jax against `transformers`' PyTorch BLIP-2, time and memory.
 
-    python benchmarks/train_step.py               # 5 timed steps per framework: ~6 min on 2 CPU cores
-    python benchmarks/train_step.py --steps 3     # ~5 min
+    python benchmarks/train_step.py               # 5 timed steps per framework: ~3.5 min on 2 idle cores
+    python benchmarks/train_step.py --steps 3     # ~2.7 min (twice that on busy cores)
 
 What it measures: one optimizer step of BLIP-2 stage 2 (image-conditioned LM loss through a
 frozen OPT) on a ViT-B/16-sized EVA-style vision tower (768 wide, 12 layers, 224 px), a BERT-base
@@ -33,16 +33,19 @@ How to read it:
     (`memory_analysis()`): arguments (state, frozen towers, batch) and temporaries.
   FLOPs: `XLA` is `jax.jit(step).lower(...).compile().cost_analysis()['flops']`, which counts
     the body of each scanned layer stack once (a while loop), far below the real count.
-    `matmuls` counts every dot and convolution in the step's jaxpr with each scan body times its
-    length: the step's real matrix work. `fp32 matmul` is the best of a few jitted 2048^3
-    `jnp.dot`s in our child right after its timed steps; `floor` = matmul FLOPs / that rate, a lower bound on any step on
-    this machine, so `torch / floor` is the largest speed-up on offer.
+    `matmuls` (`blip2_jax.train.flops`) counts every dot and convolution in the step's jaxpr with
+    each scan body times its length: the step's real matrix work. `fp32 matmul` is the best of a few jitted 2048^3
+    `jnp.dot`s in our child right after its timed steps; `floor` = matmul FLOPs / that rate, a
+    lower bound on any step on this machine, so `torch / floor` is the largest speed-up on offer.
   On a GPU backend it also prints the MFU of a stage-1 step at ViT-g size (`configs/stage1.py`,
   `--stage1-config`, bf16 compute, `--stage1-batch`): matmul FLOPs per second over
   `blip2_jax.train.metrics.PEAK_FLOPS` (and the same with XLA's count); elsewhere it says it
   skipped that.
-Timings share the machine with whatever else runs: the load average is printed before and after,
-and when it is above the core count the numbers are noisy.
+Timings share the machine with whatever else runs: the load average is printed before and after
+(and per child after its steps, where its own threads count too), with a warning when other work
+was running. Then the numbers are noisy, and PyTorch's step slows far more than ours on
+oversubscribed cores (on 2 cores shared with another busy process: about 4-5x against 2x), so
+the ratio means something only from a quiet run.
 """
 # Frameworks are imported inside the functions that use them, so that each child process pays
 # only for its own before its RSS baseline.
@@ -132,48 +135,6 @@ def _xla_flops(compiled: Any) -> float:
     return float(analysis["flops"])
 
 
-def _sub_jaxprs(value: Any) -> list[Any]:
-    """The jaxprs inside an equation parameter (a jaxpr, a closed jaxpr, or a tuple of them)."""
-    from jax.extend import core
-
-    if isinstance(value, core.ClosedJaxpr):
-        return [value.jaxpr]
-    if isinstance(value, core.Jaxpr):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [j for v in value for j in _sub_jaxprs(v)]
-    return []
-
-
-def matmul_flops(jaxpr: Any) -> float:
-    """FLOPs of the dots and convolutions in `jaxpr`, each scan body counted `length` times and
-    the costlier branch of a cond once (XLA's cost analysis counts a loop body once)."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
-            lhs, rhs = (v.aval.shape for v in eqn.invars)
-            free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
-            total += 2.0 * np.prod(lhs) * np.prod(free)
-        elif name == "conv_general_dilated":
-            kernel = eqn.invars[1].aval.shape
-            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
-            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(kernel) / out_features
-        inner = [matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
-        if name == "cond":
-            total += max(inner, default=0.0)
-        else:
-            total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
-    return float(total)
-
-
-def _step_flops(step: Callable, *args: Any) -> float:
-    import jax
-
-    return matmul_flops(jax.make_jaxpr(step)(*args).jaxpr)
-
-
 def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     """Our stage-2 step on the saved weights."""
     import jax
@@ -183,6 +144,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     from blip2_jax.objectives.stage2 import stage2_loss
     from blip2_jax.train.optim import default_config, make_optimizer
     from blip2_jax.train.partition import merge, partition, patterns_for
+    from blip2_jax.train.flops import step_flops
     from blip2_jax.train.state import TrainState
     from blip2_jax.train.step import train_step
 
@@ -205,7 +167,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     del trainable  # donated with the state from the first step on
 
     step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
-    flops = _step_flops(step_fn, state, frozen, batches[0])
+    flops = step_flops(step_fn, state, frozen, batches[0])
     tick = time.perf_counter()
     compiled = jax.jit(step_fn, donate_argnums=0).lower(state, frozen, batches[0]).compile()
     compile_s = time.perf_counter() - tick
@@ -287,6 +249,7 @@ def run_stage1(args: argparse.Namespace) -> dict[str, Any]:
 
     from blip2_jax.models import blip2
     from blip2_jax.train import loop, metrics
+    from blip2_jax.train.flops import step_flops
     from blip2_jax.train.optim import make_optimizer
     from blip2_jax.train.partition import partition, patterns_for
     from blip2_jax.train.state import TrainState
@@ -309,7 +272,7 @@ def run_stage1(args: argparse.Namespace) -> dict[str, Any]:
     data = loop.make_data(config, model_cfg)
     batches = [jax.device_put(data.batch(i)) for i in range(args.steps + 1)]
     step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
-    flops = _step_flops(step_fn, state, frozen, batches[0])
+    flops = step_flops(step_fn, state, frozen, batches[0])
     compiled = jax.jit(step_fn, donate_argnums=0).lower(state, frozen, batches[0]).compile()
     state, out = compiled(state, frozen, batches[0])
     jax.block_until_ready(out)
@@ -399,15 +362,19 @@ def parent(args: argparse.Namespace) -> None:
     c_ours, c_theirs = statistics.median(ours["cpu_times"]), statistics.median(theirs["cpu_times"])
     rate = ours["matmul_gflops"]
     floor = ours["flops"] / (rate * 1e9)
-    loaded = max(load_before[0], load_after[0]) > os.cpu_count()
+    # The children's own threads add about one per core to the load average.
+    loaded = max(load_before[0], ours["load"], theirs["load"]) > os.cpu_count() + 1
     print(f"BLIP-2 stage-2 OPT training step: blip2_jax (jax {jax.__version__}) vs transformers "
           f"{transformers.__version__} (torch {torch.__version__})")
     print(f"  {start:%Y-%m-%d %H:%M %Z}; {_cpu_name()}, {os.cpu_count()} cores; load average (1/5/15 min) "
           f"{_load(load_before)} before, {_load(load_after)} after"
-          + (": busier than the cores, timings are noisy" if loaded else ""))
+          + (": other work shares the cores, timings are noisy" if loaded else ""))
     print(f"  ViT-B/16 224 px (EVA-style, qkv bias) + BERT-base Q-Former ({NUM_QUERY_TOKENS} queries) + "
           f"OPT-125m-sized LM; batch {args.batch}, text {args.text_length} tokens; fp32, dropout on, AdamW; "
           f"median of {args.steps} steps after 1 warm-up step")
+    if not ours["device"].startswith("cpu"):
+        print("  ours runs on an accelerator and theirs on the CPU: the rows below compare different devices, "
+              "and memory is host RSS")
     print(_row("", "ours (JAX)", "transformers (torch)", "torch / ours"))
     print(_row("device", ours["device"], theirs["device"]))
     print(_row("step time, median (s)", f"{t_ours:.3f}", f"{t_theirs:.3f}", f"{t_theirs / t_ours:.2f}x"))
@@ -429,8 +396,9 @@ def parent(args: argparse.Namespace) -> None:
     print(_row("child process wall (s)", f"{ours['wall_s']:.0f}", f"{theirs['wall_s']:.0f}"))
     print(f"  our step: {ours['flops'] / 1e9:.1f} GFLOP of matmuls (jaxpr, scans x length); XLA cost analysis "
           f"says {ours['xla_flops'] / 1e9:.1f} GFLOP (each scanned layer stack once)")
-    print(f"  fp32 matmul 2048^3 (ours' process, after its steps): {rate:.1f} GFLOP/s (best of 5) -> floor {floor:.2f} s; ours / floor "
-          f"{t_ours / floor:.2f}, torch / floor {t_theirs / floor:.2f} (the most any step could gain over torch here)")
+    print(f"  fp32 matmul 2048^3 (ours' process, after its steps): {rate:.1f} GFLOP/s (best of 5) -> floor "
+          f"{floor:.2f} s; ours / floor {t_ours / floor:.2f}, torch / floor {t_theirs / floor:.2f} (the most any step "
+          "could gain over torch here)")
     if jax.default_backend() != "gpu":
         print(f"  stage-1 MFU at {args.stage1_config} size: needs a GPU (jax backend is "
               f"{jax.default_backend()}), skipped")
