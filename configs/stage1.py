@@ -12,7 +12,7 @@ COCO+VG with batch 1600 -- select it with --config.optim.schedule=lavis_epoch pl
 """
 import ml_collections
 
-from blip2_jax.train.config import base_config
+from blip2_jax.train.config import base_config, make_tiny
 
 _MODEL = {"tiny": "tiny_itm", "vit_l": "itm_vit_l", "vit_g": "itm_vit_g"}
 
@@ -28,11 +28,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         bos_token_id=vocab - 1,  # [DEC], the token added after BERT's vocabulary
         pad_token_id=0))
     if arg == "tiny":
-        c.batch_size, c.total_steps = 8, 20
-        c.optim.update(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5)
-        c.data.text_length = 12
-        c.checkpoint.every, c.log.every = 5, 1
-        return c
+        return make_tiny(c)
     c.batch_size = 2320 if arg == "vit_l" else 1680  # paper
     c.total_steps = 250_000
     c.optim.update(lr=1e-4, min_lr=0.0, warmup_lr=0.0, warmup_steps=2000, b2=0.98)  # paper

@@ -9,23 +9,10 @@ AdamW b2=0.98. LAVIS (pretrain_stage2.yaml): batch 1024, warmup 2000 from 1e-6, 
 """
 import ml_collections
 
-from blip2_jax.train.config import base_config
+from blip2_jax.train.config import stage2_config
 
 _MODEL = {"tiny": "tiny", "opt2.7b": "opt2.7b", "opt6.7b": "opt6.7b"}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in _MODEL:
-        raise KeyError(f"configs/stage2_opt.py presets: {sorted(_MODEL)}; got {arg!r}")
-    c = base_config("stage2", _MODEL[arg])
-    if arg == "tiny":
-        c.batch_size, c.total_steps = 8, 20
-        c.optim.update(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5)
-        c.data.text_length = 12
-        c.checkpoint.every, c.log.every = 5, 1
-        return c
-    c.batch_size, c.total_steps = 1920, 80_000  # paper
-    c.optim.update(lr=1e-4, min_lr=5e-5, warmup_lr=0.0, warmup_steps=2000, b2=0.98)
-    c.frozen_dtype = "bfloat16"
-    c.mesh.fsdp = 8
-    return c
+    return stage2_config(arg, _MODEL, paper_batch=1920)

@@ -35,3 +35,27 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
                                            peak_flops_per_device=config_dict.placeholder(float)))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     return c
+
+
+def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CPU-sized run every config offers as `tiny`: 20 steps of batch 8, logged every step."""
+    c.batch_size, c.total_steps = 8, 20
+    c.optim.update(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5)
+    c.data.text_length = 12
+    c.checkpoint.every, c.log.every = 5, 1
+    return c
+
+
+def stage2_config(arg: str, models: dict[str, str], paper_batch: int) -> ml_collections.ConfigDict:
+    """Stage 2 for the LLM presets `models` (config preset -> model preset): the paper's recipe
+    (80k steps, min LR 5e-5, 2k warmup, AdamW b2=0.98, frozen towers in bf16) or `tiny`."""
+    if arg not in models:
+        raise KeyError(f"stage-2 presets: {sorted(models)}; got {arg!r}")
+    c = base_config("stage2", models[arg])
+    if arg == "tiny":
+        return make_tiny(c)
+    c.batch_size, c.total_steps = paper_batch, 80_000
+    c.optim.update(lr=1e-4, min_lr=5e-5, warmup_lr=0.0, warmup_steps=2000, b2=0.98)
+    c.frozen_dtype = "bfloat16"
+    c.mesh.fsdp = 8
+    return c
