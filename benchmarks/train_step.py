@@ -34,9 +34,10 @@ How to read it:
   FLOPs: `XLA` is `jax.jit(step).lower(...).compile().cost_analysis()['flops']`, which counts
     the body of each scanned layer stack once (a while loop), far below the real count.
     `matmuls` (`blip2_jax.train.flops`) counts every dot and convolution in the step's jaxpr with
-    each scan body times its length: the step's real matrix work. `fp32 matmul` is the best of a few jitted 2048^3
-    `jnp.dot`s in our child right after its timed steps; `floor` = matmul FLOPs / that rate, a
-    lower bound on any step on this machine, so `torch / floor` is the largest speed-up on offer.
+    each scan body times its length: the step's real matrix work. `fp32 matmul` is the best of a
+    few jitted 2048^3 `jnp.dot`s in our child right after its timed steps; `floor` = matmul FLOPs
+    / that rate, a lower bound on any step on this machine, so `torch / floor` is the largest
+    speed-up on offer.
   On a GPU backend it also prints the MFU of a stage-1 step at ViT-g size (`configs/stage1.py`,
   `--stage1-config`, bf16 compute, `--stage1-batch`): matmul FLOPs per second over
   `blip2_jax.train.metrics.PEAK_FLOPS` (and the same with XLA's count); elsewhere it says it
