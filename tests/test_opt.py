@@ -66,3 +66,7 @@ def test_cached_decoding_equals_full_forward():
     incremental = np.concatenate(pieces, axis=1)
     valid = mask.astype(bool)
     assert np.abs(incremental - full)[valid].max() <= 1e-5
+    # Skipping the LM head at the first positions leaves the rest unchanged.
+    tail = np.asarray(model.apply(variables, embeds, jnp.asarray(mask), logits_from=prompt_len)[0])
+    assert tail.shape[1] == total - prompt_len
+    assert np.abs(tail - full[:, prompt_len:])[valid[:, prompt_len:]].max() <= 1e-5

@@ -113,7 +113,7 @@ class OPTDecoder(nn.Module):
             self.final_layer_norm = layers.layer_norm(1e-5, param_dtype=self.param_dtype, name="final_layer_norm",
                                                       use_scale=affine, use_bias=affine)
 
-    def __call__(self, inputs_embeds, mask, position_ids, cache, cache_index, deterministic):
+    def __call__(self, inputs_embeds, mask, position_ids, cache, cache_index, deterministic, logits_from=0):
         cfg = self.config
         h = inputs_embeds.astype(self.dtype)
         if cfg.embed_dim != cfg.hidden_size:
@@ -122,6 +122,7 @@ class OPTDecoder(nn.Module):
         h = self.dropout(h, deterministic=deterministic)
         kv = None if cache is None else (cache["k"], cache["v"])
         h, kv = self.layers(h, mask, cache_index, kv, deterministic)
+        h = h[:, logits_from:]
         if cfg.has_final_layer_norm:
             h = self.final_layer_norm(h).astype(self.dtype)
         if cfg.embed_dim != cfg.hidden_size:
@@ -166,9 +167,12 @@ class OPTForCausalLM(nn.Module):
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array, *,
                  position_ids: jax.Array | None = None, cache: Cache | None = None,
-                 cache_index: jax.Array | int | None = None,
-                 deterministic: bool = True) -> tuple[jax.Array, Cache | None]:
-        """inputs_embeds (B,T,E) -> float32 logits (B,T,V) and the updated cache.
+                 cache_index: jax.Array | int | None = None, deterministic: bool = True,
+                 logits_from: int = 0) -> tuple[jax.Array, Cache | None]:
+        """inputs_embeds (B,T,E) -> float32 logits (B,T-logits_from,V) and the updated cache.
+
+        `logits_from` skips the LM head (the largest matmul of a small LM) at the first positions:
+        the visual prompt in training, all but the last prompt token when prefilling a generation.
 
         Without a cache, attention_mask is (B,T) and positions follow its cumsum. With a cache,
         attention_mask is (B,S) over the whole buffer (1 = a real token, written now or before),
@@ -183,4 +187,4 @@ class OPTForCausalLM(nn.Module):
                 raise ValueError("decoding with a cache needs position_ids and cache_index")
             s = cache["k"].shape[2]
             mask = combine_masks(causal_mask(t, s, offset=cache_index), padding_mask(attention_mask))
-        return self.model.decoder(inputs_embeds, mask, position_ids, cache, cache_index, deterministic)
+        return self.model.decoder(inputs_embeds, mask, position_ids, cache, cache_index, deterministic, logits_from)

@@ -55,9 +55,11 @@ def _prepend(module: Blip2ForConditionalGeneration, image_inputs: jax.Array, ids
 
 def _opt_logits(module: Blip2ForConditionalGeneration, image: jax.Array, text_ids: jax.Array,
                 text_mask: jax.Array, deterministic: bool) -> jax.Array:
-    """OPT logits (B, Q+L, V) over [visual prompt ; text]."""
-    embeds, mask = _prepend(module, _visual_prompt(module, image, deterministic), text_ids, text_mask)
-    return module.language_model(embeds, mask, deterministic=deterministic)[0]
+    """OPT logits (B, L+1, V) over [visual prompt ; text] from the last query on: the positions
+    that predict text tokens (and the last, which predicts nothing)."""
+    visual = _visual_prompt(module, image, deterministic)
+    embeds, mask = _prepend(module, visual, text_ids, text_mask)
+    return module.language_model(embeds, mask, deterministic=deterministic, logits_from=visual.shape[1] - 1)[0]
 
 
 def _t5_logits(module: Blip2ForConditionalGeneration, image: jax.Array, input_ids: jax.Array,
@@ -85,9 +87,8 @@ def stage2_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
     if isinstance(text_cfg, OPTConfig):
         logits = model.apply(variables, batch["image"], batch["text_ids"], batch["text_mask"], deterministic,
                              method=_opt_logits, rngs=rngs)
-        q = logits.shape[1] - batch["text_ids"].shape[1]
         # Shifted causal LM: position t predicts token t+1, so the last query predicts text token 0.
-        loss = token_cross_entropy(logits[:, q - 1:-1], batch["labels"], config.label_smoothing)
+        loss = token_cross_entropy(logits[:, :-1], batch["labels"], config.label_smoothing)
     elif isinstance(text_cfg, T5Config):
         targets = jnp.where(batch["output_mask"] == 0, IGNORE, batch["output_ids"])  # = pad -> -100
         decoder_input_ids = shift_right(targets, text_cfg.decoder_start_token_id, text_cfg.pad_token_id)
