@@ -29,7 +29,9 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     c.optim.total_steps = c.get_ref("total_steps")
     c.loss = ml_collections.ConfigDict()
     c.data = ml_collections.ConfigDict(dict(source="synthetic", text_length=32))
-    c.init = ml_collections.ConfigDict(dict(hf="", bert=""))
+    # hf: a HF BLIP-2 checkpoint; bert: stage 1's Q-Former from BERT; stage1: a stage-1 workdir whose
+    # Q-Former query path and ln_vision start stage 2 (convert/stage1_to_stage2.py)
+    c.init = ml_collections.ConfigDict(dict(hf="", bert="", stage1=""))
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
     c.log = ml_collections.ConfigDict(dict(every=50, tensorboard=True,
                                            peak_flops_per_device=config_dict.placeholder(float)))

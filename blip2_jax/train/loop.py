@@ -1,7 +1,8 @@
 """The trainer: mesh -> model -> shardings -> init or resume -> jitted step -> loop.
 
 Resume order (design, style habit 8): a checkpoint in `workdir` > `config.init.hf` (a Hugging
-Face BLIP-2 checkpoint) > `config.init.bert` (stage 1 from BERT) > random init from the seed.
+Face BLIP-2 checkpoint) > `config.init.bert` (stage 1 from BERT) > random init from the seed; a
+fresh stage 2 then takes its Q-Former query path from `config.init.stage1` (a stage-1 workdir).
 A run that is killed resumes from its last complete checkpoint and continues the exact loss
 curve; SIGTERM (preemption) saves a checkpoint before exiting. Only process 0 writes logs.
 """
@@ -25,6 +26,7 @@ from jax.experimental import multihost_utils
 from blip2_jax.checkpoint import Checkpointer
 from blip2_jax.convert.bert_init import init_from_bert, load_bert
 from blip2_jax.convert.hf_checkpoint import load_pretrained
+from blip2_jax.convert.stage1_to_stage2 import load_stage1, stage2_from_stage1
 from blip2_jax.data.synthetic import SyntheticData
 from blip2_jax.models import blip2, presets
 from blip2_jax.objectives.stage1 import Stage1Config, stage1_loss
@@ -34,7 +36,7 @@ from blip2_jax.parallel.distributed import initialize
 from blip2_jax.train import metrics as metrics_lib
 from blip2_jax.train.flops import step_flops
 from blip2_jax.train.optim import learning_rate_schedule, make_optimizer
-from blip2_jax.train.partition import partition, patterns_for
+from blip2_jax.train.partition import merge, partition, patterns_for
 from blip2_jax.train.state import TrainState
 from blip2_jax.train.step import train_step
 
@@ -67,22 +69,27 @@ def make_data(config: ml_collections.ConfigDict, model_cfg) -> SyntheticData:
 def _initial_params(config, model, model_cfg, patterns, shardings):
     """(trainable, frozen) from the configured source, placed with their shardings."""
     trainable_sh, frozen_sh = shardings
-    if config.init.hf:
-        _, params = load_pretrained(config.init.hf, config=model_cfg)
+
+    def place(params):
         trainable, frozen = partition(params, patterns)
         return jax.device_put(trainable, trainable_sh), jax.device_put(frozen, frozen_sh)
-    init_fn = jax.jit(lambda rng: partition(nn.unbox(blip2.init(model_cfg, rng, model)["params"]), patterns),
-                      out_shardings=(trainable_sh, frozen_sh))
-    trainable, frozen = init_fn(jax.random.PRNGKey(config.seed))
-    if config.init.bert:
-        if config.stage != "stage1":
-            raise ValueError("init.bert initialises a stage-1 Q-Former; stage 2 starts from a stage-1 checkpoint")
-        from blip2_jax.train.partition import merge  # pylint: disable=import-outside-toplevel
 
-        params = init_from_bert(jax.device_get(merge(trainable, frozen)), load_bert(config.init.bert),
-                                model_cfg.qformer)
-        trainable, frozen = partition(params, patterns)
-        trainable, frozen = jax.device_put(trainable, trainable_sh), jax.device_put(frozen, frozen_sh)
+    if config.init.stage1 and config.stage != "stage2":
+        raise ValueError("init.stage1 starts stage 2 from a stage-1 run; a stage-1 Q-Former starts from init.bert")
+    if config.init.hf:
+        _, params = load_pretrained(config.init.hf, config=model_cfg)
+        trainable, frozen = place(params)
+    else:
+        init_fn = jax.jit(lambda rng: partition(nn.unbox(blip2.init(model_cfg, rng, model)["params"]), patterns),
+                          out_shardings=(trainable_sh, frozen_sh))
+        trainable, frozen = init_fn(jax.random.PRNGKey(config.seed))
+        if config.init.bert:
+            if config.stage != "stage1":
+                raise ValueError("init.bert initialises a stage-1 Q-Former; stage 2 starts from init.stage1")
+            trainable, frozen = place(init_from_bert(jax.device_get(merge(trainable, frozen)),
+                                                     load_bert(config.init.bert), model_cfg.qformer))
+    if config.init.stage1:  # only the query path moves to the host; the towers stay where they are
+        trainable, frozen = place(stage2_from_stage1(load_stage1(config.init.stage1), merge(trainable, frozen)))
     return trainable, frozen
 
 
