@@ -1,10 +1,11 @@
 """BLIP-2 generation: image -> visual prompt -> prefilled LLM cache -> search.
 
-The prompt is prefilled once per image and its cache repeated for the beams (or the returned
-samples), so the vision tower, the Q-Former and the prompt run B times, not B*K. Decoder-only
-(OPT) prompts are left-padded: positions follow the attention-mask cumsum (spec §13.14) and the
-mask over the cache buffer is [prompt mask ; ones], as `transformers` extends it. Encoder-decoder
-(T5) runs the encoder once and decodes from `decoder_start_token_id`.
+The prompt is prefilled once per image, so the vision tower, the Q-Former and the prompt run B
+times, not B*K. Decoder-only (OPT) prompts are left-padded and positions follow the attention-mask
+cumsum (spec §13.14); the prompt's K/V stay one copy per sample (a prefix every beam attends to)
+and only the new tokens' cache is per beam, so reordering beams moves max_new_tokens slots, not
+the whole prompt. Encoder-decoder (T5) runs the encoder once and decodes from
+`decoder_start_token_id`.
 """
 from __future__ import annotations
 
@@ -27,36 +28,43 @@ def _llm_inputs(module: Blip2ForConditionalGeneration, pixel_values: jax.Array, 
     return module.embed_prompt(input_ids, attention_mask, module.language_inputs(module.query_features(image_embeds)))
 
 
-def _opt_prefill(module: Blip2ForConditionalGeneration, pixel_values, input_ids, attention_mask, max_new_tokens):
+def _opt_prefill(module: Blip2ForConditionalGeneration, pixel_values, input_ids, attention_mask, max_new_tokens,
+                 copies):
+    """The prompt's cache becomes the shared prefix; the new tokens get a cache of their own per row."""
     embeds, mask = _llm_inputs(module, pixel_values, input_ids, attention_mask)
     b, t = mask.shape
-    buffer_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), mask.dtype)], axis=1)
     lm = module.language_model
-    logits, cache = lm(embeds, buffer_mask, position_ids=position_ids_from_mask(mask),
-                       cache=lm.init_cache(b, t + max_new_tokens), cache_index=0, logits_from=t - 1)
-    return logits[:, 0], cache, {"buffer_mask": buffer_mask, "next_position": jnp.sum(mask, axis=1)}
+    logits, prefix = lm(embeds, mask, position_ids=position_ids_from_mask(mask), cache=lm.init_cache(b, t),
+                        cache_index=0, logits_from=t - 1)
+    rows = {"next_position": jnp.sum(mask, axis=1)}
+    shared = {"prefix": prefix, "prefix_mask": mask}
+    return logits[:, 0], lm.init_cache(b * copies, max_new_tokens), rows, shared
 
 
-def _opt_step(module: Blip2ForConditionalGeneration, token, cache, i, context, offset):
+def _opt_step(module: Blip2ForConditionalGeneration, token, cache, i, rows, shared):
     lm = module.language_model
-    logits, cache = lm(lm.embed(token[:, None]), context["buffer_mask"],
-                       position_ids=(context["next_position"] + i)[:, None], cache=cache, cache_index=offset + i)
+    own_mask = jnp.ones(cache["k"].shape[1:3], jnp.int32)  # the causal mask hides the slots not written yet
+    logits, cache = lm(lm.embed(token[:, None]), own_mask, position_ids=(rows["next_position"] + i)[:, None],
+                       cache=cache, cache_index=i, prefix=shared["prefix"], prefix_mask=shared["prefix_mask"])
     return logits[:, 0], cache
 
 
-def _t5_prefill(module: Blip2ForConditionalGeneration, pixel_values, input_ids, attention_mask, max_new_tokens):
+def _t5_prefill(module: Blip2ForConditionalGeneration, pixel_values, input_ids, attention_mask, max_new_tokens,
+                copies):
     embeds, mask = _llm_inputs(module, pixel_values, input_ids, attention_mask)
     lm = module.language_model
     encoded = lm.encode(embeds, mask)
     start = jnp.full((mask.shape[0], 1), module.config.text.decoder_start_token_id, jnp.int32)
     logits, cache = lm.decode(start, encoded, mask, cache=lm.init_cache(mask.shape[0], max_new_tokens),
                               cache_index=0)
-    return logits[:, 0], cache, {"encoded": encoded, "mask": mask}
+    # The decoder start token is in every row's cache: repeat it for the beams.
+    return logits[:, 0], jax.tree.map(lambda x: jnp.repeat(x, copies, axis=1), cache), \
+        {"encoded": encoded, "mask": mask}, {}
 
 
-def _t5_step(module: Blip2ForConditionalGeneration, token, cache, i, context, offset):
-    del offset  # the decoder's own cache starts at the decoder start token
-    logits, cache = module.language_model.decode(token[:, None], context["encoded"], context["mask"], cache=cache,
+def _t5_step(module: Blip2ForConditionalGeneration, token, cache, i, rows, shared):
+    del shared
+    logits, cache = module.language_model.decode(token[:, None], rows["encoded"], rows["mask"], cache=cache,
                                                  cache_index=i + 1)
     return logits[:, 0], cache
 
@@ -77,20 +85,17 @@ def generate(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attenti
     variables = {"params": params}
     decoder_only = isinstance(text, OPTConfig)
     prefill, step_method = (_opt_prefill, _opt_step) if decoder_only else (_t5_prefill, _t5_step)
-    logits, cache, context = model.apply(variables, pixel_values, input_ids, attention_mask, config.max_new_tokens,
-                                         method=prefill)
-    offset = context["buffer_mask"].shape[1] - config.max_new_tokens if decoder_only else 0
+    copies = config.num_beams if config.num_beams > 1 else config.num_return_sequences
+    logits, cache, rows, shared = model.apply(variables, pixel_values, input_ids, attention_mask,
+                                              config.max_new_tokens, copies, method=prefill)
     prompt_ids = input_ids.astype(jnp.int32) if decoder_only else jnp.full(
         (input_ids.shape[0], 1), text.decoder_start_token_id, jnp.int32)
-
-    copies = config.num_beams if config.num_beams > 1 else config.num_return_sequences
-    if copies > 1:
+    if copies > 1:  # per-row state follows the beams (or samples); `shared` stays one per sample
         repeat = functools.partial(jnp.repeat, repeats=copies, axis=0)
-        logits, context, prompt_ids = repeat(logits), jax.tree.map(repeat, context), repeat(prompt_ids)
-        cache = jax.tree.map(lambda x: jnp.repeat(x, copies, axis=1), cache)
+        logits, rows, prompt_ids = repeat(logits), jax.tree.map(repeat, rows), repeat(prompt_ids)
 
     def step(token, cache, i):
-        return model.apply(variables, token, cache, i, context, offset, method=step_method)
+        return model.apply(variables, token, cache, i, rows, shared, method=step_method)
 
     if config.num_beams > 1:
         return beam_search(step, logits, cache, prompt_ids, config, eos=eos, pad=pad)

@@ -50,6 +50,31 @@ def dot_product_attention(
     return jnp.einsum("bnts,bsnh->btnh", probs, value)
 
 
+def prefixed_attention(query: jax.Array, key: jax.Array, value: jax.Array, prefix_key: jax.Array,
+                       prefix_value: jax.Array, *, mask: jax.Array | None, prefix_mask: jax.Array) -> jax.Array:
+    """Attention over [a prefix shared by groups of rows ; each row's own keys], without copying the
+    prefix per row: the prompt of a beam search is stored once per sample, not once per beam.
+
+    query (N,T,n,H) with N = B*G (G consecutive rows per prefix), key/value (N,S,n,H),
+    prefix_key/value (B,P,n,H), prefix_mask (B,P) key validity, `mask` over the own keys
+    (broadcastable to (N,n,T,S)). Equals `dot_product_attention` over the concatenated keys.
+    """
+    n, t, heads, dim = query.shape
+    b, p = prefix_key.shape[:2]
+    g = n // b
+    scale = dim ** -0.5
+    own = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32) * scale
+    grouped = query.reshape(b, g, t, heads, dim)
+    shared = jnp.einsum("bgtnh,bpnh->bgntp", grouped, prefix_key, preferred_element_type=jnp.float32) * scale
+    shared = jnp.where(prefix_mask.astype(bool)[:, None, None, None, :], shared, jnp.finfo(jnp.float32).min)
+    if mask is not None:
+        own = jnp.where(_as_4d(mask), own, jnp.finfo(jnp.float32).min)
+    logits = jnp.concatenate([shared.reshape(n, heads, t, p), own], axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bgntp,bpnh->bgtnh", probs[..., :p].reshape(b, g, heads, t, p), prefix_value)
+    return out.reshape(n, t, heads, dim) + jnp.einsum("bnts,bsnh->btnh", probs[..., p:], value)
+
+
 def _as_4d(x: jax.Array) -> jax.Array:
     if x.ndim > 4:
         raise ValueError(f"attention mask/bias must have at most 4 dims (B,N,T,S), got shape {x.shape}")

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from blip2_jax.models import layers
-from blip2_jax.models.attention import causal_mask, combine_masks, dot_product_attention, padding_mask
+from blip2_jax.models.attention import (causal_mask, combine_masks, dot_product_attention, padding_mask,
+                                        prefixed_attention)
 from blip2_jax.models.config import OPTConfig
 
 Dtype = Any
@@ -36,7 +37,8 @@ class OPTAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, cache: tuple[jax.Array, jax.Array] | None,
-                 cache_index: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                 cache_index: jax.Array | None, prefix: tuple[jax.Array, jax.Array] | None = None,
+                 prefix_mask: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
         b, t, d = x.shape
         n = cfg.num_attention_heads
@@ -47,10 +49,13 @@ class OPTAttention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0))
             cache = (k, v)
-        rate = cfg.attention_dropout
-        rng = None if self.deterministic or rate == 0 else self.make_rng("dropout")
-        out = dot_product_attention(q, k, v, mask=mask, dropout_rate=rate, dropout_rng=rng,
-                                    deterministic=self.deterministic)
+        if prefix is not None:  # decoding after a shared prompt (no dropout at inference)
+            out = prefixed_attention(q, k, v, prefix[0], prefix[1], mask=mask, prefix_mask=prefix_mask)
+        else:
+            rate = cfg.attention_dropout
+            rng = None if self.deterministic or rate == 0 else self.make_rng("dropout")
+            out = dot_product_attention(q, k, v, mask=mask, dropout_rate=rate, dropout_rng=rng,
+                                        deterministic=self.deterministic)
         out = layers.dense(d, ("heads", "embed"), name="out_proj", **kw)(out.reshape(b, t, d))
         return out, cache
 
@@ -66,14 +71,16 @@ class OPTDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, cache_index: jax.Array | None,
-                 cache: tuple[jax.Array, jax.Array] | None, deterministic: bool):
+                 cache: tuple[jax.Array, jax.Array] | None, prefix: tuple[jax.Array, jax.Array] | None,
+                 prefix_mask: jax.Array | None, deterministic: bool):
         cfg = self.config
         pre = cfg.do_layer_norm_before
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)  # noqa: E731
 
         h = self._norm("self_attn_layer_norm")(x).astype(self.dtype) if pre else x
-        h, cache = OPTAttention(cfg, deterministic, name="self_attn", **kw)(h, mask, cache, cache_index)
+        h, cache = OPTAttention(cfg, deterministic, name="self_attn", **kw)(h, mask, cache, cache_index, prefix,
+                                                                            prefix_mask)
         x = x + drop(h)
         if not pre:
             x = self._norm("self_attn_layer_norm")(x).astype(self.dtype)
@@ -103,7 +110,8 @@ class OPTDecoder(nn.Module):
                                             (None, "embed"), name="embed_positions", **kw)
         self.dropout = nn.Dropout(cfg.dropout)
         stack = layers.stack_layers(OPTDecoderLayer, length=cfg.num_hidden_layers, remat_policy=self.remat_policy,
-                                    in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), static_argnums=(5,))
+                                    in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast),
+                                    static_argnums=(7,))
         self.layers = stack(cfg, self.dtype, self.param_dtype)
         if cfg.embed_dim != cfg.hidden_size:
             self.project_in = layers.dense(cfg.hidden_size, ("embed", "mlp"), use_bias=False, name="project_in", **kw)
@@ -113,7 +121,8 @@ class OPTDecoder(nn.Module):
             self.final_layer_norm = layers.layer_norm(1e-5, param_dtype=self.param_dtype, name="final_layer_norm",
                                                       use_scale=affine, use_bias=affine)
 
-    def __call__(self, inputs_embeds, mask, position_ids, cache, cache_index, deterministic, logits_from=0):
+    def __call__(self, inputs_embeds, mask, position_ids, cache, cache_index, deterministic, logits_from=0,
+                 prefix=None, prefix_mask=None):
         cfg = self.config
         h = inputs_embeds.astype(self.dtype)
         if cfg.embed_dim != cfg.hidden_size:
@@ -121,7 +130,8 @@ class OPTDecoder(nn.Module):
         h = h + self.embed_positions(position_ids + POSITION_OFFSET)
         h = self.dropout(h, deterministic=deterministic)
         kv = None if cache is None else (cache["k"], cache["v"])
-        h, kv = self.layers(h, mask, cache_index, kv, deterministic)
+        shared = None if prefix is None else (prefix["k"], prefix["v"])
+        h, kv = self.layers(h, mask, cache_index, kv, shared, prefix_mask, deterministic)
         h = h[:, logits_from:]
         if cfg.has_final_layer_norm:
             h = self.final_layer_norm(h).astype(self.dtype)
@@ -168,7 +178,8 @@ class OPTForCausalLM(nn.Module):
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array, *,
                  position_ids: jax.Array | None = None, cache: Cache | None = None,
                  cache_index: jax.Array | int | None = None, deterministic: bool = True,
-                 logits_from: int = 0) -> tuple[jax.Array, Cache | None]:
+                 logits_from: int = 0, prefix: Cache | None = None,
+                 prefix_mask: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         """inputs_embeds (B,T,E) -> float32 logits (B,T-logits_from,V) and the updated cache.
 
         `logits_from` skips the LM head (the largest matmul of a small LM) at the first positions:
@@ -177,6 +188,9 @@ class OPTForCausalLM(nn.Module):
         Without a cache, attention_mask is (B,T) and positions follow its cumsum. With a cache,
         attention_mask is (B,S) over the whole buffer (1 = a real token, written now or before),
         the T new tokens are written at `cache_index`, and `position_ids` (B,T) must be given.
+        `prefix` (a cache filled by an earlier call, one row per G consecutive rows here) and its
+        key mask `prefix_mask` are attended before the cache: a beam search keeps one copy of the
+        prompt per sample instead of one per beam.
         """
         t = inputs_embeds.shape[1]
         if cache is None:
@@ -187,4 +201,5 @@ class OPTForCausalLM(nn.Module):
                 raise ValueError("decoding with a cache needs position_ids and cache_index")
             s = cache["k"].shape[2]
             mask = combine_masks(causal_mask(t, s, offset=cache_index), padding_mask(attention_mask))
-        return self.model.decoder(inputs_embeds, mask, position_ids, cache, cache_index, deterministic, logits_from)
+        return self.model.decoder(inputs_embeds, mask, position_ids, cache, cache_index, deterministic, logits_from,
+                                  prefix, prefix_mask)
