@@ -1,7 +1,7 @@
 """blip2_jax: BLIP-2 in JAX/Flax for TPU pods and GPU clusters."""
 from setuptools import find_packages, setup
 
-_TORCH = ["torch==2.13.0", "transformers==5.23.0", "safetensors>=0.4"]
+_TORCH = ["torch==2.13.0"]
 
 setup(
     name="blip2_jax",
@@ -14,6 +14,7 @@ setup(
         "jax>=0.7",
         "flax>=0.11",
         "numpy>=1.26",
+        "pillow>=10",
         "ml-collections>=1.0",
         "absl-py>=2.0",
         "safetensors>=0.4",
@@ -21,6 +22,8 @@ setup(
         "optax>=0.2",
         "orbax-checkpoint>=0.11",
         "tensorboardX>=2.6",
+        # Tokenizers (LLM, BERT) and the configs of Hugging Face checkpoints; pulls no torch.
+        "transformers==5.23.0",
     ],
     entry_points={"console_scripts": ["blip2-jax=blip2_jax.cli:run"]},
     extras_require={

@@ -1,0 +1,153 @@
+"""Captions and answers from a pretrained BLIP-2: images and prompts in, text out.
+
+The LLM inputs are built as `transformers`' Blip2Processor builds them (spec §11.4): the tokenised
+prompt (OPT's tokenizer prepends BOS, T5's appends `</s>`), preceded by Q `<image>` tokens when the
+checkpoint has an `image_token_index`. Shapes are kept static so that a data set compiles a handful
+of times, not once per batch: images go through in chunks of `batch_size` (fewer images: the next
+power of two), the last chunk filled with copies of its first row whose outputs are dropped, and
+prompts are padded to a multiple of `PROMPT_BUCKET` tokens (OPT on the left, T5 on the right).
+Outputs are decoded without special tokens and stripped, as LAVIS does.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from blip2_jax.convert.hf_checkpoint import load_pretrained, resolve
+from blip2_jax.data.images import ImageInput, preprocess_images
+from blip2_jax.generation.config import CAPTION, PROMPTS, VQA_OPT, VQA_T5, GenerationConfig
+from blip2_jax.generation.decode import generate_fn
+from blip2_jax.generation.search import SearchOutput
+from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
+from blip2_jax.models.config import Blip2Config, OPTConfig, T5Config
+
+PROMPT_BUCKET = 8  # prompt lengths round up to a multiple of this: one compile covers prompts of similar length
+# Any of these marks a directory that `AutoTokenizer` can load (fast, GPT-2 BPE, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+
+Images = Sequence[ImageInput] | ImageInput  # a single image, a list of them, or a uint8 (B,H,W,3) array
+
+
+def _image_list(images: Images) -> list[ImageInput]:
+    if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim < 4):
+        return [images]
+    return list(images)
+
+
+def _per_image(values: str | Sequence[str], n: int, what: str) -> list[str]:
+    if isinstance(values, str):
+        return [values] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"got {len(values)} {what} for {n} images: pass one for all or one per image")
+    return values
+
+
+def prompt_arrays(token_lists: Sequence[Sequence[int]], config: Blip2Config) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask (B, [Q +] bucketed length) for tokenised prompts, padded with the
+    LLM's pad id on the side its generation expects (decoder-only: left)."""
+    text = config.text
+    width = -(-max(len(t) for t in token_lists) // PROMPT_BUCKET) * PROMPT_BUCKET
+    ids = np.full((len(token_lists), width), text.pad_token_id, np.int32)
+    mask = np.zeros_like(ids)
+    for row, tokens in enumerate(token_lists):
+        span = slice(width - len(tokens), width) if isinstance(text, OPTConfig) else slice(0, len(tokens))
+        ids[row, span], mask[row, span] = tokens, 1
+    if config.image_token_index is None:  # legacy checkpoints: the model prepends the visual prompt
+        return ids, mask
+    image = np.full((len(token_lists), config.num_query_tokens), config.image_token_index, np.int32)
+    return np.concatenate([image, ids], 1), np.concatenate([np.ones_like(image), mask], 1)
+
+
+def load_tokenizer(directory: Path, path_or_id: str | os.PathLike) -> Any:
+    """The LLM tokenizer saved beside a checkpoint (a hub id fetches its own files)."""
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+    local = Path(path_or_id).is_dir()
+    if local and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the language model's "
+            "tokenizer there, e.g. Blip2Processor.from_pretrained(<hub id>).save_pretrained(<dir>)")
+    return AutoTokenizer.from_pretrained(str(directory if local else path_or_id))
+
+
+class Blip2Generator:
+    """A BLIP-2 model, its parameters and its LLM tokenizer, with one compiled generate per setting."""
+
+    def __init__(self, model: Blip2ForConditionalGeneration, params: Any, tokenizer: Any, *, batch_size: int = 8):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if model.config.text is None:
+            raise ValueError("this is a BLIP-2 retrieval model (no language model): it cannot generate text")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.params = jax.device_put(params)  # once, not on every call
+        self._compiled: dict[GenerationConfig, Callable[..., SearchOutput]] = {}
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype: Any = None,
+                        batch_size: int = 8) -> Blip2Generator:
+        """From a Hugging Face BLIP-2 directory (weights, config.json and the LLM tokenizer) or hub id.
+
+        `dtype` (e.g. "bfloat16") is both the storage and the compute dtype; default float32.
+        """
+        directory = resolve(path_or_id)
+        tokenizer = load_tokenizer(directory, path_or_id)  # before the weights: fail fast
+        overrides = {} if dtype is None else dict(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+        config, params = load_pretrained(directory, dtype=dtype, **overrides)
+        return cls(Blip2ForConditionalGeneration(config), params, tokenizer, batch_size=batch_size)
+
+    @property
+    def config(self) -> Blip2Config:
+        return self.model.config
+
+    def caption(self, images: Images, prompt: str | Sequence[str] = "", config: GenerationConfig = CAPTION, *,
+                rng: jax.Array | None = None) -> list[str]:
+        """One caption per image continuing `prompt` (LAVIS's COCO captions use PROMPTS['caption'])."""
+        return self.generate(images, prompt, config, rng=rng)
+
+    def answer(self, images: Images, questions: str | Sequence[str], prompt: str | None = None,
+               config: GenerationConfig | None = None, *, rng: jax.Array | None = None) -> list[str]:
+        """One answer per image to `prompt.format(question)`; defaults are the paper's zero-shot VQA
+        prompt and search for the checkpoint's LLM (spec §6.4, §7.3)."""
+        t5 = isinstance(self.config.text, T5Config)
+        prompt = PROMPTS["vqa_t5" if t5 else "vqa_opt"] if prompt is None else prompt
+        images = _image_list(images)
+        prompts = [prompt.format(q) for q in _per_image(questions, len(images), "questions")]
+        return self.generate(images, prompts, (VQA_T5 if t5 else VQA_OPT) if config is None else config, rng=rng)
+
+    def generate(self, images: Images, prompts: str | Sequence[str], config: GenerationConfig, *,
+                 rng: jax.Array | None = None) -> list[str]:
+        """The text generated for each image after its prompt (one for all, or one per image).
+
+        Sampling needs `rng`; each chunk uses `fold_in(rng, index of its first image)`.
+        """
+        if config.num_return_sequences != 1:
+            raise ValueError(f"captions and answers are one text per image; num_return_sequences is "
+                             f"{config.num_return_sequences} (use generation.decode.generate_fn for several)")
+        images = _image_list(images)
+        prompts = _per_image(prompts, len(images), "prompts")
+        if not images:
+            return []
+        token_lists = self.tokenizer(prompts)["input_ids"]
+        rows = min(self.batch_size, 1 << (len(images) - 1).bit_length())
+        if config not in self._compiled:
+            self._compiled[config] = generate_fn(self.model, config)
+        texts = []
+        for start in range(0, len(images), rows):
+            real = min(rows, len(images) - start)
+            pixels = preprocess_images(images[start:start + real], self.config.vision.image_size)
+            pixels = np.concatenate([pixels, np.repeat(pixels[:1], rows - real, 0)])
+            ids, mask = prompt_arrays(token_lists[start:start + real] + [token_lists[start]] * (rows - real),
+                                      self.config)
+            keys = () if rng is None else (jax.random.fold_in(rng, start),)
+            out = self._compiled[config](self.params, pixels, ids, mask, *keys)
+            tokens, lengths = np.asarray(out.tokens[:real, 0]), np.asarray(out.lengths[:real, 0])
+            texts += self.tokenizer.batch_decode([t[:n].tolist() for t, n in zip(tokens, lengths)],
+                                                 skip_special_tokens=True)
+        return [t.strip() for t in texts]
