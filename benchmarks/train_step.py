@@ -61,7 +61,6 @@ import gc
 import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -73,15 +72,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from common import (IMAGE_TOKEN_INDEX, NUM_QUERY_TOKENS, VISION, cpu_name, load_average, matmul_gflops, row,
+                    save_weights)
+
 REPO = Path(__file__).resolve().parent.parent
-NUM_QUERY_TOKENS = 32
-IMAGE_TOKEN_INDEX = 50265  # OPT's <image> id in the BLIP-2 checkpoints; text ids are drawn below it
-VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
-              image_size=224, qkv_bias=True)
-QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-               cross_attention_frequency=2, encoder_hidden_size=768)
-OPT_125M = dict(model_type="opt", vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                ffn_dim=3072, max_position_embeddings=2048, word_embed_proj_dim=768)
 LR, WEIGHT_DECAY, BETAS, EPS = 1e-4, 0.05, (0.9, 0.999), 1e-8
 RESULT = "RESULT "  # prefix of the child's one line of JSON on stdout
 
@@ -187,7 +181,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     return dict(device=f"{device.platform}: {device.device_kind}", **times, compile_s=compile_s, flops=flops,
                 xla_flops=_xla_flops(compiled), eval_loss=eval_loss, first_loss=first_loss,
                 last_loss=float(metrics["loss"]), trainable=counts[0], frozen=counts[1], **memory,
-                matmul_gflops=_matmul_gflops(),
+                matmul_gflops=matmul_gflops(),
                 xla_argument_mib=buffers.argument_size_in_bytes / 2 ** 20,
                 xla_temp_mib=buffers.temp_size_in_bytes / 2 ** 20)
 
@@ -290,33 +284,6 @@ def run_stage1(args: argparse.Namespace) -> dict[str, Any]:
                 peak_flops=metrics.peak_flops_per_device(), loss=float(out["loss"]))
 
 
-def _save_weights(directory: str) -> None:
-    """A random `transformers` model of the benchmark's sizes, saved for both children to load."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=OPT_125M,
-                                      num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN_INDEX)
-    transformers.Blip2ForConditionalGeneration(config).save_pretrained(directory)
-
-
-def _matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Best-of-`reps` fp32 rate of a jitted n^3 `jnp.dot`, GFLOP/s."""
-    import jax
-    import jax.numpy as jnp
-
-    a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        tick = time.perf_counter()
-        dot(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - tick)
-    return 2 * n ** 3 / best / 1e9
-
-
 def _child(framework: str, args: argparse.Namespace, weights: str = "") -> dict[str, Any]:
     """Run this file as `--framework framework` and return its result line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--framework", framework, "--weights", weights,
@@ -331,21 +298,6 @@ def _child(framework: str, args: argparse.Namespace, weights: str = "") -> dict[
     return dict(json.loads(lines[-1][len(RESULT):]), wall_s=time.perf_counter() - tick)
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def _load(load: tuple[float, float, float]) -> str:
-    return "/".join(f"{x:.2f}" for x in load)
-
-
-def _row(name: str, ours: str, theirs: str, ratio: str = "") -> str:
-    return f"  {name:<30}{ours:>16}{theirs:>22}{ratio:>16}"
-
-
 def parent(args: argparse.Namespace) -> None:
     import jax
     import torch
@@ -354,7 +306,7 @@ def parent(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()
     start = datetime.datetime.now().astimezone()
     with tempfile.TemporaryDirectory(prefix="blip2_bench_") as weights:
-        _save_weights(weights)
+        save_weights(weights)
         theirs = _child("torch", args, weights)
         ours = _child("jax", args, weights)
     load_after = os.getloadavg()
@@ -367,8 +319,8 @@ def parent(args: argparse.Namespace) -> None:
     loaded = max(load_before[0], ours["load"], theirs["load"]) > os.cpu_count() + 1
     print(f"BLIP-2 stage-2 OPT training step: blip2_jax (jax {jax.__version__}) vs transformers "
           f"{transformers.__version__} (torch {torch.__version__})")
-    print(f"  {start:%Y-%m-%d %H:%M %Z}; {_cpu_name()}, {os.cpu_count()} cores; load average (1/5/15 min) "
-          f"{_load(load_before)} before, {_load(load_after)} after"
+    print(f"  {start:%Y-%m-%d %H:%M %Z}; {cpu_name()}, {os.cpu_count()} cores; load average (1/5/15 min) "
+          f"{load_average(load_before)} before, {load_average(load_after)} after"
           + (": other work shares the cores, timings are noisy" if loaded else ""))
     print(f"  ViT-B/16 224 px (EVA-style, qkv bias) + BERT-base Q-Former ({NUM_QUERY_TOKENS} queries) + "
           f"OPT-125m-sized LM; batch {args.batch}, text {args.text_length} tokens; fp32, dropout on, AdamW; "
@@ -376,25 +328,25 @@ def parent(args: argparse.Namespace) -> None:
     if not ours["device"].startswith("cpu"):
         print("  ours runs on an accelerator and theirs on the CPU: the rows below compare different devices, "
               "and memory is host RSS")
-    print(_row("", "ours (JAX)", "transformers (torch)", "torch / ours"))
-    print(_row("device", ours["device"], theirs["device"]))
-    print(_row("step time, median (s)", f"{t_ours:.3f}", f"{t_theirs:.3f}", f"{t_theirs / t_ours:.2f}x"))
-    print(_row("step time, min-max (s)", f"{min(ours['times']):.3f}-{max(ours['times']):.3f}",
+    print(row("", "ours (JAX)", "transformers (torch)", "torch / ours"))
+    print(row("device", ours["device"], theirs["device"]))
+    print(row("step time, median (s)", f"{t_ours:.3f}", f"{t_theirs:.3f}", f"{t_theirs / t_ours:.2f}x"))
+    print(row("step time, min-max (s)", f"{min(ours['times']):.3f}-{max(ours['times']):.3f}",
                f"{min(theirs['times']):.3f}-{max(theirs['times']):.3f}"))
-    print(_row("1-min load average after steps", f"{ours['load']:.2f}", f"{theirs['load']:.2f}"))
-    print(_row("step CPU time, median (s)", f"{c_ours:.3f}", f"{c_theirs:.3f}", f"{c_theirs / c_ours:.2f}x"))
+    print(row("1-min load average after steps", f"{ours['load']:.2f}", f"{theirs['load']:.2f}"))
+    print(row("step CPU time, median (s)", f"{c_ours:.3f}", f"{c_theirs:.3f}", f"{c_theirs / c_ours:.2f}x"))
     for name, key in (("peak memory (MiB)", "peak_mib"), ("  during steps (MiB)", "step_peak_mib")):
-        print(_row(name, f"{ours[key]:.0f}", f"{theirs[key]:.0f}", f"{theirs[key] / ours[key]:.2f}x"))
+        print(row(name, f"{ours[key]:.0f}", f"{theirs[key]:.0f}", f"{theirs[key] / ours[key]:.2f}x"))
     print(f"  XLA buffers of our step: arguments {ours['xla_argument_mib']:.0f} MiB (state donated) + "
           f"temporaries {ours['xla_temp_mib']:.0f} MiB")
-    print(_row("trainable / frozen params (M)", f"{ours['trainable'] / 1e6:.1f} / {ours['frozen'] / 1e6:.1f}",
+    print(row("trainable / frozen params (M)", f"{ours['trainable'] / 1e6:.1f} / {ours['frozen'] / 1e6:.1f}",
                f"{theirs['trainable'] / 1e6:.1f} / {theirs['frozen'] / 1e6:.1f}"))
-    print(_row("eval loss, batch 0", f"{ours['eval_loss']:.6f}", f"{theirs['eval_loss']:.6f}",
+    print(row("eval loss, batch 0", f"{ours['eval_loss']:.6f}", f"{theirs['eval_loss']:.6f}",
                f"|d| {abs(ours['eval_loss'] - theirs['eval_loss']):.1e}"))
-    print(_row("train loss, first / last", f"{ours['first_loss']:.4f} / {ours['last_loss']:.4f}",
+    print(row("train loss, first / last", f"{ours['first_loss']:.4f} / {ours['last_loss']:.4f}",
                f"{theirs['first_loss']:.4f} / {theirs['last_loss']:.4f}"))
-    print(_row("compile (s)", f"{ours['compile_s']:.1f}", "-"))
-    print(_row("child process wall (s)", f"{ours['wall_s']:.0f}", f"{theirs['wall_s']:.0f}"))
+    print(row("compile (s)", f"{ours['compile_s']:.1f}", "-"))
+    print(row("child process wall (s)", f"{ours['wall_s']:.0f}", f"{theirs['wall_s']:.0f}"))
     print(f"  our step: {ours['flops'] / 1e9:.1f} GFLOP of matmuls (jaxpr, scans x length); XLA cost analysis "
           f"says {ours['xla_flops'] / 1e9:.1f} GFLOP (each scanned layer stack once)")
     print(f"  fp32 matmul 2048^3 (ours' process, after its steps): {rate:.1f} GFLOP/s (best of 5) -> floor "
