@@ -1,9 +1,10 @@
-"""The three Q-Former self-attention masks (spec §5.4) as exact matrices on a padded case."""
+"""Attention masks and kernels: the three Q-Former self-attention masks (spec §5.4) as exact matrices on
+a padded case, and the shared-prefix attention of beam decoding against plain attention."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blip2_jax.models.attention import qformer_mask
+from blip2_jax.models.attention import causal_mask, dot_product_attention, prefixed_attention, qformer_mask
 
 # Q = 2 queries; text of L = 4 with the last token padding.
 TEXT_MASK = jnp.array([[1, 1, 1, 0]])
@@ -52,3 +53,24 @@ def test_masks_are_per_example():
 def test_unknown_mask_kind():
     with pytest.raises(ValueError, match="bidirectional"):
         qformer_mask("causal", 2, TEXT_MASK)
+
+
+def test_prefixed_attention_equals_attention_over_the_concatenated_keys():
+    """Two samples x three rows each: the shared prefix (with padding) once per sample equals each
+    row attending to its own copy of it followed by its own causally-masked keys."""
+    rng = np.random.default_rng(0)
+    b, g, t, p, s, n, h = 2, 3, 2, 5, 4, 2, 8
+    q = rng.standard_normal((b * g, t, n, h)).astype(np.float32)
+    k, v = (rng.standard_normal((b * g, s, n, h)).astype(np.float32) for _ in range(2))
+    pk, pv = (rng.standard_normal((b, p, n, h)).astype(np.float32) for _ in range(2))
+    prefix_mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    own_mask = np.asarray(causal_mask(t, s, offset=1))
+    got = prefixed_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(pk), jnp.asarray(pv),
+                             mask=jnp.asarray(own_mask), prefix_mask=jnp.asarray(prefix_mask))
+    full_k = np.concatenate([np.repeat(pk, g, 0), k], 1)
+    full_v = np.concatenate([np.repeat(pv, g, 0), v], 1)
+    full_mask = np.concatenate([np.broadcast_to(np.repeat(prefix_mask, g, 0)[:, None, None, :], (b * g, 1, t, p)),
+                                np.broadcast_to(own_mask, (b * g, 1, t, s))], -1)
+    expected = dot_product_attention(jnp.asarray(q), jnp.asarray(full_k), jnp.asarray(full_v),
+                                     mask=jnp.asarray(full_mask, bool))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6)
