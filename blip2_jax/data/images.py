@@ -1,7 +1,7 @@
-"""Evaluation-time image preprocessing (LAVIS `blip_image_eval`, HF `BlipImageProcessor`; spec §10).
+"""Images from files, PIL images or arrays, preprocessed for evaluation and generation.
 
-Resize to (size, size) with PIL's bicubic filter (the aspect ratio is not kept), scale to [0, 1] and
-normalise with the OpenAI CLIP mean and std. The output is NHWC, the layout our vision tower takes.
+The pixels are LAVIS's `blip_image_eval` (= HF `BlipImageProcessor`, spec §10): see
+`data/transforms.py`. The output is NHWC, the layout our vision tower takes.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from blip2_jax.data.transforms import CLIP_MEAN, CLIP_STD, blip_image_eval, to_rgb
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageInput", "load_image", "preprocess_images"]
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray  # a file, a PIL image, or uint8 (H,W,3) / (H,W)
 
@@ -20,7 +21,7 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray  # a file, a PIL image
 def load_image(image: ImageInput) -> Image.Image:
     """An RGB PIL image from a file path, a PIL image (any mode) or a uint8 (H,W,3) or (H,W) array."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
             raise ValueError(f"an image array must be uint8 (H,W,3) or (H,W), got {image.dtype} {image.shape}")
@@ -31,13 +32,12 @@ def load_image(image: ImageInput) -> Image.Image:
         raise FileNotFoundError(f"image file {os.fspath(image)} not found")
     try:
         with Image.open(image) as opened:
-            return opened.convert("RGB")
+            return to_rgb(opened)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{os.fspath(image)} is not a readable image: {e}") from e
 
 
 def preprocess_images(images: Sequence[ImageInput], size: int) -> np.ndarray:
     """(B, size, size, 3) float32 pixel values, normalised as the BLIP-2 checkpoints expect."""
-    mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
-    pixels = [np.asarray(load_image(x).resize((size, size), Image.BICUBIC), np.float32) / 255.0 for x in images]
-    return (np.stack(pixels) - mean) / std
+    transform = blip_image_eval(size)
+    return np.stack([transform(load_image(x)) for x in images])

@@ -1,11 +1,19 @@
-"""Tokenizers of the three text towers, loaded from a local directory or a hub id.
+"""Tokenizers of the three text towers, and the fixed-shape token arrays each objective reads.
 
 The Q-Former's is BERT's with `[DEC]` added as the bos token (id 30522 for bert-base-uncased,
-vocabulary 30523), truncating on the right (spec §4).
+vocabulary 30523), truncating on the right (spec §4). OPT's prepends BOS `</s>` and ends a caption
+with "\\n", whose id is OPT's eos at generation (spec §6.1); FlanT5's appends `</s>` (spec §7.1).
+
+Encoders take one record's text and return 1-D int32 arrays padded to a fixed length (LAVIS pads
+to the longest in the batch; a fixed length keeps the jitted step's shapes static, and the extra
+padding is masked). Truncation is on the right and counts the special tokens, as in LAVIS.
 """
 from __future__ import annotations
 
 import os
+from typing import Any
+
+import numpy as np
 
 DEC_TOKEN = "[DEC]"
 
@@ -17,3 +25,88 @@ def qformer_tokenizer(path_or_id: str | os.PathLike = "bert-base-uncased"):
     tokenizer = BertTokenizerFast.from_pretrained(str(path_or_id), truncation_side="right")
     tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
     return tokenizer
+
+
+def language_tokenizer(path_or_id: str | os.PathLike):
+    """The OPT (GPT-2 BPE) or FlanT5 (SentencePiece) tokenizer from a local directory or hub id;
+    `AutoTokenizer` picks the class, with the same ids as the slow/fast classes LAVIS names."""
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+    return AutoTokenizer.from_pretrained(str(path_or_id))
+
+
+def opt_eos_token_id(tokenizer: Any) -> int:
+    """The id LAVIS stops OPT generation at: the first token of "\\n" without specials (50118)."""
+    ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the tokenizer maps '\\n' to no token: it cannot mark the end of an OPT caption")
+    return ids[0]
+
+
+def _encode(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+
+
+def _pad(ids: list[int], length: int, pad_id: int, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask), both (length,) int32, with padding on the right or the left."""
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token (OPT's, T5's and BERT's all have one)")
+    out = np.full(length, pad_id, np.int32)
+    mask = np.zeros(length, np.int32)
+    span = slice(length - len(ids), length) if left else slice(0, len(ids))
+    out[span], mask[span] = ids, 1
+    return out, mask
+
+
+def _require_bos(tokenizer: Any, ids: list[int]) -> None:
+    if not ids or ids[0] != tokenizer.bos_token_id:
+        raise ValueError(f"OPT text must start with BOS (id {tokenizer.bos_token_id}), got ids {ids[:4]}: "
+                         "use a tokenizer that prepends it, as OPT's does")
+
+
+def _require_eos(tokenizer: Any, ids: list[int]) -> None:
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        raise ValueError(f"T5 text must end with </s> (id {tokenizer.eos_token_id}), got ids {ids[-4:]}: "
+                         "use a tokenizer that appends it, as T5's does")
+
+
+def qformer_text(tokenizer: Any, text: str, max_length: int = 32) -> dict[str, np.ndarray]:
+    """Stage-1 text `[CLS] w... [SEP] [PAD]...` (spec §4; retrieval evaluation uses max_length 35)."""
+    ids, mask = _pad(_encode(tokenizer, text, max_length), max_length, tokenizer.pad_token_id)
+    return {"text_ids": ids, "text_mask": mask}
+
+
+def opt_text(tokenizer: Any, text: str, prompt: str = "", max_length: int = 32) -> dict[str, np.ndarray]:
+    """Stage-2 OPT text: BOS + `text` + "\\n", right-padded (spec §6.2), and `prompt_length`, the
+    tokens of BOS + `prompt` that `objectives.stage2.opt_labels` masks out of the loss (0 for no
+    prompt: BOS stays a target). `text` already starts with the prompt (the caption processor adds it).
+    A text cut at `max_length` loses its "\\n", as in LAVIS.
+    """
+    if not text.startswith(prompt):
+        raise ValueError(f"the text {text!r:.80} does not start with the prompt {prompt!r}: the prompt tokens "
+                         "would mask part of the caption (prepend it with pre_caption(..., prompt=...))")
+    ids = _encode(tokenizer, text + "\n", max_length)
+    _require_bos(tokenizer, ids)
+    text_ids, text_mask = _pad(ids, max_length, tokenizer.pad_token_id)
+    prompt_length = len(_encode(tokenizer, prompt, max_length)) if prompt else 0
+    return {"text_ids": text_ids, "text_mask": text_mask, "prompt_length": np.int32(prompt_length)}
+
+
+def opt_prompt(tokenizer: Any, prompt: str, max_length: int = 32) -> dict[str, np.ndarray]:
+    """A generation prompt for OPT: BOS + prompt, left-padded so that every row's last position is
+    its last prompt token (spec §6.4)."""
+    ids = _encode(tokenizer, prompt, max_length)
+    _require_bos(tokenizer, ids)
+    prompt_ids, prompt_mask = _pad(ids, max_length, tokenizer.pad_token_id, left=True)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+
+
+def t5_text(tokenizer: Any, text_input: str, text_output: str, max_input_length: int = 32,
+            max_output_length: int = 32) -> dict[str, np.ndarray]:
+    """Stage-2 FlanT5 prefix and target, each ending with </s> and right-padded (spec §7.2)."""
+    out = {}
+    for name, text, length in (("input", text_input, max_input_length), ("output", text_output, max_output_length)):
+        ids = _encode(tokenizer, text, length)
+        _require_eos(tokenizer, ids)
+        out[f"{name}_ids"], out[f"{name}_mask"] = _pad(ids, length, tokenizer.pad_token_id)
+    return out
