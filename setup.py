@@ -24,12 +24,18 @@ setup(
         "tensorboardX>=2.6",
         # Tokenizers (LLM, BERT) and the configs of Hugging Face checkpoints; pulls no torch.
         "transformers==5.23.0",
+        # Input pipelines: Grain, ArrayRecord shards (msgpack records), and the packaged easy-VQA set.
+        "grain==0.2.18",
+        "array-record==0.8.6",
+        "msgpack>=1.0",
+        "easy-vqa==1.0",
     ],
     entry_points={"console_scripts": ["blip2-jax=blip2_jax.cli:run"]},
     extras_require={
         # CPU torch only: torch==2.13.0 is the CPU wheel; anything else pulls a multi-GB CUDA build.
         "torch": _TORCH,
         "test": _TORCH + ["pytest>=8", "pytest-xdist>=3.5"],
+        "tfds": ["tensorflow-datasets>=4.9"],  # only for TfdsSource
         "tpu": ["jax[tpu]>=0.7"],
         "gpu": ["jax[cuda12]>=0.7"],
     },

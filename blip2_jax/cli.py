@@ -3,11 +3,13 @@
     blip2-jax train --config configs/<file>.py:<preset> --workdir DIR
     blip2-jax generate --checkpoint DIR_OR_HUB_ID --image a.jpg [--image b.jpg] [--prompt "a photo of"]
     blip2-jax generate --checkpoint DIR_OR_HUB_ID --image a.jpg --question "what is in the picture?"
+    blip2-jax data build --annotations a.json [--annotations b.json] --image_root DIR --output DIR/prefix --num_shards N
 
 `train` runs the same command on every host of a pod or cluster; multi-host jobs join through
 `--coordinator_address/--num_processes/--process_id` or their scheduler's environment. `generate`
 prints `path<TAB>text` per image: a caption, or with `--question` an answer; search settings default
-to the paper's (CAPTION, or VQA_OPT/VQA_T5) and each flag given overrides one field.
+to the paper's (CAPTION, or VQA_OPT/VQA_T5) and each flag given overrides one field. `data build`
+converts LAVIS-style JSON annotations and their images into ArrayRecord shards (`data/sources.py`).
 """
 import dataclasses
 
@@ -30,6 +32,12 @@ _QUESTIONS = flags.DEFINE_multi_string("question", [], "Answer this question ins
                                        "images or one per --image.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per compiled generate call.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Parameter and compute dtype, e.g. bfloat16 (default float32).")
+# data build
+_ANNOTATIONS = flags.DEFINE_multi_string("annotations", [], "LAVIS-style JSON annotation file; repeat for several.")
+_IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Directory the annotations' image paths are relative to.")
+_OUTPUT = flags.DEFINE_string("output", None, "Shard path prefix: writes PREFIX-00000-of-0000N.array_record, ...")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord files to write.")
+
 _SEARCH = {  # GenerationConfig fields settable from the command line; None keeps the preset's value
     "num_beams": flags.DEFINE_integer("num_beams", None, "Beams (1: greedy)."),
     "max_new_tokens": flags.DEFINE_integer("max_new_tokens", None, "Most tokens generated."),
@@ -40,8 +48,8 @@ _SEARCH = {  # GenerationConfig fields settable from the command line; None keep
 
 USAGE = ("usage: blip2-jax train --config configs/<file>.py:<preset> --workdir DIR\n"
          "       blip2-jax generate --checkpoint DIR_OR_HUB_ID --image FILE [--image FILE ...] [--prompt TEXT] "
-         "[--question TEXT]")
-COMMANDS = ("train", "generate")
+         "[--question TEXT]\n"
+         "       blip2-jax data build --annotations FILE --image_root DIR --output PREFIX --num_shards N")
 
 
 def train() -> None:
@@ -77,10 +85,22 @@ def generate() -> None:
         print(f"{path}\t{text}")
 
 
+def data_build() -> None:
+    from blip2_jax.data import sources  # pylint: disable=import-outside-toplevel  # keep --help fast
+
+    if not _ANNOTATIONS.value or not _IMAGE_ROOT.value or not _OUTPUT.value:
+        raise app.UsageError("data build needs --annotations, --image_root and --output\n" + USAGE)
+    source = sources.JsonSource(_ANNOTATIONS.value, _IMAGE_ROOT.value)
+    paths, missing = sources.write_array_records(source, _OUTPUT.value, _NUM_SHARDS.value)
+    print(f"wrote {len(source) - len(missing)} records to {len(paths)} shards {_OUTPUT.value}-*-of-"
+          f"{len(paths):05d}.array_record; {len(missing)} left out (image file missing)")
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in COMMANDS:
+    commands = {("train",): train, ("generate",): generate, ("data", "build"): data_build}
+    if tuple(argv[1:]) not in commands:
         raise app.UsageError(USAGE)
-    {"train": train, "generate": generate}[argv[1]]()
+    commands[tuple(argv[1:])]()
 
 
 def run() -> None:

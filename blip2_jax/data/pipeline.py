@@ -1,0 +1,180 @@
+"""The Grain input pipeline: source -> this host's shard -> shuffle -> repeat -> process -> batch.
+
+Each host reads only the indices `process_index::process_count` of every source, so the hosts'
+shards are disjoint and together are the data set; each builds batches of
+`global_batch_size // process_count` rows, and the trainer assembles the global batch from them.
+
+Determinism is what makes a resumed run continue the exact loss curve: the shuffle is Grain's
+seeded index permutation (reseeded every epoch), and `process(record, rng)` gets a numpy Generator
+seeded by (seed, source number, epoch, record index), independent of host count, thread or worker
+scheduling. The iterator's state (`get_state()`, a JSON-serialisable dict) is Grain's read position
+plus the bad-record counters; `set_state` on a fresh pipeline yields exactly the batches the
+uninterrupted one would have.
+
+A record whose reading or processing raises (missing or corrupt image, empty caption, ...) is
+skipped, counted and logged; `strict=True` raises `BadRecordError` on the first one instead.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable, Iterator, Sequence
+
+import grain
+import numpy as np
+from absl import logging
+
+from blip2_jax.data.sources import Record, Source
+
+Example = dict[str, np.ndarray]
+Process = Callable[[Record, np.random.Generator], Example]
+
+
+class BadRecordError(ValueError):
+    """A record that could not be read or processed (raised in strict mode)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """Sources drawn in proportion to `weights` (LAVIS's per-data-set sample ratios). The default,
+    weights proportional to the sources' sizes, is LAVIS's own behaviour: it concatenates its
+    training sets (e.g. COCO + VG captions, spec §9.2)."""
+
+    sources: Sequence[Source]
+    weights: Sequence[float] | None = None
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ValueError("a Mixture needs at least one source")
+        if self.weights is not None and (len(self.weights) != len(self.sources) or min(self.weights) <= 0):
+            raise ValueError(f"Mixture weights must be {len(self.sources)} positive numbers, got {self.weights}")
+
+    def proportions(self) -> list[float]:
+        return list(self.weights) if self.weights is not None else [float(len(s)) for s in self.sources]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Skipped:
+    """Stands in for a bad record so that it can be counted in the main process (workers can't)."""
+
+    record_id: str
+    cause: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadAndProcess:
+    """The per-record map: a top-level picklable object, as worker processes need."""
+
+    source: Source
+    process: Process
+    seed: int
+    source_number: int
+    epoch_length: int
+    strict: bool
+
+    def __call__(self, position: int, index: int) -> tuple[str, Example] | _Skipped:
+        record_id, image = f"{type(self.source).__name__}[{index}]", None
+        try:
+            record = self.source[index]
+            record_id, image = str(record.get("id", record_id)), record.get("image")
+            rng = np.random.default_rng([self.seed, self.source_number, position // self.epoch_length, index])
+            return record_id, self.process(record, rng)
+        except Exception as e:  # pylint: disable=broad-except  # any bad record is skipped, by design
+            where = f" (image {image})" if isinstance(image, str) else ""
+            cause = f"{type(e).__name__}: {e}"
+            if self.strict:
+                raise BadRecordError(f"bad record {record_id}{where}: {cause}") from e
+            return _Skipped(record_id, f"{cause}{where}")
+
+
+class BatchIterator:
+    """Fixed-shape numpy batches of this host's rows, with a saveable position and bad-record stats."""
+
+    def __init__(self, records: grain.IterDataset, batch_size: int, keep_skipped_ids: int):
+        self._iterator = iter(records)
+        self.batch_size = batch_size
+        self._keep = keep_skipped_ids
+        self.skipped = 0
+        self.skipped_ids: collections.deque[str] = collections.deque(maxlen=keep_skipped_ids)
+
+    def __iter__(self) -> Iterator[Example]:
+        return self
+
+    def __next__(self) -> Example:
+        rows: list[tuple[str, Example]] = []
+        while len(rows) < self.batch_size:  # StopIteration at the end drops the partial batch
+            item = next(self._iterator)
+            if isinstance(item, _Skipped):
+                self.skipped += 1
+                self.skipped_ids.append(item.record_id)
+                logging.log_first_n(logging.WARNING, "skipped bad record %s: %s", 100, item.record_id, item.cause)
+            else:
+                rows.append(item)
+        return _stack(rows)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """For the trainer's logs: how many records were skipped so far and the last ids."""
+        return {"skipped": self.skipped, "skipped_ids": list(self.skipped_ids)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._iterator.get_state(), **self.stats}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._iterator.set_state(state["grain"])
+        self.skipped = int(state["skipped"])
+        self.skipped_ids = collections.deque(state["skipped_ids"], maxlen=self._keep)
+
+    def close(self) -> None:
+        """Stop worker processes and prefetch threads."""
+        if hasattr(self._iterator, "close"):
+            self._iterator.close()
+
+
+def _stack(rows: list[tuple[str, Example]]) -> Example:
+    first_id, first = rows[0]
+    batch = {}
+    for key in first:
+        for record_id, example in rows:
+            if key not in example or np.shape(example[key]) != np.shape(first[key]):
+                raise BadRecordError(f"processing must give fixed shapes: record {record_id} has {key!r} "
+                                     f"{np.shape(example.get(key))}, record {first_id} has {np.shape(first[key])}")
+        batch[key] = np.stack([example[key] for _, example in rows])
+    return batch
+
+
+def _host_records(source: Source, source_number: int, *, process: Process, seed: int, shuffle: bool,
+                  num_epochs: int | None, process_index: int, process_count: int, strict: bool) -> grain.MapDataset:
+    indices = grain.MapDataset.range(len(source))[process_index::process_count]
+    if len(indices) == 0:
+        raise ValueError(f"source {source_number} ({type(source).__name__}) has {len(source)} records, "
+                         f"too few for {process_count} hosts")
+    if shuffle:
+        indices = indices.shuffle(seed=seed + source_number)
+    read = _ReadAndProcess(source, process, seed, source_number, len(indices), strict)
+    return indices.repeat(num_epochs).map_with_index(read)
+
+
+def make_pipeline(source: Source | Mixture, *, process: Process, global_batch_size: int, seed: int,
+                  shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
+                  process_count: int = 1, worker_count: int = 0, strict: bool = False,
+                  keep_skipped_ids: int = 32) -> BatchIterator:
+    """This host's batches of `source` (or a `Mixture`), each `global_batch_size // process_count`
+    rows of `process(record, rng)`. `num_epochs=None` repeats forever; with a mixture, iteration
+    ends when the first source runs out. `worker_count > 0` reads and processes in that many
+    worker processes (then `process` and the sources must pickle)."""
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    mixture = source if isinstance(source, Mixture) else Mixture([source])
+    parts = [_host_records(s, i, process=process, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                           process_index=process_index, process_count=process_count, strict=strict)
+             for i, s in enumerate(mixture.sources)]
+    records = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, mixture.proportions())
+    records = records.to_iter_dataset()
+    if worker_count > 0:
+        records = records.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return BatchIterator(records, global_batch_size // process_count, keep_skipped_ids)

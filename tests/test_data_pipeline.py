@@ -1,0 +1,184 @@
+"""Data sources and the Grain pipeline on a small real data set (easy-vqa images) with planted bad
+records: skipping and strict mode, exact resume, host sharding, ArrayRecord round trip, mixtures."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import easy_vqa
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+from blip2_jax.data.pipeline import BadRecordError, Mixture, make_pipeline
+from blip2_jax.data.sources import ArrayRecordSource, EasyVqaSource, JsonSource, TfdsSource, read_image
+
+SIZE = 8
+NUM_JPEGS = 25
+
+
+def process(record: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A stand-in for the BLIP processors: decode, random crop and flip, normalise; a caption must be
+    non-empty text. Fails inside processing, as the real processors do, on a bad record."""
+    caption = record["caption"]
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"caption must be non-empty text, got {caption!r}")
+    pixels = np.asarray(read_image(record["image"]).resize((SIZE + 4, SIZE + 4), Image.BILINEAR), np.float32)
+    top, left = rng.integers(0, 5, 2)
+    pixels = pixels[top:top + SIZE, left:left + SIZE]
+    if rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return {"image": (pixels / 127.5 - 1.0).astype(np.float32), "words": np.int32(len(caption.split())),
+            "id": np.asarray(record["id"])}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict:
+    """A captions file over easy-vqa images re-encoded as JPEG, plus odd-but-valid and bad records."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    questions, answers, image_ids = easy_vqa.get_train_questions()
+    paths = easy_vqa.get_train_image_paths()
+    annotations, bad = [], []
+
+    def add(image: str, caption, is_bad: bool = False):
+        if is_bad:
+            bad.append(f"captions.json:{len(annotations)}")
+        annotations.append({"image": image, "caption": caption, "image_id": len(annotations)})
+
+    for q, a, image_id in list(zip(questions, answers, image_ids))[:NUM_JPEGS]:
+        Image.open(paths[image_id]).convert("RGB").save(root / "images" / f"{image_id}.jpg", quality=90)
+        add(f"images/{image_id}.jpg", f"{q} {a}")
+    rgb = np.asarray(Image.open(paths[image_ids[0]]).convert("RGB"))
+    Image.fromarray(rgb).convert("CMYK").save(root / "images" / "cmyk.jpg")
+    Image.fromarray(rgb).convert("L").save(root / "images" / "gray.png")
+    Image.fromarray(rgb).convert("RGBA").save(root / "images" / "rgba.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(root / "images" / "deep.png")
+    for name in ("cmyk.jpg", "gray.png", "rgba.png", "deep.png"):
+        add(f"images/{name}", f"an image stored as {name}")
+    add("images/cmyk.jpg", " ".join(["word"] * 300))
+    annotations.append({"image": "images/gray.png", "caption": ["a gray image", "shapes in gray"]})
+
+    jpeg = (root / "images" / f"{image_ids[0]}.jpg").read_bytes()
+    (root / "images" / "empty.jpg").write_bytes(b"")
+    (root / "images" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "images" / "text.jpg").write_bytes(b"this is not an image\n" * 20)
+    add("images/missing.jpg", "an image that is not there", is_bad=True)
+    add("images/empty.jpg", "a zero-byte file", is_bad=True)
+    add("images/truncated.jpg", "half a jpeg", is_bad=True)
+    add("images/text.jpg", "text bytes", is_bad=True)
+    add(f"images/{image_ids[1]}.jpg", "", is_bad=True)
+    add(f"images/{image_ids[1]}.jpg", 42, is_bad=True)
+    (root / "captions.json").write_text(json.dumps(annotations))
+    source = JsonSource(root / "captions.json", root)
+    good = sorted(set(source[i]["id"] for i in range(len(source))) - set(bad))
+    return {"root": root, "source": source, "bad": bad, "good": good}
+
+
+def _ids(batches) -> list[str]:
+    return [str(i) for b in batches for i in b["id"]]
+
+
+def test_epoch_skips_exactly_the_bad_records(dataset):
+    assert len(dataset["good"]) == NUM_JPEGS + 7  # the odd modes, the long caption, a 2-caption list
+    it = make_pipeline(dataset["source"], process=process, global_batch_size=4, seed=0, num_epochs=1)
+    batches = list(it)
+    assert all(b["image"].shape == (4, SIZE, SIZE, 3) and b["image"].dtype == np.float32 for b in batches)
+    assert sorted(_ids(batches)) == dataset["good"]  # 32 good records: no partial batch dropped
+    assert it.stats["skipped"] == len(dataset["bad"])
+    assert sorted(it.stats["skipped_ids"]) == sorted(dataset["bad"])
+    assert max(b["words"].max() for b in batches) == 300
+
+
+def test_strict_raises_on_first_bad_record(dataset):
+    it = make_pipeline(dataset["source"], process=process, global_batch_size=4, seed=0, shuffle=False,
+                       num_epochs=1, strict=True)
+    with pytest.raises(BadRecordError, match=rf"{dataset['bad'][0]} \(image .*missing\.jpg\).*not found"):
+        list(it)
+
+
+@pytest.mark.parametrize("worker_count", [0, 2])
+def test_restored_iterator_continues_exactly(dataset, worker_count):
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags (a CLI run parses them)
+
+    def pipeline(workers: int = worker_count):
+        return make_pipeline(dataset["source"], process=process, global_batch_size=4, seed=7, worker_count=workers)
+
+    reference = pipeline(workers=0)  # batches do not depend on the number of worker processes either
+    expected = [next(reference) for _ in range(14)]  # 56 rows: across an epoch boundary (32 good)
+    reference.close()
+    first = pipeline()
+    for _ in range(5):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))
+    first.close()
+    resumed = pipeline()
+    resumed.set_state(state)
+    for want in expected[5:]:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    assert resumed.stats == reference.stats
+    resumed.close()
+    assert _ids(expected[:8]) != _ids(expected[8:16])  # each epoch is shuffled differently
+
+
+def test_hosts_read_disjoint_shards_covering_the_data(dataset):
+    per_host = [set(_ids(make_pipeline(dataset["source"], process=process, global_batch_size=2, seed=1,
+                                       num_epochs=1, process_index=i, process_count=2)))
+                for i in range(2)]
+    assert not per_host[0] & per_host[1]
+    assert sorted(per_host[0] | per_host[1]) == dataset["good"]
+
+
+def test_data_build_writes_the_json_records_to_array_record(dataset, tmp_path):
+    root = dataset["root"]
+    prefix = tmp_path / "shards" / "captions"
+    subprocess.run([sys.executable, "-m", "blip2_jax", "data", "build", "--annotations", str(root / "captions.json"),
+                    "--image_root", str(root), "--output", str(prefix), "--num_shards", "3"], check=True)
+    assert len(list(prefix.parent.glob("captions-*-of-00003.array_record"))) == 3
+    shards = ArrayRecordSource(prefix)
+    json_records = [dataset["source"][i] for i in range(len(dataset["source"]))]
+    json_records = [r for r in json_records if Path(r["image"]).exists()]  # the missing file can't be stored
+    assert len(shards) == len(json_records)
+    for stored, original in zip((shards[i] for i in range(len(shards))), json_records):
+        assert stored["image"] == Path(original["image"]).read_bytes()
+        assert {k: v for k, v in stored.items() if k != "image"} == {k: v for k, v in original.items() if k != "image"}
+    it = make_pipeline(shards, process=process, global_batch_size=4, seed=0, num_epochs=1)
+    assert sorted(_ids(it)) == dataset["good"]
+    stored_ids = {r["id"] for r in json_records}
+    assert sorted(it.stats["skipped_ids"]) == sorted(set(dataset["bad"]) & stored_ids)
+
+
+def test_easy_vqa_source():
+    train, test = EasyVqaSource("train"), EasyVqaSource("test")
+    assert (len(train), len(test)) == (38575, 9673)
+    record = train[0]
+    assert record["id"] == "easy_vqa/train:0" and Path(record["image"]).is_file()
+    assert record["question"] == "what is the blue shape?" and record["answer"] == ["rectangle"]
+    assert all(a in easy_vqa.get_answers() for a in test[5]["answer"])
+    assert read_image(record["image"]).mode == "RGB"
+
+
+def test_tfds_source_says_what_is_missing():
+    if importlib.util.find_spec("tensorflow_datasets") is not None:
+        pytest.skip("only the error without tensorflow_datasets is tested")
+    with pytest.raises(ImportError, match="coco_captions.*pip install tensorflow-datasets"):
+        TfdsSource("coco_captions", "train")
+
+
+def test_mixture_draws_in_proportion_to_weights():
+    big = [{"id": f"a{i}", "source": 0} for i in range(10)]
+    small = [{"id": f"b{i}", "source": 1} for i in range(30)]
+    it = make_pipeline(Mixture([big, small], weights=[3, 1]), process=lambda r, rng: {"source": np.int32(r["source"])},
+                       global_batch_size=8, seed=0)
+    drawn = np.concatenate([next(it)["source"] for _ in range(50)])
+    assert abs(np.mean(drawn == 0) - 0.75) < 0.05
+    it = make_pipeline(Mixture([big, small]), process=lambda r, rng: {"source": np.int32(r["source"])},
+                       global_batch_size=8, seed=0)  # default: in proportion to size, as LAVIS concatenates
+    assert abs(np.mean(np.concatenate([next(it)["source"] for _ in range(50)]) == 0) - 0.25) < 0.05
