@@ -11,6 +11,7 @@ padding is masked). Truncation is on the right and counts the special tokens, as
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,11 +28,20 @@ def qformer_tokenizer(path_or_id: str | os.PathLike = "bert-base-uncased"):
     return tokenizer
 
 
+# Any of these marks a directory that `AutoTokenizer` can load (fast, GPT-2 BPE, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+
+
 def language_tokenizer(path_or_id: str | os.PathLike):
     """The OPT (GPT-2 BPE) or FlanT5 (SentencePiece) tokenizer from a local directory or hub id;
     `AutoTokenizer` picks the class, with the same ids as the slow/fast classes LAVIS names."""
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
+    directory = Path(path_or_id)
+    if directory.is_dir() and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the language model's "
+            "tokenizer there, e.g. Blip2Processor.from_pretrained(<hub id>).save_pretrained(<dir>)")
     return AutoTokenizer.from_pretrained(str(path_or_id))
 
 

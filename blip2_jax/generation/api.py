@@ -11,7 +11,6 @@ Outputs are decoded without special tokens and stripped, as LAVIS does.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -21,6 +20,7 @@ from PIL import Image
 
 from blip2_jax.convert.hf_checkpoint import load_pretrained, resolve
 from blip2_jax.data.images import ImageInput, preprocess_images
+from blip2_jax.data.tokenizers import language_tokenizer
 from blip2_jax.generation.config import CAPTION, PROMPTS, VQA_OPT, VQA_T5, GenerationConfig
 from blip2_jax.generation.decode import generate_fn
 from blip2_jax.generation.search import SearchOutput
@@ -28,8 +28,6 @@ from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
 from blip2_jax.models.config import Blip2Config, OPTConfig, T5Config
 
 PROMPT_BUCKET = 8  # prompt lengths round up to a multiple of this: one compile covers prompts of similar length
-# Any of these marks a directory that `AutoTokenizer` can load (fast, GPT-2 BPE, SentencePiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
 
 Images = Sequence[ImageInput] | ImageInput  # a single image, a list of them, or a uint8 (B,H,W,3) array
 
@@ -65,18 +63,6 @@ def prompt_arrays(token_lists: Sequence[Sequence[int]], config: Blip2Config) -> 
     return np.concatenate([image, ids], 1), np.concatenate([np.ones_like(image), mask], 1)
 
 
-def load_tokenizer(directory: Path, path_or_id: str | os.PathLike) -> Any:
-    """The LLM tokenizer saved beside a checkpoint (a hub id fetches its own files)."""
-    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-
-    local = Path(path_or_id).is_dir()
-    if local and not any((directory / f).is_file() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the language model's "
-            "tokenizer there, e.g. Blip2Processor.from_pretrained(<hub id>).save_pretrained(<dir>)")
-    return AutoTokenizer.from_pretrained(str(directory if local else path_or_id))
-
-
 class Blip2Generator:
     """A BLIP-2 model, its parameters and its LLM tokenizer, with one compiled generate per setting."""
 
@@ -97,7 +83,7 @@ class Blip2Generator:
         `dtype` (e.g. "bfloat16") is both the storage and the compute dtype; default float32.
         """
         directory = resolve(path_or_id)
-        tokenizer = load_tokenizer(directory, path_or_id)  # before the weights: fail fast
+        tokenizer = language_tokenizer(path_or_id)  # before the weights: fail fast (a hub id fetches its own)
         overrides = {} if dtype is None else dict(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
         config, params = load_pretrained(directory, dtype=dtype, **overrides)
         return cls(Blip2ForConditionalGeneration(config), params, tokenizer, batch_size=batch_size)
