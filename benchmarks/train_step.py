@@ -242,6 +242,7 @@ def run_stage1(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     from flax import linen as nn
 
+    from blip2_jax.data.loader import make_loader
     from blip2_jax.models import blip2
     from blip2_jax.train import loop, metrics
     from blip2_jax.train.flops import step_flops
@@ -264,8 +265,8 @@ def run_stage1(args: argparse.Namespace) -> dict[str, Any]:
     tx = make_optimizer(config.optim, trainable)
     state = TrainState.create(trainable, tx, jax.random.PRNGKey(config.seed + 1))
     del trainable
-    data = loop.make_data(config, model_cfg)
-    batches = [jax.device_put(data.batch(i)) for i in range(args.steps + 1)]
+    loader = make_loader(config, model_cfg, loop.data_kind(config, model_cfg))
+    batches = [jax.device_put(loader.next()) for _ in range(args.steps + 1)]
     step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
     flops = step_flops(step_fn, state, frozen, batches[0])
     compiled = jax.jit(step_fn, donate_argnums=0).lower(state, frozen, batches[0]).compile()

@@ -27,7 +27,7 @@ from blip2_jax.checkpoint import Checkpointer
 from blip2_jax.convert.bert_init import init_from_bert, load_bert
 from blip2_jax.convert.hf_checkpoint import load_pretrained
 from blip2_jax.convert.stage1_to_stage2 import load_stage1, stage2_from_stage1
-from blip2_jax.data.synthetic import SyntheticData
+from blip2_jax.data.loader import make_loader
 from blip2_jax.models import blip2, presets
 from blip2_jax.objectives.stage1 import Stage1Config, stage1_loss
 from blip2_jax.objectives.stage2 import stage2_loss
@@ -56,14 +56,9 @@ def build_objective(config: ml_collections.ConfigDict) -> tuple[blip2.Blip2Base,
     return model, model_cfg, loss_fn
 
 
-def make_data(config: ml_collections.ConfigDict, model_cfg) -> SyntheticData:
-    d = config.data
-    if d.source != "synthetic":
-        raise ValueError(f"data.source {d.source!r} is not available yet; use 'synthetic'")
-    kind = config.stage if config.stage == "stage1" else f"stage2_{model_cfg.text.model_type}"
-    vocab = model_cfg.qformer.vocab_size - 1 if config.stage == "stage1" else model_cfg.text.vocab_size
-    return SyntheticData(kind=kind, global_batch_size=config.batch_size, image_size=model_cfg.vision.image_size,
-                         text_length=d.text_length, vocab_size=vocab, seed=config.seed)
+def data_kind(config: ml_collections.ConfigDict, model_cfg) -> str:
+    """What the objective reads: 'stage1', 'stage2_opt' or 'stage2_t5'."""
+    return config.stage if config.stage == "stage1" else f"stage2_{model_cfg.text.model_type}"
 
 
 def _initial_params(config, model, model_cfg, patterns, shardings):
@@ -154,42 +149,43 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
         ckpt.save_frozen(frozen)
         data_state = {"next_step": 0}
 
-    data = make_data(config, model_cfg)
-    local = config.batch_size // jax.process_count()
-    rows = range(jax.process_index() * local, (jax.process_index() + 1) * local)
-    example = data.batch(0, range(1))
-    batch_sh = {k: mesh_lib.batch_sharding(mesh, v.ndim) for k, v in example.items()}
+    loader = make_loader(config, model_cfg, data_kind(config, model_cfg))
+    if data_state.get("next_step", 0):
+        loader.set_state(data_state)
+    start = int(state.step)
+    if start != loader.get_state()["next_step"]:
+        raise RuntimeError(f"checkpoint step {start} and data position {loader.get_state()['next_step']} disagree")
+    first = loader.next()
+    batch_sh = {k: mesh_lib.batch_sharding(mesh, v.ndim) for k, v in first.items()}
     step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx, schedule=schedule),
                       in_shardings=(state_shardings, frozen_sh, batch_sh),
                       out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
 
-    def global_batch(step: int) -> dict[str, jax.Array]:
-        host = data.batch(step, rows)
+    def global_batch(host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(batch_sh[k], v, (config.batch_size, *v.shape[1:]))
                 for k, v in host.items()}
 
-    start = int(state.step)
-    if start != data_state["next_step"]:
-        raise RuntimeError(f"checkpoint step {start} and data position {data_state['next_step']} disagree")
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard,
                                       resume_step=start)
-    flops = step_flops(step_fn, state, frozen, global_batch(start))
+    flops = step_flops(step_fn, state, frozen, global_batch(first))
     preemption = _Preemption()
     last: dict[str, float] = {}
     tick, since = time.perf_counter(), 0
     for step in range(start, config.total_steps):
-        batch = global_batch(step)
+        batch = global_batch(first if step == start else loader.next())
         state, metrics = step_fn(state, frozen, batch)
         done, since = step + 1, since + 1
         if done % config.log.every == 0 or done == config.total_steps:
             metrics = jax.device_get(metrics)  # waits for the step: the timing below is real
             step_time = (time.perf_counter() - tick) / since
-            last = writer.write(done, metrics, step_time=step_time, batch_size=config.batch_size,
+            skipped = loader.stats.get("skipped")
+            extra = {} if skipped is None else {"data_skipped": float(skipped)}
+            last = writer.write(done, {**metrics, **extra}, step_time=step_time, batch_size=config.batch_size,
                                 tokens=int(batch_tokens(batch)), flops=flops, num_devices=mesh.size,
                                 peak_flops=config.log.peak_flops_per_device)
             tick, since = time.perf_counter(), 0
         preempted = preemption.agreed()
-        ckpt.save(done, state, {"next_step": done}, metadata, force=preempted or done == config.total_steps)
+        ckpt.save(done, state, loader.get_state(), metadata, force=preempted or done == config.total_steps)
         if preempted:
             logging.warning("SIGTERM: saved a checkpoint at step %d; exiting", done)
             break

@@ -1,0 +1,163 @@
+"""The trainer's input: synthetic batches or a Grain pipeline over a real source, one interface.
+
+`make_loader(config, model_cfg, rows)` reads `config.data`: `source` is 'synthetic' (per-row
+seeded random arrays, the exactness tests' data), 'json' (LAVIS annotation files + image root),
+'arrayrecord' (shards from `blip2-jax data build`), 'tfds' or 'easy_vqa'. Real records become the
+arrays the objective takes (`RecordProcessor`): the LAVIS train transform and caption cleaning, then
+the Q-Former, OPT or FlanT5 tokenisation at `data.text_length`. The loader's state (next step,
+iterator position, skipped-record counters) is saved with every checkpoint, so a resumed run reads
+exactly the batches the uninterrupted run would have read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+
+from blip2_jax.data import sources as sources_lib
+from blip2_jax.data import tokenizers, transforms
+from blip2_jax.data.pipeline import make_pipeline
+from blip2_jax.data.synthetic import SyntheticData
+from blip2_jax.data.text import pre_caption, pre_question
+from blip2_jax.models.config import Blip2Config
+from blip2_jax.objectives.stage2 import opt_labels
+
+TRANSFORMS = {"blip2_image_train": transforms.blip2_image_train, "blip_image_train": transforms.blip_image_train,
+              "blip_image_eval": transforms.blip_image_eval}
+
+
+class Loader(Protocol):
+    """This host's rows of consecutive global batches, with a position that checkpoints can hold."""
+
+    def next(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+    @property
+    def stats(self) -> dict[str, Any]: ...
+
+
+class SyntheticLoader:
+    """`SyntheticData` rows of batch `step`, one step after another; the state is the next step."""
+
+    def __init__(self, data: SyntheticData, rows: range):
+        self.data, self.rows, self.step = data, rows, 0
+
+    def next(self) -> dict[str, np.ndarray]:
+        self.step += 1
+        return self.data.batch(self.step - 1, self.rows)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next_step": self.step}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["next_step"])
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class PipelineLoader:
+    """A Grain `BatchIterator` counted in steps (the checkpoint checks step and position agree)."""
+
+    def __init__(self, iterator):
+        self.iterator, self.step = iterator, 0
+
+    def next(self) -> dict[str, np.ndarray]:
+        self.step += 1
+        return next(self.iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next_step": self.step, "iterator": self.iterator.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["next_step"])
+        self.iterator.set_state(state["iterator"])
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.iterator.stats
+
+
+def record_texts(record: dict[str, Any], prompt: str) -> tuple[str, str]:
+    """(text input, text output) of a caption record ('caption') or a VQA record ('question' and
+    'answer', the first answer): the caption has `prompt` before it, a question is formatted into
+    it (default "Question: {} Answer:")."""
+    if "caption" in record:
+        return prompt, pre_caption(record["caption"])
+    if "question" in record:
+        answers = record.get("answer")
+        answer = answers[0] if isinstance(answers, (list, tuple)) and answers else answers
+        return (prompt or "Question: {} Answer:").format(pre_question(record["question"])), pre_caption(answer)
+    raise KeyError(f"record {record.get('id')!r} has neither 'caption' nor 'question' (keys: {sorted(record)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordProcessor:
+    """record -> the objective's arrays (picklable for Grain workers; the tokenizer loads lazily)."""
+
+    kind: str  # 'stage1', 'stage2_opt' or 'stage2_t5'
+    image_transform: transforms.ImageTransform
+    tokenizer_path: str
+    text_length: int
+    prompt: str = ""
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        if self.kind == "stage1":
+            return tokenizers.qformer_tokenizer(self.tokenizer_path)
+        return tokenizers.language_tokenizer(self.tokenizer_path)
+
+    def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        image = self.image_transform(sources_lib.read_image(record["image"]), rng)
+        text_input, text_output = record_texts(record, self.prompt)
+        joined = f"{text_input} {text_output}".strip()
+        if self.kind == "stage1":
+            return {"image": image, **tokenizers.qformer_text(self.tokenizer, joined, self.text_length)}
+        if self.kind == "stage2_opt":
+            out = tokenizers.opt_text(self.tokenizer, joined, prompt=text_input, max_length=self.text_length)
+            labels = opt_labels(out["text_ids"][None], out["text_mask"][None], int(out.pop("prompt_length")))
+            return {"image": image, **out, "labels": np.asarray(labels[0], np.int32)}
+        return {"image": image, **tokenizers.t5_text(self.tokenizer, text_input, text_output, self.text_length,
+                                                     self.text_length)}
+
+
+def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:
+    """The configured real source (`data.source` other than 'synthetic')."""
+    if d.source == "json":
+        return sources_lib.JsonSource([a for a in d.annotations.split(",") if a], d.image_root)
+    if d.source == "arrayrecord":
+        return sources_lib.ArrayRecordSource(d.path)
+    if d.source == "tfds":
+        return sources_lib.TfdsSource(d.tfds_name, d.split, d.path or None)
+    if d.source == "easy_vqa":
+        return sources_lib.EasyVqaSource(d.split)
+    raise ValueError(f"data.source must be synthetic, json, arrayrecord, tfds or easy_vqa; got {d.source!r}")
+
+
+def make_loader(config: ml_collections.ConfigDict, model_cfg: Blip2Config, kind: str) -> Loader:
+    """This host's loader for `config.data` (kind: 'stage1', 'stage2_opt' or 'stage2_t5')."""
+    d = config.data
+    local = config.batch_size // jax.process_count()
+    if d.source == "synthetic":
+        vocab = model_cfg.qformer.vocab_size - 1 if kind == "stage1" else model_cfg.text.vocab_size
+        data = SyntheticData(kind=kind, global_batch_size=config.batch_size, image_size=model_cfg.vision.image_size,
+                             text_length=d.text_length, vocab_size=vocab, seed=config.seed)
+        return SyntheticLoader(data, range(jax.process_index() * local, (jax.process_index() + 1) * local))
+    if d.transform not in TRANSFORMS:
+        raise ValueError(f"data.transform must be one of {sorted(TRANSFORMS)}, got {d.transform!r}")
+    if not d.tokenizer:
+        raise ValueError("a real data source needs data.tokenizer (a local directory or hub id)")
+    process = RecordProcessor(kind, TRANSFORMS[d.transform](model_cfg.vision.image_size), d.tokenizer,
+                              d.text_length, d.prompt)
+    iterator = make_pipeline(make_source(d), process=process, global_batch_size=config.batch_size,
+                             seed=config.seed, process_index=jax.process_index(),
+                             process_count=jax.process_count(), worker_count=d.workers, strict=d.strict)
+    return PipelineLoader(iterator)

@@ -1,0 +1,16 @@
+"""Word-level tokenizers built in-process (nothing downloaded) with the ids a test's tiny model expects."""
+from __future__ import annotations
+
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+
+def word_tokenizer(vocabulary: list[str], template: str, special_ids: dict[str, int],
+                   **special_tokens: str) -> transformers.PreTrainedTokenizerFast:
+    """Ids in `vocabulary` order; words split on spaces with "\\n" its own token; `template` is the
+    post-processor (OPT: "<s> $A", T5: "$A </s>") over the specials in `special_ids`."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", "removed"),
+                                                 pre_tokenizers.Split("\n", "isolated")])
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=list(special_ids.items()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **special_tokens)

@@ -1,0 +1,74 @@
+"""Training on a real data set (the packaged easy-VQA images and questions) through the Grain
+pipeline: the run stopped after 2 steps and started again continues with exactly the batches,
+losses and parameters of the uninterrupted run, because the iterator position is in the checkpoint."""
+import json
+
+import easy_vqa
+import jax
+import numpy as np
+import pytest
+
+from blip2_jax.checkpoint import Checkpointer
+from blip2_jax.data.loader import make_loader
+from blip2_jax.models import presets
+from blip2_jax.train import loop
+from tests.reference.tokenizers import word_tokenizer
+from tests.test_train import load_config
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+def _words() -> list[str]:
+    questions = easy_vqa.get_train_questions()[0] + easy_vqa.get_test_questions()[0]
+    words = {w for q in questions for w in q.lower().replace("?", " ").split()} | set(easy_vqa.get_answers())
+    return sorted(words) + ["question:", "answer:"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("opt_tokenizer")
+    vocabulary = ["<s>", "<pad>", "</s>", "<unk>", "\n"] + _words()  # tiny OPT: pad 1, vocab 128
+    assert len(vocabulary) <= presets.get("tiny").text.vocab_size
+    word_tokenizer(vocabulary, "<s> $A", {"<s>": 0}, bos_token="<s>", eos_token="</s>",
+                   pad_token="<pad>").save_pretrained(directory)
+    return directory
+
+
+def _config(tokenizer_dir, total_steps):
+    config = load_config("configs/stage2_opt.py", "tiny")
+    config.data.update(source="easy_vqa", tokenizer=str(tokenizer_dir), prompt="question: {} answer:", text_length=20)
+    config.update(total_steps=total_steps)
+    config.optim.update(total_steps=STEPS, warmup_steps=1)  # the same schedule for both runs
+    config.checkpoint.update(every=1, async_save=False)
+    config.log.update(every=1, tensorboard=False)
+    return config
+
+
+def _params(workdir):
+    ckpt = Checkpointer(workdir, save_every=1)
+    params = jax.device_get(ckpt.restore_arrays()["params"])
+    ckpt.close()
+    return params
+
+
+def test_batches_are_processed_easy_vqa_records(tokenizer_dir):
+    config = _config(tokenizer_dir, STEPS)
+    batch = make_loader(config, presets.get("tiny"), "stage2_opt").next()
+    assert batch["image"].shape == (config.batch_size, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["text_ids"].shape == batch["labels"].shape == (config.batch_size, config.data.text_length)
+    # the prompt ("question: ... answer:") is masked; the answer and "\n" are targets
+    assert ((batch["labels"] >= 0).sum(1) >= 2).all() and (batch["labels"][:, :3] == -100).all()
+
+
+def test_stopped_and_restarted_run_reads_the_same_batches(tokenizer_dir, tmp_path):
+    loop.train(_config(tokenizer_dir, STEPS), tmp_path / "straight")
+    loop.train(_config(tokenizer_dir, 2), tmp_path / "resumed")
+    loop.train(_config(tokenizer_dir, STEPS), tmp_path / "resumed")
+    read = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("straight", "resumed")}
+    assert [m["step"] for m in read["resumed"]] == list(range(1, STEPS + 1))
+    assert [m["loss"] for m in read["resumed"]] == [m["loss"] for m in read["straight"]]
+    assert all(m["data_skipped"] == 0 for m in read["straight"])
+    for a, b in zip(jax.tree.leaves(_params(tmp_path / "straight")), jax.tree.leaves(_params(tmp_path / "resumed"))):
+        np.testing.assert_array_equal(a, b)
