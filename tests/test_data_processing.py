@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import transformers
 from PIL import Image, ImageOps
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from blip2_jax.data.images import load_image
 from blip2_jax.data.text import TextError, pre_caption, pre_question, split_prefix
@@ -18,6 +17,7 @@ from blip2_jax.data.tokenizers import (opt_eos_token_id, opt_prompt, opt_text, q
                                        t5_text)
 from blip2_jax.data.transforms import (AUGMENT_OPS, CLIP_MEAN, CLIP_STD, _warp, blip2_image_train, blip_image_eval,
                                        blip_image_train, rand_augment, resized_crop, sample_crop, to_rgb)
+from tests.reference.tokenizers import word_tokenizer
 
 MEAN, STD = np.asarray(CLIP_MEAN), np.asarray(CLIP_STD)
 
@@ -219,11 +219,7 @@ def _word_tokenizer(template: str, **specials: str) -> transformers.PreTrainedTo
     """Word-level; "\\n" is its own token. `template` is the post-processor (OPT: BOS first, T5: </s> last)."""
     special = ["<s>", "<pad>", "</s>", "<unk>"]
     words = ["\n", "a", "photo", "of", "dog", "cat", "question", "answer:"] + [f"w{i}" for i in range(40)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", "removed"),
-                                                 pre_tokenizers.Split("\n", "isolated")])
-    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 0), ("</s>", 2)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", **specials)
+    return word_tokenizer(special + words, template, {"<s>": 0, "</s>": 2}, pad_token="<pad>", **specials)
 
 
 OPT_TOK = dict(template="<s> $A", bos_token="<s>", eos_token="</s>")  # ids: <s> 0, <pad> 1, </s> 2, "\n" 4
