@@ -104,4 +104,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    from blip2_jax.data.pipeline import limit_malloc_arenas  # pylint: disable=import-outside-toplevel
+
+    limit_malloc_arenas()  # before any thread allocates: keeps a long input pipeline's memory flat
     app.run(main)

@@ -17,7 +17,9 @@ skipped, counted and logged; `strict=True` raises `BadRecordError` on the first 
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
@@ -28,6 +30,23 @@ from blip2_jax.data.sources import Record, Source
 
 Example = dict[str, np.ndarray]
 Process = Callable[[Record, np.random.Generator], Example]
+M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+def limit_malloc_arenas(count: int = 2) -> bool:
+    """Cap glibc's malloc arenas for the rest of the process (unless MALLOC_ARENA_MAX is set).
+
+    Grain's prefetch threads each get their own arena, and freed batch-sized buffers scattered over
+    them are not returned: the process's memory climbs for thousands of batches (measured +130 MiB
+    over 4,000 batches of 224 px images at the default, flat after warm-up with 2 arenas). Call it
+    before building pipelines; the `blip2-jax` command does. Returns whether the cap was applied.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, count))
+    except OSError:  # not glibc (macOS, musl): nothing to cap
+        return False
 
 
 class BadRecordError(ValueError):
@@ -158,11 +177,13 @@ def _host_records(source: Source, source_number: int, *, process: Process, seed:
 def make_pipeline(source: Source | Mixture, *, process: Process, global_batch_size: int, seed: int,
                   shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                   process_count: int = 1, worker_count: int = 0, strict: bool = False,
-                  keep_skipped_ids: int = 32) -> BatchIterator:
+                  keep_skipped_ids: int = 32, read_threads: int = 16, prefetch_batches: int = 2) -> BatchIterator:
     """This host's batches of `source` (or a `Mixture`), each `global_batch_size // process_count`
     rows of `process(record, rng)`. `num_epochs=None` repeats forever; with a mixture, iteration
     ends when the first source runs out. `worker_count > 0` reads and processes in that many
-    worker processes (then `process` and the sources must pickle)."""
+    worker processes (then `process` and the sources must pickle). `read_threads` threads read and
+    process ahead of the consumer, at most `prefetch_batches` batches ahead: Grain's default of 500
+    records holds ~300 MB of 224 px float32 images and fills slowly, which looks like a leak."""
     if global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
     if not 0 <= process_index < process_count:
@@ -174,7 +195,9 @@ def make_pipeline(source: Source | Mixture, *, process: Process, global_batch_si
                            process_index=process_index, process_count=process_count, strict=strict)
              for i, s in enumerate(mixture.sources)]
     records = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, mixture.proportions())
-    records = records.to_iter_dataset()
+    local = global_batch_size // process_count
+    records = records.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                        prefetch_buffer_size=prefetch_batches * local))
     if worker_count > 0:
         records = records.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return BatchIterator(records, global_batch_size // process_count, keep_skipped_ids)
+    return BatchIterator(records, local, keep_skipped_ids)
