@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import easy_vqa
+import ml_collections
 import numpy as np
 import pytest
 from absl import flags
 from PIL import Image
 
+from blip2_jax.data.loader import make_sources
 from blip2_jax.data.pipeline import BadRecordError, Mixture, make_pipeline
 from blip2_jax.data.sources import ArrayRecordSource, EasyVqaSource, JsonSource, TfdsSource, read_image
 
@@ -182,3 +184,20 @@ def test_mixture_draws_in_proportion_to_weights():
     it = make_pipeline(Mixture([big, small]), process=lambda r, rng: {"source": np.int32(r["source"])},
                        global_batch_size=8, seed=0)  # default: in proportion to size, as LAVIS concatenates
     assert abs(np.mean(np.concatenate([next(it)["source"] for _ in range(50)]) == 0) - 0.25) < 0.05
+
+
+def test_config_mixture_builds_weighted_sources():
+    data = ml_collections.ConfigDict(dict(source="easy_vqa", annotations="", image_root="", path="", tfds_name="",
+                                          split="train", mixture=[dict(weight=1.0), dict(split="test", weight=3.0)]))
+    mixture = make_sources(data)
+    assert isinstance(mixture, Mixture) and mixture.proportions() == [1.0, 3.0]
+    assert [len(s) for s in mixture.sources] == [len(easy_vqa.get_train_questions()[0]),
+                                                 len(easy_vqa.get_test_questions()[0])]
+    data.mixture = [dict(), dict(split="test")]  # no weights: in proportion to size, as LAVIS concatenates
+    assert make_sources(data).proportions() == [float(len(s)) for s in mixture.sources]
+    data.mixture = [dict(weight=1.0), dict(split="test")]
+    with pytest.raises(ValueError, match="for every source or for none"):
+        make_sources(data)
+    data.mixture = [dict(spilt="test")]
+    with pytest.raises(ValueError, match=r"data.mixture\[0\] has unknown keys \['spilt'\]"):
+        make_sources(data)

@@ -3,6 +3,7 @@
 References: `transformers`' BlipImageProcessorPil (the eval transform), PIL by hand (the train
 crop), torchvision's RandomResizedCrop constraints, and LAVIS's text rules written out by hand.
 """
+import dataclasses
 import pickle
 
 import easy_vqa
@@ -12,6 +13,7 @@ import transformers
 from PIL import Image, ImageOps
 
 from blip2_jax.data.images import load_image
+from blip2_jax.data.loader import RecordProcessor
 from blip2_jax.data.text import TextError, pre_caption, pre_question, split_prefix
 from blip2_jax.data.tokenizers import (opt_eos_token_id, opt_prompt, opt_text, qformer_text, qformer_tokenizer,
                                        t5_text)
@@ -271,3 +273,26 @@ def test_qformer_text_is_cls_sep_pad(tmp_path):
     np.testing.assert_array_equal(got["text_ids"], [2, 5, 6, 7, 5, 8, 3, 0])
     np.testing.assert_array_equal(got["text_mask"], [1, 1, 1, 1, 1, 1, 1, 0])
     np.testing.assert_array_equal(qformer_text(tok, "a photo of a cat", max_length=4)["text_ids"], [2, 5, 6, 3])
+
+
+def test_prefix_lm_splits_the_caption_between_encoder_input_and_target(tmp_path):
+    """FlanT5 prefix LM (spec §7.2): the prompt and the caption's first 1..n//2 words are the encoder
+    input, the remaining words the target; nothing is lost or repeated, and the split varies by record."""
+    _word_tokenizer(template="$A </s>", eos_token="</s>").save_pretrained(tmp_path)
+    process = RecordProcessor("stage2_t5", blip2_image_train(32), str(tmp_path), text_length=12, prompt="a photo of",
+                              prefix_lm=True)
+    image = sorted(easy_vqa.get_train_image_paths().values())[0]
+    caption = [12 + i for i in range(7)]  # the ids of "w0" .. "w6"
+    seen = set()
+    for seed in range(40):
+        out = process({"id": "r", "image": image, "caption": "W0 w1 w2; w3  w4 w5 w6."}, np.random.default_rng(seed))
+        inputs = out["input_ids"][out["input_mask"] == 1].tolist()
+        targets = out["output_ids"][out["output_mask"] == 1].tolist()
+        assert inputs[:3] == [5, 6, 7] and inputs[-1] == targets[-1] == 2  # prompt first, </s> last
+        k = len(inputs) - 4
+        assert 1 <= k <= 3 and inputs[3:-1] + targets[:-1] == caption
+        seen.add(k)
+    assert seen == {1, 2, 3}
+    plain = dataclasses.replace(process, prefix_lm=False)
+    out = plain({"id": "r", "image": image, "caption": "w0 w1"}, np.random.default_rng(0))
+    np.testing.assert_array_equal(out["output_ids"][:3], [12, 13, 2])  # without the option: all target

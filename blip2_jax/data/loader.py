@@ -2,7 +2,8 @@
 
 `make_loader(config, model_cfg, rows)` reads `config.data`: `source` is 'synthetic' (per-row
 seeded random arrays, the exactness tests' data), 'json' (LAVIS annotation files + image root),
-'arrayrecord' (shards from `blip2-jax data build`), 'tfds' or 'easy_vqa'. Real records become the
+'arrayrecord' (shards from `blip2-jax data build`), 'tfds' or 'easy_vqa'; `mixture` draws from
+several of them by weight. Real records become the
 arrays the objective takes (`RecordProcessor`): the LAVIS train transform and caption cleaning, then
 the Q-Former, OPT or FlanT5 tokenisation at `data.text_length`. The loader's state (next step,
 iterator position, skipped-record counters) is saved with every checkpoint, so a resumed run reads
@@ -20,9 +21,9 @@ import numpy as np
 
 from blip2_jax.data import sources as sources_lib
 from blip2_jax.data import tokenizers, transforms
-from blip2_jax.data.pipeline import make_pipeline
+from blip2_jax.data.pipeline import Mixture, make_pipeline
 from blip2_jax.data.synthetic import SyntheticData
-from blip2_jax.data.text import pre_caption, pre_question
+from blip2_jax.data.text import pre_caption, pre_question, split_prefix
 from blip2_jax.models.config import Blip2Config
 from blip2_jax.objectives.stage2 import opt_labels
 
@@ -108,6 +109,9 @@ class RecordProcessor:
     tokenizer_path: str
     text_length: int
     prompt: str = ""
+    # FlanT5 prefix-LM pre-training (spec §7.2): a caption is split at a random word (1..midpoint);
+    # the first part joins the encoder input after the prompt, the rest is the target.
+    prefix_lm: bool = False
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -118,6 +122,9 @@ class RecordProcessor:
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         image = self.image_transform(sources_lib.read_image(record["image"]), rng)
         text_input, text_output = record_texts(record, self.prompt)
+        if self.prefix_lm and "caption" in record:
+            prefix, text_output = split_prefix(text_output, rng)
+            text_input = f"{text_input} {prefix}".strip()
         joined = f"{text_input} {text_output}".strip()
         if self.kind == "stage1":
             return {"image": image, **tokenizers.qformer_text(self.tokenizer, joined, self.text_length)}
@@ -142,6 +149,31 @@ def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:
     raise ValueError(f"data.source must be synthetic, json, arrayrecord, tfds or easy_vqa; got {d.source!r}")
 
 
+SOURCE_FIELDS = ("source", "annotations", "image_root", "path", "tfds_name", "split")
+
+
+def make_sources(d: ml_collections.ConfigDict) -> sources_lib.Source | Mixture:
+    """The configured source, or with `data.mixture` (a list of dicts, each a source's fields as
+    above plus an optional `weight`) a `Mixture` of them: the fields an entry leaves out come from
+    `data`; weights are all given (LAVIS's sample ratios) or all left out (in proportion to size)."""
+    if not d.mixture:
+        return make_source(d)
+    parts, weights = [], []
+    for i, entry in enumerate(d.mixture):
+        entry = dict(entry)
+        weights.append(entry.pop("weight", None))
+        unknown = sorted(set(entry) - set(SOURCE_FIELDS))
+        if unknown:
+            raise ValueError(f"data.mixture[{i}] has unknown keys {unknown}; a source takes {list(SOURCE_FIELDS)} "
+                             "and weight")
+        fields = {k: d[k] for k in SOURCE_FIELDS}
+        parts.append(make_source(ml_collections.ConfigDict({**fields, **entry})))
+    given = [w is not None for w in weights]
+    if any(given) and not all(given):
+        raise ValueError(f"data.mixture weights must be given for every source or for none, got {weights}")
+    return Mixture(parts, [float(w) for w in weights] if all(given) else None)
+
+
 def make_loader(config: ml_collections.ConfigDict, model_cfg: Blip2Config, kind: str) -> Loader:
     """This host's loader for `config.data` (kind: 'stage1', 'stage2_opt' or 'stage2_t5')."""
     d = config.data
@@ -155,9 +187,11 @@ def make_loader(config: ml_collections.ConfigDict, model_cfg: Blip2Config, kind:
         raise ValueError(f"data.transform must be one of {sorted(TRANSFORMS)}, got {d.transform!r}")
     if not d.tokenizer:
         raise ValueError("a real data source needs data.tokenizer (a local directory or hub id)")
+    if d.prefix_lm and kind != "stage2_t5":
+        raise ValueError(f"data.prefix_lm is FlanT5's prefix-LM split (stage2_t5); this run is {kind}")
     process = RecordProcessor(kind, TRANSFORMS[d.transform](model_cfg.vision.image_size), d.tokenizer,
-                              d.text_length, d.prompt)
-    iterator = make_pipeline(make_source(d), process=process, global_batch_size=config.batch_size,
+                              d.text_length, d.prompt, d.prefix_lm)
+    iterator = make_pipeline(make_sources(d), process=process, global_batch_size=config.batch_size,
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count(), worker_count=d.workers, strict=d.strict)
     return PipelineLoader(iterator)

@@ -31,10 +31,13 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     # source: synthetic | json (annotations: comma-separated LAVIS files, image_root) | arrayrecord (path:
     # shard prefix) | tfds (tfds_name, split, path: data_dir) | easy_vqa (split). tokenizer: the Q-Former's
     # BERT (stage 1) or the LLM's (stage 2), a directory or hub id. Bad records are skipped and counted
-    # (data_skipped in the metrics) unless strict.
+    # (data_skipped in the metrics) unless strict. mixture: a list of dicts of the source fields above plus
+    # `weight` (e.g. [dict(source="json", annotations="coco.json", weight=2), dict(source="arrayrecord",
+    # path="vg", weight=1)]), empty for the one source above. prefix_lm: FlanT5's random caption split.
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", text_length=32, annotations="", image_root="", path="", tfds_name="", split="train",
-        tokenizer="", prompt="", transform="blip2_image_train", workers=0, strict=False))
+        tokenizer="", prompt="", transform="blip2_image_train", workers=0, strict=False, prefix_lm=False,
+        mixture=[]))
     # hf: a HF BLIP-2 checkpoint; bert: stage 1's Q-Former from BERT; stage1: a stage-1 workdir whose
     # Q-Former query path and ln_vision start stage 2 (convert/stage1_to_stage2.py)
     c.init = ml_collections.ConfigDict(dict(hf="", bert="", stage1=""))
