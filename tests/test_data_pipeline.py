@@ -201,3 +201,9 @@ def test_config_mixture_builds_weighted_sources():
     data.mixture = [dict(spilt="test")]
     with pytest.raises(ValueError, match=r"data.mixture\[0\] has unknown keys \['spilt'\]"):
         make_sources(data)
+    data.mixture = [dict(), dict(weight=0)]
+    with pytest.raises(ValueError, match=r"data.mixture\[1\].weight must be a positive number, got 0"):
+        make_sources(data)
+    data.mixture = [dict(), dict(source="arrayrecord", path="/nonexistent/shards")]
+    with pytest.raises(FileNotFoundError, match=r"data.mixture\[1\]: no ArrayRecord shards /nonexistent/shards-"):
+        make_sources(data)

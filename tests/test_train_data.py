@@ -61,6 +61,23 @@ def test_batches_are_processed_easy_vqa_records(tokenizer_dir):
     assert ((batch["labels"] >= 0).sum(1) >= 2).all() and (batch["labels"][:, :3] == -100).all()
 
 
+def test_mixture_alone_replaces_the_synthetic_default(tokenizer_dir):
+    """`data.mixture` names its own sources: with `data.source` left at 'synthetic' the batches are
+    still the mixture's easy-VQA records (the prompt masked out of the labels), not random arrays."""
+    config = _config(tokenizer_dir, STEPS)
+    config.data.update(source="synthetic", mixture=[dict(source="easy_vqa"), dict(source="easy_vqa", split="test")])
+    batch = make_loader(config, presets.get("tiny"), "stage2_opt").next()
+    assert batch["labels"].shape == (config.batch_size, config.data.text_length)
+    assert (batch["labels"][:, :3] == -100).all() and ((batch["labels"] >= 0).sum(1) >= 2).all()
+
+
+def test_prefix_lm_is_refused_outside_flant5(tokenizer_dir):
+    config = _config(tokenizer_dir, STEPS)
+    config.data.prefix_lm = True
+    with pytest.raises(ValueError, match="prefix_lm is FlanT5's prefix-LM split.*this run is stage2_opt"):
+        make_loader(config, presets.get("tiny"), "stage2_opt")
+
+
 def test_stopped_and_restarted_run_reads_the_same_batches(tokenizer_dir, tmp_path):
     loop.train(_config(tokenizer_dir, STEPS), tmp_path / "straight")
     loop.train(_config(tokenizer_dir, 2), tmp_path / "resumed")

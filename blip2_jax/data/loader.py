@@ -160,14 +160,22 @@ def make_sources(d: ml_collections.ConfigDict) -> sources_lib.Source | Mixture:
         return make_source(d)
     parts, weights = [], []
     for i, entry in enumerate(d.mixture):
+        if not isinstance(entry, (dict, ml_collections.ConfigDict)):
+            raise ValueError(f"data.mixture[{i}] must be a dict of source fields, got {entry!r}")
         entry = dict(entry)
-        weights.append(entry.pop("weight", None))
+        weight = entry.pop("weight", None)
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
+            raise ValueError(f"data.mixture[{i}].weight must be a positive number, got {weight!r}")
+        weights.append(weight)
         unknown = sorted(set(entry) - set(SOURCE_FIELDS))
         if unknown:
             raise ValueError(f"data.mixture[{i}] has unknown keys {unknown}; a source takes {list(SOURCE_FIELDS)} "
                              "and weight")
         fields = {k: d[k] for k in SOURCE_FIELDS}
-        parts.append(make_source(ml_collections.ConfigDict({**fields, **entry})))
+        try:
+            parts.append(make_source(ml_collections.ConfigDict({**fields, **entry})))
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise type(e)(f"data.mixture[{i}]: {e}") from e
     given = [w is not None for w in weights]
     if any(given) and not all(given):
         raise ValueError(f"data.mixture weights must be given for every source or for none, got {weights}")
@@ -178,7 +186,7 @@ def make_loader(config: ml_collections.ConfigDict, model_cfg: Blip2Config, kind:
     """This host's loader for `config.data` (kind: 'stage1', 'stage2_opt' or 'stage2_t5')."""
     d = config.data
     local = config.batch_size // jax.process_count()
-    if d.source == "synthetic":
+    if d.source == "synthetic" and not d.mixture:  # a mixture names its own sources
         vocab = model_cfg.qformer.vocab_size - 1 if kind == "stage1" else model_cfg.text.vocab_size
         data = SyntheticData(kind=kind, global_batch_size=config.batch_size, image_size=model_cfg.vision.image_size,
                              text_length=d.text_length, vocab_size=vocab, seed=config.seed)
