@@ -105,6 +105,6 @@ def init_from_bert(params: Any, bert: Mapping[str, Any], config: QFormerConfig) 
     return traverse_util.unflatten_dict(flat)
 
 
-def load_bert(path_or_id: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_bert(path_or_id: str | os.PathLike) -> Mapping[str, np.ndarray]:
     """BERT tensors from a Hugging Face directory (safetensors) or hub id (`bert-base-uncased`)."""
     return read_tensors(resolve(path_or_id))

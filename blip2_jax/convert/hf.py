@@ -144,14 +144,20 @@ def to_numpy(t: Any) -> np.ndarray:
     return np.asarray(t)
 
 
-def from_hf(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: int = 2,
-            dtype: Any = None, source: str = "checkpoint") -> Tree:
-    """Our parameter tree (shapes of `abstract`) filled from Hugging Face `tensors`.
+def _shape_of(tensors: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    """A tensor's shape without reading it when `tensors` can tell (a lazy safetensors mapping)."""
+    return tuple(tensors.shape(name)) if hasattr(tensors, "shape") else tuple(np.shape(tensors[name]))
+
+
+def iter_from_hf(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: int = 2,
+                 dtype: Any = None, source: str = "checkpoint") -> Iterator[tuple[str, np.ndarray]]:
+    """('/'-joined path, array) for every leaf of our tree (shapes of `abstract`), one leaf at a
+    time, from Hugging Face `tensors` (read lazily: one stacked leaf is in memory at a time).
 
     Strict: every tensor is used exactly once (tied aliases must equal what they alias); every
     parameter is found; every shape matches. All problems are collected and raised together in
-    one `CheckpointMismatchError` before anything is built, so nothing is ever half-loaded.
-    `dtype` (default: the abstract leaf dtype) is the storage dtype of the result.
+    one `CheckpointMismatchError` before the first leaf is produced, so nothing is ever
+    half-converted. `dtype` (default: the abstract leaf dtype) is the storage dtype of the result.
     """
     shapes = flat_shapes(abstract)
     dtypes = {"/".join(k): v.dtype for k, v in traverse_util.flatten_dict(abstract).items()}
@@ -160,33 +166,24 @@ def from_hf(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: int = 
     aliases = _lm_prefixed(_ALIASES, set(table))
     fallbacks = _lm_prefixed(_FALLBACKS, keys)
 
-    missing, shape_errors, alias_errors = [], [], []
-    for name, slot in table.items():
-        if name in keys:
-            continue
-        if name in fallbacks:
-            continue
-        missing.append(f"{name} (for {slot.path}{'' if slot.index is None else f'[{slot.index}]'})")
-    unknown = sorted(keys - set(table) - set(aliases))
-
-    def expected_shape(slot: Slot) -> tuple[int, ...]:
-        full = shapes[slot.path]
-        return full if slot.index is None else full[1:]
-
     def source_for(name: str) -> str:
         return name if name in keys else fallbacks[name]
 
+    missing, shape_errors, alias_errors = [], [], []
     for name, slot in table.items():
         if name not in keys and name not in fallbacks:
+            missing.append(f"{name} (for {slot.path}{'' if slot.index is None else f'[{slot.index}]'})")
             continue
-        got = tuple(np.shape(tensors[source_for(name)]))
-        want = tuple(np.shape(slot.to_hf(np.empty(expected_shape(slot), np.int8))))
+        full = shapes[slot.path]
+        want = tuple(np.shape(slot.to_hf(np.empty(full if slot.index is None else full[1:], np.int8))))
+        got = _shape_of(tensors, source_for(name))
         if got != want:
             shape_errors.append(f"{source_for(name)}: shape {got}, expected {want} (for {slot.path})")
+    unknown = sorted(keys - set(table) - set(aliases))
     for alias, canon in aliases.items():
         if alias in keys and canon in keys:
-            a, c = to_numpy(tensors[alias]), to_numpy(tensors[canon])
-            if a.shape != c.shape or not np.array_equal(a, c):
+            if _shape_of(tensors, alias) != _shape_of(tensors, canon) or not np.array_equal(
+                    to_numpy(tensors[alias]), to_numpy(tensors[canon])):
                 alias_errors.append(f"{alias}: must equal the tied tensor {canon} but differs")
     problems = []
     for title, items in (("missing", missing), ("unexpected", unknown), ("wrong shape", shape_errors),
@@ -196,18 +193,25 @@ def from_hf(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: int = 
     if problems:
         raise CheckpointMismatchError(f"{source} does not match the model:\n" + "\n".join(problems))
 
-    flat: dict[str, np.ndarray] = {}
-    stacked: dict[str, list] = {}
+    by_leaf: dict[str, list[tuple[str, Slot]]] = {}
     for name, slot in table.items():
-        value = slot.to_flax(to_numpy(tensors[source_for(name)]))
-        target = dtype if dtype is not None else dtypes[slot.path]
-        value = value.astype(target)
-        if slot.index is None:
-            flat[slot.path] = value
-        else:
-            stacked.setdefault(slot.path, [None] * shapes[slot.path][0])[slot.index] = value
-    for path, layers in stacked.items():
-        flat[path] = np.stack(layers)
+        by_leaf.setdefault(slot.path, []).append((name, slot))
+    for path, entries in by_leaf.items():
+        target = dtype if dtype is not None else dtypes[path]
+        if entries[0][1].index is None:
+            (name, slot), = entries
+            yield path, slot.to_flax(to_numpy(tensors[source_for(name)])).astype(target)
+            continue
+        out = np.empty(shapes[path], target)  # filled layer by layer: no list of copies to stack
+        for name, slot in entries:
+            out[slot.index] = slot.to_flax(to_numpy(tensors[source_for(name)]))
+        yield path, out
+
+
+def from_hf(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: int = 2,
+            dtype: Any = None, source: str = "checkpoint") -> Tree:
+    """Our parameter tree filled from Hugging Face `tensors` (strict; see `iter_from_hf`)."""
+    flat = dict(iter_from_hf(tensors, abstract, qformer_group=qformer_group, dtype=dtype, source=source))
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 
 from blip2_jax.convert.hf import CheckpointMismatchError, from_hf
+from blip2_jax.convert.safetensors_io import SafetensorsFiles
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
 
@@ -47,42 +47,24 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
 
 
-def _read_safetensors(file: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint shard {file} not found")
-    try:
-        tensors = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-    if names is not None:
-        absent = sorted(set(names) - set(tensors))
-        if absent:
-            raise ValueError(f"{file} lacks tensors its index assigns to it: {absent[:10]}")
-    return tensors
-
-
-def read_tensors(directory: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a single-file or index-sharded safetensors checkpoint."""
+def read_tensors(directory: Path) -> SafetensorsFiles:
+    """Every tensor of a single-file or index-sharded safetensors checkpoint, as a lazy mapping
+    (headers checked now, each tensor read when it is used)."""
     index = directory / SAFE_INDEX
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        shards: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(shard, []).append(name)
-        missing = sorted(s for s in shards if not (directory / s).is_file())
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (JSON with a weight_map): {e}") from e
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are not in {directory}: {missing}")
-        out: dict[str, np.ndarray] = {}
-        for shard, names in sorted(shards.items()):
-            out.update({k: v for k, v in _read_safetensors(directory / shard, names).items() if k in names})
-        return out
+        return SafetensorsFiles([directory / s for s in shards], expected=weight_map)
     single = directory / SAFE_WEIGHTS
     if not single.is_file():
         raise FileNotFoundError(f"{directory} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}")
-    return _read_safetensors(single)
+    return SafetensorsFiles([single])
 
 
 def params_from_state_dict(state_dict: Mapping[str, Any], config: config_lib.Blip2Config, *,
