@@ -81,6 +81,16 @@ def _split_stack(path: str, qformer_group: int) -> tuple[str, str, Callable[[int
     return None
 
 
+def hf_shape(slot: Slot, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The Hugging Face shape of the tensor at `slot` of a leaf of our `shape` (no data touched)."""
+    shape = tuple(shape if slot.index is None else shape[1:])
+    if slot.to_hf is _transpose:
+        return shape[::-1]
+    if slot.to_hf is _conv_to_hf:
+        return tuple(shape[i] for i in (3, 2, 0, 1))
+    return shape
+
+
 def _leaf_name(rest: str, ndim: int) -> tuple[str, Callable, Callable]:
     """Rename a Flax leaf to its HF name and give the layout transforms (both directions)."""
     head, _, leaf = rest.rpartition("/")
@@ -174,8 +184,7 @@ def iter_from_hf(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: i
         if name not in keys and name not in fallbacks:
             missing.append(f"{name} (for {slot.path}{'' if slot.index is None else f'[{slot.index}]'})")
             continue
-        full = shapes[slot.path]
-        want = tuple(np.shape(slot.to_hf(np.empty(full if slot.index is None else full[1:], np.int8))))
+        want = hf_shape(slot, shapes[slot.path])
         got = _shape_of(tensors, source_for(name))
         if got != want:
             shape_errors.append(f"{source_for(name)}: shape {got}, expected {want} (for {slot.path})")

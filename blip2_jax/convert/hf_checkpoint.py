@@ -22,9 +22,9 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 
 
-def resolve(path_or_id: str | os.PathLike) -> Path:
+def resolve(path_or_id: str | os.PathLike, *, extra_patterns: tuple[str, ...] = ()) -> Path:
     """A local checkpoint directory; a hub id (e.g. `Salesforce/blip2-opt-2.7b`) is downloaded
-    through `huggingface_hub` (config and safetensors only) when the network allows."""
+    through `huggingface_hub` (config, safetensors and `extra_patterns`) when the network allows."""
     path = Path(path_or_id)
     if path.is_dir():
         return path
@@ -34,7 +34,8 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"no checkpoint directory at {path} (and it is not a hub id 'org/name')")
     from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
 
-    return Path(snapshot_download(str(path_or_id), allow_patterns=["config.json", "*.safetensors", SAFE_INDEX]))
+    patterns = ["config.json", "*.safetensors", SAFE_INDEX, *extra_patterns]
+    return Path(snapshot_download(str(path_or_id), allow_patterns=patterns))
 
 
 def read_config(directory: Path) -> dict[str, Any]:

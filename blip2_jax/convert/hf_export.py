@@ -1,0 +1,211 @@
+"""Our checkpoints to Hugging Face directories, and Hugging Face directories to our checkpoints.
+
+`to_hf` writes what `Blip2ForConditionalGeneration.from_pretrained` / `Blip2ForImageTextRetrieval
+.from_pretrained` and `Blip2Processor.from_pretrained` read: `config.json` (written by
+`transformers.Blip2Config` itself), `model.safetensors` or index-sharded
+`model-0000x-of-0000y.safetensors`, and the processor files (the tokenizer with `<image>` added,
+the BLIP image processor at the model's resolution). A stage-1 checkpoint exports as
+`Blip2ForImageTextRetrieval`; its Q-Former LM head and `temp`, which no Hugging Face class has,
+go to `blip2_jax_stage1.safetensors` beside the weights (transformers ignores the file, `from_hf`
+reads it back), so the round trip is lossless.
+
+Both directions stream: the output is planned from shapes alone, and tensors are read, laid out
+and written one at a time (export reads one of our stacked leaves at a time).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from blip2_jax.convert import hf as hf_names
+from blip2_jax.convert import model_checkpoint
+from blip2_jax.convert import safetensors_io
+from blip2_jax.convert.hf_checkpoint import SAFE_INDEX, SAFE_WEIGHTS, read_config, read_tensors, resolve
+from blip2_jax.models import config as config_lib
+
+STAGE1_EXTRAS = "blip2_jax_stage1.safetensors"
+# Files of a Hugging Face directory that describe its tokenizer and processor (copied by from-hf).
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "preprocessor_config.json",
+                   "processor_config.json", "chat_template.jinja", "generation_config.json")
+IMAGE_TOKEN = "<image>"
+
+
+def _is_stage1_extra(name: str) -> bool:
+    return name == "temp" or name.startswith("cls.")
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal units as `save_pretrained`)."""
+    if isinstance(text, int):
+        return text
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    t = text.strip().upper()
+    for unit, scale in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * scale)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"cannot read the size {text!r}: use e.g. 5GB, 500MB or a number of bytes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face -> ours
+
+def hf_architecture(directory: Path, hf_config: dict[str, Any]) -> str:
+    config = config_lib.from_hf(hf_config)
+    if config.text is not None:
+        return "Blip2ForConditionalGeneration"
+    return "Blip2Stage1" if (directory / STAGE1_EXTRAS).is_file() else "Blip2ForImageTextRetrieval"
+
+
+def hf_tensors(directory: Path, architecture: str) -> safetensors_io.SafetensorsFiles:
+    """The weights (and for stage 1 the side file) of a Hugging Face directory, read lazily."""
+    weights = read_tensors(directory)
+    if architecture != "Blip2Stage1":
+        return weights
+    files = sorted({weights.info(n).file for n in weights}) + [directory / STAGE1_EXTRAS]
+    return safetensors_io.SafetensorsFiles(files)
+
+
+def from_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
+            progress: Callable[[int], None] | None = None) -> model_checkpoint.CheckpointParams:
+    """A Hugging Face BLIP-2 directory or hub id -> a model checkpoint at `out` (see
+    `model_checkpoint`), validated in full before anything is written."""
+    directory = resolve(src, extra_patterns=PROCESSOR_FILES + (STAGE1_EXTRAS,))
+    hf_config = read_config(directory)
+    architecture = hf_architecture(directory, hf_config)
+    config = config_lib.from_hf(hf_config)
+    tensors = hf_tensors(directory, architecture)
+    leaves = hf_names.iter_from_hf(tensors, model_checkpoint.abstract_params(architecture, config),
+                                   qformer_group=config.qformer.cross_attention_frequency, dtype=dtype,
+                                   source=str(directory))
+    files = [directory / f for f in PROCESSOR_FILES if (directory / f).is_file()]
+    model_checkpoint.write(out, architecture, config, leaves, source=str(src), copy_files=files, progress=progress)
+    return model_checkpoint.CheckpointParams.open(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# ours -> Hugging Face
+
+def _hf_config(params: model_checkpoint.CheckpointParams, image_token_index: int | None) -> Any:
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    d = config_lib.to_hf(params.config.replace(image_token_index=image_token_index))
+    if params.config.text is None:
+        d.pop("text_config", None)
+        d.pop("image_token_index", None)
+    cfg = transformers.Blip2Config(**d)
+    cfg.architectures = list(d["architectures"])
+    return cfg
+
+
+def _tensor_plan(params: model_checkpoint.CheckpointParams, dtype: Any
+                 ) -> tuple[list[tuple[str, tuple[int, ...], np.dtype]], dict[str, hf_names.Slot]]:
+    shapes = {p: s for p, (s, _) in params.shapes.items()}
+    table = hf_names.slots(shapes, qformer_group=params.config.qformer.cross_attention_frequency)
+    plan = [(name, hf_names.hf_shape(slot, shapes[slot.path]),
+             np.dtype(dtype) if dtype is not None else params.shapes[slot.path][1]) for name, slot in table.items()]
+    return plan, table
+
+
+class _LeafReader:
+    """Produces HF tensors in plan order, holding one of our (stacked) leaves at a time."""
+
+    def __init__(self, params: model_checkpoint.CheckpointParams, table: dict[str, hf_names.Slot], dtype: Any):
+        self.params, self.table, self.dtype = params, table, dtype
+        self.path, self.value = None, None
+
+    def __call__(self, name: str) -> np.ndarray:
+        slot = self.table[name]
+        if slot.path != self.path:
+            self.path, self.value = None, None  # drop the previous leaf before reading the next
+            self.value = self.params.read([slot.path])[slot.path]
+            self.path = slot.path
+        value = self.value if slot.index is None else self.value[slot.index]
+        value = slot.to_hf(np.asarray(value))
+        return value.astype(self.dtype) if self.dtype is not None else value
+
+
+def _language_tokenizer_with_image_token(source: str, config: config_lib.Blip2Config) -> tuple[Any, int]:
+    """The LLM tokenizer with `<image>` added; its id must be the config's image_token_index."""
+    from blip2_jax.data.tokenizers import language_tokenizer  # pylint: disable=import-outside-toplevel
+
+    tokenizer = language_tokenizer(source)
+    vocab = tokenizer.get_vocab()
+    if IMAGE_TOKEN not in vocab:
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    want = config.image_token_index
+    if want is not None and token_id != want:
+        raise ValueError(f"the tokenizer from {source} gives {IMAGE_TOKEN} the id {token_id}, but the model's "
+                         f"image_token_index is {want}: use the tokenizer the model was trained with")
+    if token_id >= config.text.vocab_size:
+        raise ValueError(f"{IMAGE_TOKEN} gets id {token_id}, outside the language model's {config.text.vocab_size} "
+                         "embedding rows")
+    tokenizer.image_token = IMAGE_TOKEN
+    return tokenizer, token_id
+
+
+def _write_processor(directory: Path, params: model_checkpoint.CheckpointParams, tokenizer_source: str) -> int | None:
+    """Processor files (tokenizer + image processor) into `directory`; returns image_token_index."""
+    from transformers import Blip2Processor, BlipImageProcessorPil  # pylint: disable=import-outside-toplevel
+
+    config = params.config
+    if not tokenizer_source:
+        raise ValueError(f"no tokenizer is known for {params.source}: pass --tokenizer (a directory or hub id of "
+                         f"the {'language model' if config.text is not None else 'Q-Former BERT'} tokenizer)")
+    if config.text is None:
+        from blip2_jax.data.tokenizers import qformer_tokenizer  # pylint: disable=import-outside-toplevel
+
+        tokenizer, image_token_index = qformer_tokenizer(tokenizer_source), None
+        if len(tokenizer) != config.qformer.vocab_size:  # also catches a path that held no tokenizer
+            raise ValueError(f"the Q-Former tokenizer from {tokenizer_source} has {len(tokenizer)} tokens with [DEC], "
+                             f"the model's Q-Former vocabulary {config.qformer.vocab_size}")
+    else:
+        tokenizer, image_token_index = _language_tokenizer_with_image_token(tokenizer_source, config)
+    size = config.vision.image_size
+    image_processor = BlipImageProcessorPil(size={"height": size, "width": size})
+    Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens).save_pretrained(directory)
+    return image_token_index
+
+
+def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, dtype: Any = None,
+          tokenizer: str = "", max_shard_size: str | int = "5GB",
+          progress: Callable[[int], None] | None = None) -> Path:
+    """A model checkpoint or training workdir -> a Hugging Face directory at `out`."""
+    params = model_checkpoint.CheckpointParams.open(checkpoint, step)
+    if params.config.vision.variant != "eva":
+        raise ValueError(f"{params.source} has LAVIS's CLIP ViT-L, which no Hugging Face BLIP-2 class holds")
+    out = Path(out)
+    tmp = model_checkpoint.temporary_sibling(out)
+    try:
+        image_token_index = _write_processor(tmp, params, tokenizer or params.tokenizer)
+        _hf_config(params, image_token_index).save_pretrained(tmp)
+        plan, table = _tensor_plan(params, dtype)
+        extras = [t for t in plan if _is_stage1_extra(t[0])]
+        weights = [t for t in plan if not _is_stage1_extra(t[0])]
+        produce = _LeafReader(params, table, dtype)
+        shards = safetensors_io.plan_shards(weights, parse_size(max_shard_size))
+        names = [SAFE_WEIGHTS] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            safetensors_io.write_file(tmp / name, shard, produce, progress=progress)
+        if len(shards) > 1:
+            total = sum(np.dtype(d).itemsize * int(np.prod(s, dtype=np.int64)) for _, s, d in weights)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {t[0]: n for n, shard in zip(names, shards) for t in shard}}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+        if extras:
+            safetensors_io.write_file(tmp / STAGE1_EXTRAS, extras, produce, progress=progress)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+

@@ -1,0 +1,214 @@
+"""Orbax model checkpoints, and one reader for every place whole-model parameters live.
+
+A model checkpoint (what `blip2-jax convert from-hf/from-lavis` write) is a directory:
+
+    params/          the parameter tree, an Orbax checkpoint written a group of leaves at a time
+    blip2_jax.json   {"architecture": ..., "config": <Hugging Face config.json dict>, "source": ...}
+    tokenizer files  the source's tokenizer / processor files, when it had them
+
+`CheckpointParams.open` reads that, a training workdir (the trainable tree of a step's
+train state plus the frozen towers saved once, design decision 9) or one of its
+`checkpoints/<step>` directories, and gives the architecture, the model config, the leaf
+shapes and the leaves, read a few at a time so an export never holds the whole model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import linen as nn
+from flax import traverse_util
+
+from blip2_jax.convert.hf import CheckpointMismatchError
+from blip2_jax.models import blip2, presets
+from blip2_jax.models import config as config_lib
+
+Tree = Any
+METADATA = "blip2_jax.json"
+PARAMS = "params"
+# The architectures a checkpoint can hold: the two Hugging Face classes and LAVIS's stage-1 model
+# (the retrieval model plus the Q-Former LM head and `temp`, which Hugging Face has no home for).
+ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2Stage1")
+_GROUP_BYTES = 1 << 30  # leaves per Orbax partial save: bounds memory, keeps the number of saves small
+
+
+def build_model(architecture: str, config: config_lib.Blip2Config) -> nn.Module:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+    if architecture == "Blip2ForConditionalGeneration":
+        return blip2.Blip2ForConditionalGeneration(config)
+    if architecture == "Blip2Stage1":
+        return blip2.Blip2Stage1(config)
+    return blip2.Blip2ForImageTextRetrieval(config)
+
+
+def abstract_params(architecture: str, config: config_lib.Blip2Config) -> Tree:
+    return blip2.abstract_params(config, model=build_model(architecture, config))
+
+
+def _restore(directory: epath.Path, paths: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """'/'-joined path -> host array for the leaves `paths` (default all) of an Orbax pytree."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        flat = traverse_util.flatten_dict(handler.metadata(directory).tree, sep="/")
+        wanted = list(flat) if paths is None else list(paths)
+        item = traverse_util.unflatten_dict({p: flat[p] for p in wanted}, sep="/")
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        out = handler.restore(directory, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=paths is not None))
+    finally:
+        handler.close()
+    return traverse_util.flatten_dict(out, sep="/")
+
+
+def _leaf_metadata(directory: epath.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        flat = traverse_util.flatten_dict(handler.metadata(directory).tree, sep="/")
+    finally:
+        handler.close()
+    return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in flat.items()}
+
+
+class CheckpointParams:
+    """A checkpoint's architecture, config and parameters (`open` says which layouts it reads)."""
+
+    def __init__(self, architecture: str, config: config_lib.Blip2Config, trees: list[tuple[epath.Path, str]],
+                 *, source: str, tokenizer: str = ""):
+        """`trees`: (Orbax pytree directory, the subtree of it that holds parameters, "" for all)."""
+        self.architecture, self.config, self.source, self.tokenizer = architecture, config, source, tokenizer
+        self._where: dict[str, tuple[epath.Path, str]] = {}
+        self.shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for directory, subtree in trees:
+            inner = subtree + "/" if subtree else ""
+            for path, meta in _leaf_metadata(directory).items():
+                if path.startswith(inner):
+                    self._where[path[len(inner):]], self.shapes[path[len(inner):]] = (directory, inner), meta
+        expected = {p: tuple(s.shape) for p, s in
+                    traverse_util.flatten_dict(abstract_params(architecture, config), sep="/").items()}
+        missing = sorted(set(expected) - set(self.shapes))
+        unknown = sorted(set(self.shapes) - set(expected))
+        wrong = sorted(f"{p}: {self.shapes[p][0]}, expected {expected[p]}" for p in set(expected) & set(self.shapes)
+                       if self.shapes[p][0] != expected[p])
+        if missing or unknown or wrong:
+            raise CheckpointMismatchError(
+                f"{source} does not match its {architecture} config: missing {missing[:10]}, unexpected "
+                f"{unknown[:10]}, wrong shape {wrong[:10]}")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, step: int | None = None) -> CheckpointParams:
+        """A model checkpoint directory, a training workdir (latest complete step, or `step`) or a
+        workdir's `checkpoints/<step>` directory."""
+        path = epath.Path(path)
+        if (path / METADATA).exists():
+            meta = json.loads((path / METADATA).read_text())
+            try:
+                architecture, config = meta["architecture"], meta["config"]
+            except KeyError as e:
+                raise ValueError(f"{path / METADATA} lacks {e}: not a blip2_jax model checkpoint") from e
+            tokenizer = str(path) if any((path / f).exists() for f in _TOKENIZER_MARKERS) else ""
+            return cls(architecture, presets.from_config_dict(config), [(path / PARAMS / "state", "")],
+                       source=str(path), tokenizer=tokenizer)
+        if step is None and path.name.isdigit() and path.parent.name == "checkpoints":
+            path, step = path.parent.parent, int(path.name)
+        if not (path / "checkpoints").exists():
+            raise FileNotFoundError(f"{path} is neither a model checkpoint (no {METADATA}) nor a training workdir "
+                                    "(no checkpoints/)")
+        from blip2_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+
+        ckpt = Checkpointer(path, save_every=1, async_save=False)
+        try:
+            steps = ckpt.manager.all_steps()
+            step = ckpt.latest_step() if step is None else step
+            if step not in steps:
+                raise FileNotFoundError(f"no complete checkpoint{'' if step is None else f' at step {step}'} in "
+                                        f"{path / 'checkpoints'} (complete steps: {sorted(steps)})")
+            meta = ckpt.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+            frozen_dir = ckpt.frozen_dir
+        finally:
+            ckpt.close()
+        run = json.loads(meta["config"])
+        config = presets.from_config_dict(run["model"])
+        architecture = "Blip2Stage1" if run["stage"] == "stage1" else "Blip2ForConditionalGeneration"
+        # the train state holds `params` beside the optimizer state, step and RNG key
+        trees = [(path / "checkpoints" / str(step) / "state", "params"), (frozen_dir, "")]
+        return cls(architecture, config, trees, source=f"{path} step {step}",
+                   tokenizer=run.get("data", {}).get("tokenizer", ""))
+
+    def read(self, paths: Iterable[str]) -> dict[str, np.ndarray]:
+        """The leaves `paths` ('/'-joined) as host arrays."""
+        by_tree: dict[tuple[epath.Path, str], list[str]] = {}
+        for p in paths:
+            by_tree.setdefault(self._where[p], []).append(p)
+        out = {}
+        for (directory, inner), group in by_tree.items():
+            out.update({k[len(inner):]: v for k, v in _restore(directory, [inner + p for p in group]).items()})
+        return out
+
+    def tree(self) -> Tree:
+        """The whole parameter tree as host arrays."""
+        return traverse_util.unflatten_dict(self.read(self.shapes), sep="/")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.itemsize * int(np.prod(s, dtype=np.int64)) for s, d in self.shapes.values())
+
+
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def temporary_sibling(out: Path) -> Path:
+    """An empty directory beside `out` to build it in (renamed to `out` when complete)."""
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out or remove it")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write(out: str | os.PathLike, architecture: str, config: config_lib.Blip2Config,
+          leaves: Iterator[tuple[str, np.ndarray]], *, source: str, copy_files: Iterable[Path] = (),
+          progress: Callable[[int], None] | None = None, group_bytes: int = _GROUP_BYTES) -> Path:
+    """Write a model checkpoint at `out` from ('/'-joined path, array) `leaves`, a group of at
+    most `group_bytes` in memory at a time. Everything is written under a temporary sibling that
+    is renamed to `out` only when complete: a failed conversion leaves nothing at `out`."""
+    import orbax.checkpoint.experimental.v1 as ocp_v1  # pylint: disable=import-outside-toplevel
+
+    out = Path(out)
+    tmp = temporary_sibling(out)
+    try:
+        group: dict[str, np.ndarray] = {}
+        size = 0
+
+        def flush():
+            ocp_v1.partial.save(tmp / PARAMS, traverse_util.unflatten_dict(group, sep="/"))
+            if progress is not None:
+                progress(size)
+
+        for path, value in leaves:
+            group[path] = value
+            size += value.nbytes
+            if size >= group_bytes:
+                flush()
+                group, size = {}, 0
+        if group:
+            flush()
+        ocp_v1.partial.finalize(tmp / PARAMS)
+        for file in copy_files:
+            shutil.copy(file, tmp / file.name)
+        (tmp / METADATA).write_text(json.dumps({"architecture": architecture,
+                                                "config": presets.to_config_dict(config).to_dict(),
+                                                "source": source}, indent=2))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
