@@ -4,14 +4,21 @@
     blip2-jax generate --checkpoint DIR_OR_HUB_ID --image a.jpg [--image b.jpg] [--prompt "a photo of"]
     blip2-jax generate --checkpoint DIR_OR_HUB_ID --image a.jpg --question "what is in the picture?"
     blip2-jax data build --annotations a.json [--annotations b.json] --image_root DIR --output DIR/prefix --num_shards N
+    blip2-jax convert from-hf --src DIR_OR_HUB_ID --out DIR [--dtype float32]
+    blip2-jax convert to-hf --checkpoint DIR [--step N] --out DIR [--dtype bfloat16] [--tokenizer DIR_OR_HUB_ID]
+    blip2-jax convert from-lavis --src FILE.pth --model PRESET [--vision eva_vit_g.pth] [--text DIR_OR_HUB_ID] --out DIR
+    blip2-jax convert to-lavis --checkpoint DIR [--step N] --out FILE.pth [--vision_out eva_vit_g.pth]
 
 `train` runs the same command on every host of a pod or cluster; multi-host jobs join through
 `--coordinator_address/--num_processes/--process_id` or their scheduler's environment. `generate`
 prints `path<TAB>text` per image: a caption, or with `--question` an answer; search settings default
 to the paper's (CAPTION, or VQA_OPT/VQA_T5) and each flag given overrides one field. `data build`
 converts LAVIS-style JSON annotations and their images into ArrayRecord shards (`data/sources.py`).
+`convert` moves weights between our Orbax model checkpoints (or training workdirs) and Hugging
+Face directories or LAVIS `.pth` files, tensor by tensor (`convert/hf_export.py`, `convert/lavis.py`).
 """
 import dataclasses
+import functools
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,19 +31,37 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-host).")
 
 # generate
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face BLIP-2 directory (with its tokenizer) or hub id.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "generate: a Hugging Face BLIP-2 directory (with its tokenizer) "
+                                  "or hub id; convert to-hf/to-lavis: a model checkpoint or training workdir.")
 _IMAGES = flags.DEFINE_multi_string("image", [], "Image file; repeat for several.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text the output continues; with --question, a template with {} "
                               "(default: the paper's VQA prompt for the checkpoint's LLM).")
 _QUESTIONS = flags.DEFINE_multi_string("question", [], "Answer this question instead of captioning: one for all "
                                        "images or one per --image.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per compiled generate call.")
-_DTYPE = flags.DEFINE_string("dtype", None, "Parameter and compute dtype, e.g. bfloat16 (default float32).")
+_DTYPE = flags.DEFINE_string("dtype", None, "generate: parameter and compute dtype, e.g. bfloat16 (default float32); "
+                             "convert: storage dtype written (default: the source's, float32 for from-*).")
 # data build
 _ANNOTATIONS = flags.DEFINE_multi_string("annotations", [], "LAVIS-style JSON annotation file; repeat for several.")
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Directory the annotations' image paths are relative to.")
 _OUTPUT = flags.DEFINE_string("output", None, "Shard path prefix: writes PREFIX-00000-of-0000N.array_record, ...")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord files to write.")
+
+# convert
+_SRC = flags.DEFINE_string("src", None, "Conversion source: a Hugging Face directory or hub id (from-hf), a LAVIS "
+                           ".pth (from-lavis).")
+_OUT = flags.DEFINE_string("out", None, "Conversion output: a directory (from-hf, from-lavis, to-hf) or a .pth "
+                           "(to-lavis); written under a temporary name and renamed when complete.")
+_STEP = flags.DEFINE_integer("step", None, "Training step to export from a workdir (default: the latest).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "to-hf: tokenizer to ship (default: the checkpoint's, or the run's "
+                                 "data.tokenizer).")
+_MAX_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "to-hf: largest safetensors shard.")
+_MODEL = flags.DEFINE_string("model", None, "from-lavis: the model preset the checkpoint is (e.g. opt2.7b, "
+                             "flant5xl, itm_vit_g).")
+_VISION = flags.DEFINE_string("vision", None, "from-lavis: eva_vit_g.pth, for checkpoints without the frozen ViT.")
+_TEXT = flags.DEFINE_string("text", None, "from-lavis: the LLM's Hugging Face directory or hub id, for checkpoints "
+                            "without the frozen LLM.")
+_VISION_OUT = flags.DEFINE_string("vision_out", None, "to-lavis: also write the ViT as eva_vit_g.pth here.")
 
 _SEARCH = {  # GenerationConfig fields settable from the command line; None keeps the preset's value
     "num_beams": flags.DEFINE_integer("num_beams", None, "Beams (1: greedy)."),
@@ -49,7 +74,11 @@ _SEARCH = {  # GenerationConfig fields settable from the command line; None keep
 USAGE = ("usage: blip2-jax train --config configs/<file>.py:<preset> --workdir DIR\n"
          "       blip2-jax generate --checkpoint DIR_OR_HUB_ID --image FILE [--image FILE ...] [--prompt TEXT] "
          "[--question TEXT]\n"
-         "       blip2-jax data build --annotations FILE --image_root DIR --output PREFIX --num_shards N")
+         "       blip2-jax data build --annotations FILE --image_root DIR --output PREFIX --num_shards N\n"
+         "       blip2-jax convert from-hf --src DIR_OR_HUB_ID --out DIR\n"
+         "       blip2-jax convert to-hf --checkpoint DIR [--step N] --out DIR [--dtype D] [--tokenizer T]\n"
+         "       blip2-jax convert from-lavis --src FILE.pth --model PRESET [--vision FILE] [--text DIR] --out DIR\n"
+         "       blip2-jax convert to-lavis --checkpoint DIR [--step N] --out FILE.pth [--vision_out FILE]")
 
 
 def train() -> None:
@@ -96,8 +125,53 @@ def data_build() -> None:
           f"{len(paths):05d}.array_record; {len(missing)} left out (image file missing)")
 
 
+def _progress(total: int, what: str):
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what)
+
+
+def convert(direction: str) -> None:
+    # pylint: disable=import-outside-toplevel  # keep --help fast
+    import numpy as np
+
+    from blip2_jax.convert import hf_export, lavis, model_checkpoint
+    from blip2_jax.models import presets
+
+    needs = {"from-hf": ("src", "out"), "to-hf": ("checkpoint", "out"), "from-lavis": ("src", "model", "out"),
+             "to-lavis": ("checkpoint", "out")}[direction]
+    given = {"src": _SRC.value, "out": _OUT.value, "checkpoint": _CHECKPOINT.value, "model": _MODEL.value}
+    absent = [f"--{n}" for n in needs if not given[n]]
+    if absent:
+        raise app.UsageError(f"convert {direction} needs {', '.join(absent)}\n" + USAGE)
+    if direction == "from-hf":
+        with _progress(0, "from-hf") as bar:
+            out = hf_export.from_hf(_SRC.value, _OUT.value, dtype=_DTYPE.value, progress=bar.update)
+    elif direction == "from-lavis":
+        with _progress(0, "from-lavis") as bar:
+            out, notes = lavis.from_lavis(_SRC.value, _OUT.value, presets.get(_MODEL.value), vision=_VISION.value,
+                                          text=_TEXT.value, dtype=_DTYPE.value, progress=bar.update)
+        print("\n".join(notes))
+    elif direction == "to-hf":
+        shapes = model_checkpoint.CheckpointParams.open(_CHECKPOINT.value, _STEP.value).shapes.values()
+        total = sum(int(np.prod(s)) * np.dtype(_DTYPE.value or d).itemsize for s, d in shapes)
+        with _progress(total, "to-hf") as bar:
+            hf_export.to_hf(_CHECKPOINT.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value,
+                            tokenizer=_TOKENIZER.value, max_shard_size=_MAX_SHARD.value, progress=bar.update)
+        print(f"wrote {_OUT.value}")
+        return
+    else:
+        print("\n".join(lavis.to_lavis(_CHECKPOINT.value, _OUT.value, step=_STEP.value, vision_out=_VISION_OUT.value,
+                                       dtype=_DTYPE.value)))
+        print(f"wrote {_OUT.value}")
+        return
+    print(f"wrote {_OUT.value}: {out.architecture}, {len(out.shapes)} arrays, {out.nbytes / 2**20:.1f} MiB")
+
+
 def main(argv: list[str]) -> None:
-    commands = {("train",): train, ("generate",): generate, ("data", "build"): data_build}
+    commands = {("train",): train, ("generate",): generate, ("data", "build"): data_build,
+                **{("convert", d): functools.partial(convert, d) for d in ("from-hf", "to-hf", "from-lavis",
+                                                                           "to-lavis")}}
     if tuple(argv[1:]) not in commands:
         raise app.UsageError(USAGE)
     commands[tuple(argv[1:])]()

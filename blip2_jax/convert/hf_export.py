@@ -115,20 +115,37 @@ def _tensor_plan(params: model_checkpoint.CheckpointParams, dtype: Any
 
 
 class _LeafReader:
-    """Produces HF tensors in plan order, holding one of our (stacked) leaves at a time."""
+    """Produces HF tensors in plan order. Our leaves are read in batches of up to `batch_bytes`
+    (one Orbax restore per batch, not per leaf) and dropped once their tensors are written, so
+    memory stays at one batch plus the largest leaf."""
 
-    def __init__(self, params: model_checkpoint.CheckpointParams, table: dict[str, hf_names.Slot], dtype: Any):
-        self.params, self.table, self.dtype = params, table, dtype
-        self.path, self.value = None, None
+    def __init__(self, params: model_checkpoint.CheckpointParams, table: dict[str, hf_names.Slot], dtype: Any,
+                 order: list[str], batch_bytes: int = 256 << 20):
+        self.params, self.table, self.dtype, self.batch_bytes = params, table, dtype, batch_bytes
+        self.order = list(dict.fromkeys(table[n].path for n in order))  # leaves in the order they are needed
+        self.cache: dict[str, np.ndarray] = {}
+        self.current: str | None = None
+
+    def _nbytes(self, path: str) -> int:
+        shape, dtype = self.params.shapes[path]
+        return dtype.itemsize * int(np.prod(shape, dtype=np.int64))
 
     def __call__(self, name: str) -> np.ndarray:
         slot = self.table[name]
-        if slot.path != self.path:
-            self.path, self.value = None, None  # drop the previous leaf before reading the next
-            self.value = self.params.read([slot.path])[slot.path]
-            self.path = slot.path
-        value = self.value if slot.index is None else self.value[slot.index]
-        value = slot.to_hf(np.asarray(value))
+        if slot.path != self.current and self.current is not None:
+            self.cache.pop(self.current, None)  # every tensor of the previous leaf is written
+        self.current = slot.path
+        if slot.path not in self.cache:
+            start = self.order.index(slot.path)
+            batch, size = [], 0
+            for path in self.order[start:]:
+                if batch and size + self._nbytes(path) > self.batch_bytes:
+                    break
+                batch.append(path)
+                size += self._nbytes(path)
+            self.cache.update(self.params.read(batch))
+        value = self.cache[slot.path]
+        value = slot.to_hf(np.asarray(value if slot.index is None else value[slot.index]))
         return value.astype(self.dtype) if self.dtype is not None else value
 
 
@@ -190,7 +207,7 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int | 
         plan, table = _tensor_plan(params, dtype)
         extras = [t for t in plan if _is_stage1_extra(t[0])]
         weights = [t for t in plan if not _is_stage1_extra(t[0])]
-        produce = _LeafReader(params, table, dtype)
+        produce = _LeafReader(params, table, dtype, [t[0] for t in weights + extras])
         shards = safetensors_io.plan_shards(weights, parse_size(max_shard_size))
         names = [SAFE_WEIGHTS] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]

@@ -1,0 +1,315 @@
+"""Salesforce LAVIS checkpoints (`blip2_pretrained.pth`, the stage-2 OPT/FlanT5 `.pth` files,
+`eva_vit_g.pth`) <-> our model checkpoints, through the Hugging Face names (spec §12).
+
+LAVIS saves only trainable parameters (spec §9.3), so its stage checkpoints lack the frozen
+towers: the ViT comes from `eva_vit_g.pth` (`--vision`) and the LLM from its Hugging Face
+directory (`--text`), as LAVIS itself builds them. The renames are a table; the one real
+transform is the EVA attention bias (LAVIS `q_bias`, `v_bias` <-> HF `qkv.bias` = [q ; 0 ; v]).
+
+Strict both ways: every tensor is used once. The only drops are the spec's, and each is
+reported: the `position_ids` buffer, the tied copies of the Q-Former LM head
+(`decoder.weight` = word embeddings, `decoder.bias` = `predictions.bias`, checked equal), ViT
+blocks past the configured depth (the paper removes EVA's last block), and on export the zero
+key slice of `qkv.bias` (a nonzero one shifts all of a query's scores by one constant, which
+softmax ignores).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from blip2_jax.convert import hf as hf_names
+from blip2_jax.convert import model_checkpoint
+from blip2_jax.convert.hf import CheckpointMismatchError, to_numpy
+from blip2_jax.convert.hf_checkpoint import read_tensors, resolve
+from blip2_jax.models import config as config_lib
+
+# LAVIS name -> HF name, first full match wins (spec §12).
+_TO_HF = [
+    (r"visual_encoder\.cls_token", r"vision_model.embeddings.class_embedding"),
+    (r"visual_encoder\.pos_embed", r"vision_model.embeddings.position_embedding"),
+    (r"visual_encoder\.patch_embed\.proj\.(\w+)", r"vision_model.embeddings.patch_embedding.\1"),
+    (r"visual_encoder\.blocks\.(\d+)\.norm([12])\.(\w+)", r"vision_model.encoder.layers.\1.layer_norm\2.\3"),
+    (r"visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight", r"vision_model.encoder.layers.\1.self_attn.qkv.weight"),
+    (r"visual_encoder\.blocks\.(\d+)\.attn\.proj\.(\w+)", r"vision_model.encoder.layers.\1.self_attn.projection.\2"),
+    (r"visual_encoder\.blocks\.(\d+)\.mlp\.(fc[12])\.(\w+)", r"vision_model.encoder.layers.\1.mlp.\2.\3"),
+    (r"ln_vision\.(\w+)", r"vision_model.post_layernorm.\1"),
+    (r"query_tokens", r"query_tokens"),
+    (r"Qformer\.bert\.embeddings\.LayerNorm\.(\w+)", r"qformer.layernorm.\1"),
+    (r"Qformer\.bert\.embeddings\.(word|position)_embeddings\.weight", r"embeddings.\1_embeddings.weight"),
+    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(.+)",
+     r"qformer.encoder.layer.\1.\2.attention.\3"),
+    (r"Qformer\.bert\.encoder\.(.+)", r"qformer.encoder.\1"),
+    (r"Qformer\.cls\.predictions\.(bias|transform\..+)", r"cls.predictions.\1"),
+    (r"vision_proj\.(\w+)", r"vision_projection.\1"),
+    (r"text_proj\.(\w+)", r"text_projection.\1"),
+    (r"itm_head\.(\w+)", r"itm_head.\1"),
+    (r"temp", r"temp"),
+    (r"(?:opt|t5)_proj\.(\w+)", r"language_projection.\1"),
+    (r"(?:opt|t5)_model\.(.+)", r"language_model.\1"),
+]
+# HF name -> LAVIS name for what a stage-1 checkpoint holds (the inverse of the table above).
+_TO_LAVIS = [
+    (r"vision_model\.embeddings\.class_embedding", r"visual_encoder.cls_token"),
+    (r"vision_model\.embeddings\.position_embedding", r"visual_encoder.pos_embed"),
+    (r"vision_model\.embeddings\.patch_embedding\.(\w+)", r"visual_encoder.patch_embed.proj.\1"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.(\w+)", r"visual_encoder.blocks.\1.norm\2.\3"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight", r"visual_encoder.blocks.\1.attn.qkv.weight"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.(\w+)", r"visual_encoder.blocks.\1.attn.proj.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(\w+)", r"visual_encoder.blocks.\1.mlp.\2.\3"),
+    (r"vision_model\.post_layernorm\.(\w+)", r"ln_vision.\1"),
+    (r"query_tokens", r"query_tokens"),
+    (r"qformer\.layernorm\.(\w+)", r"Qformer.bert.embeddings.LayerNorm.\1"),
+    (r"embeddings\.(word|position)_embeddings\.weight", r"Qformer.bert.embeddings.\1_embeddings.weight"),
+    (r"qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.(.+)",
+     r"Qformer.bert.encoder.layer.\1.\2.self.\3"),
+    (r"qformer\.encoder\.(.+)", r"Qformer.bert.encoder.\1"),
+    (r"cls\.predictions\.(.+)", r"Qformer.cls.predictions.\1"),
+    (r"vision_projection\.(\w+)", r"vision_proj.\1"),
+    (r"text_projection\.(\w+)", r"text_proj.\1"),
+    (r"itm_head\.(\w+)", r"itm_head.\1"),
+    (r"temp", r"temp"),
+]
+_QV_BIAS = re.compile(r"visual_encoder\.blocks\.(\d+)\.attn\.([qv])_bias")
+_VIT_BLOCK = re.compile(r"visual_encoder\.blocks\.(\d+)\.")
+# Tied copies in LAVIS's state dict: copy -> the tensor it must equal.
+_TIED = {"Qformer.cls.predictions.decoder.weight": "Qformer.bert.embeddings.word_embeddings.weight",
+         "Qformer.cls.predictions.decoder.bias": "Qformer.cls.predictions.bias"}
+_POSITION_IDS = "Qformer.bert.embeddings.position_ids"
+
+
+def _rename(name: str, table: list[tuple[str, str]]) -> str | None:
+    for pattern, repl in table:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return m.expand(repl)
+    return None
+
+
+def load_pth(path: str | os.PathLike, what: str = "LAVIS checkpoint") -> dict[str, Any]:
+    """A `.pth` state dict (LAVIS wraps it as {'model': ...}) memory-mapped with
+    `weights_only=True`; anything but a dict of tensor names to tensors is an error naming it."""
+    import torch  # pylint: disable=import-outside-toplevel
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises pickle, zip and runtime errors here
+        raise ValueError(f"{path} is not a loadable PyTorch state dict ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        kind = type(obj).__name__ if not isinstance(obj, dict) else "a dict that is not name -> tensor"
+        raise ValueError(f"{path} holds {kind}, not a state dict (name -> tensor, or LAVIS's {{'model': ...}})")
+    return obj
+
+
+class LavisTensors(Mapping[str, Any]):
+    """A LAVIS state dict (plus the towers' own files) seen under Hugging Face names, lazily.
+
+    `notes` lists every tensor dropped or adapted and why; unknown names raise at construction.
+    """
+
+    def __init__(self, state: Mapping[str, Any], config: config_lib.Blip2Config, *,
+                 vision: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None,
+                 source: str = "LAVIS checkpoint"):
+        self.notes: list[str] = []
+        self._get: dict[str, Callable[[], np.ndarray]] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        unknown, tied_errors = [], []
+        state = dict(state)
+        if vision is not None:
+            state.update({k if k.startswith("visual_encoder.") else f"visual_encoder.{k}": v for k, v in vision.items()})
+        depth = config.vision.num_hidden_layers
+        for key in sorted(state):
+            if key == _POSITION_IDS:
+                self.notes.append(f"dropped {key}: a buffer (arange), not a weight")
+                continue
+            if key in _TIED:
+                canon = _TIED[key]
+                if canon not in state or not np.array_equal(to_numpy(state[key]), to_numpy(state[canon])):
+                    tied_errors.append(f"{key} must equal {canon} (tied) but differs or {canon} is absent")
+                else:
+                    self.notes.append(f"dropped {key}: tied to {canon}")
+                continue
+            block = _VIT_BLOCK.match(key)
+            if block and int(block.group(1)) >= depth:
+                self.notes.append(f"dropped {key}: the model keeps the first {depth} ViT blocks (paper §3.4)")
+                continue
+            qv = _QV_BIAS.fullmatch(key)
+            if qv:
+                if qv.group(2) == "q":
+                    self._qkv_bias(state, int(qv.group(1)))
+                continue
+            name = _rename(key, _TO_HF)
+            if name is None:
+                unknown.append(key)
+                continue
+            self._put(name, state[key])
+        if text is not None:
+            for key, value in text.items():
+                self._put("language_model." + self._text_name(key, config), value)
+        if unknown or tied_errors:
+            raise CheckpointMismatchError(f"{source} has tensors with no place in BLIP-2:\n  "
+                                          + "\n  ".join(unknown + tied_errors))
+        self._adapt(config)
+
+    def _put(self, name: str, value: Any) -> None:
+        self._get[name] = lambda: to_numpy(value)
+        self._shape[name] = tuple(value.shape)
+
+    def _qkv_bias(self, state: Mapping[str, Any], layer: int) -> None:
+        q, v = (state.get(f"visual_encoder.blocks.{layer}.attn.{x}_bias") for x in "qv")
+        if q is None or v is None:
+            return  # the missing half is reported by the strict load as a missing qkv.bias
+        name = f"vision_model.encoder.layers.{layer}.self_attn.qkv.bias"
+        self._get[name] = lambda: np.concatenate([to_numpy(q), np.zeros_like(to_numpy(q)), to_numpy(v)])
+        self._shape[name] = (3 * q.shape[0],)
+
+    @staticmethod
+    def _text_name(key: str, config: config_lib.Blip2Config) -> str:
+        """An LLM checkpoint saved as the bare `OPTModel` has `decoder.*`; ours is under `model.`."""
+        if isinstance(config.text, config_lib.OPTConfig) and key.startswith("decoder."):
+            return "model." + key
+        return key
+
+    def _adapt(self, config: config_lib.Blip2Config) -> None:
+        """Pad the LLM embedding rows up to the model vocabulary (HF's conversion resized OPT's
+        50272 rows to 50304 for `<image>`), and interpolate the ViT position table to the model
+        grid (spec §2.1), each with a note."""
+        if config.text is not None:
+            for name, tied in (("language_model.model.decoder.embed_tokens.weight", False),
+                               ("language_model.shared.weight", False), ("language_model.lm_head.weight", True)):
+                if name in self._shape and self._shape[name][0] < config.text.vocab_size:
+                    rows = self._shape[name][0]
+                    self._get[name] = functools.partial(_pad_rows, self._get[name], config.text.vocab_size)
+                    self._shape[name] = (config.text.vocab_size, self._shape[name][1])
+                    self.notes.append(f"padded {name} from {rows} to {config.text.vocab_size} rows with zeros "
+                                      f"({'the tied head' if tied else 'room for <image>'}, never predicted)")
+        pos = "vision_model.embeddings.position_embedding"
+        if pos in self._shape and self._shape[pos][1] != config.vision.num_positions:
+            from blip2_jax.models.interpolate import interpolate_position_embedding  # pylint: disable=import-outside-toplevel
+
+            get, grid = self._get[pos], (config.vision.grid, config.vision.grid)
+            self._get[pos] = lambda: np.asarray(interpolate_position_embedding(
+                get().astype(np.float32), grid, align_corners=False))
+            self.notes.append(f"interpolated {pos} from {self._shape[pos][1]} to {config.vision.num_positions} "
+                              "positions (bicubic, align_corners=False, as LAVIS at load time)")
+            self._shape[pos] = (1, config.vision.num_positions, self._shape[pos][2])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._get[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get)
+
+    def __len__(self) -> int:
+        return len(self._get)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shape[name]
+
+
+def _pad_rows(get: Callable[[], np.ndarray], rows: int) -> np.ndarray:
+    value = get()
+    return np.concatenate([value, np.zeros((rows - value.shape[0], *value.shape[1:]), value.dtype)])
+
+
+def _has(state: Mapping[str, Any], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in state)
+
+
+def from_lavis(src: str | os.PathLike, out: str | os.PathLike, config: config_lib.Blip2Config, *,
+               vision: str | os.PathLike | None = None, text: str | os.PathLike | None = None, dtype: Any = None,
+               progress: Callable[[int], None] | None = None) -> tuple[model_checkpoint.CheckpointParams, list[str]]:
+    """A LAVIS `.pth` -> a model checkpoint at `out` for `config` (a preset of ours); `vision` is
+    `eva_vit_g.pth` and `text` the LLM's Hugging Face directory or hub id, for the towers the
+    LAVIS file leaves out. Returns the checkpoint and the notes on what was dropped or adapted."""
+    state = load_pth(src)
+    if config.vision.variant != "eva":
+        raise ValueError("from-lavis reads EVA ViT-g checkpoints; LAVIS's CLIP ViT-L (pretrain_vitL) has other names")
+    vision_state = None
+    if vision is not None:
+        vision_state = load_pth(vision, "vision tower checkpoint")
+    elif not _has(state, "visual_encoder."):
+        raise ValueError(f"{src} has no vision tower (LAVIS checkpoints leave the frozen ViT out): pass --vision "
+                         "eva_vit_g.pth")
+    text_tensors = None
+    if config.text is not None:
+        if text is not None:
+            text_tensors = read_tensors(resolve(text))
+        elif not _has(state, "opt_model.") and not _has(state, "t5_model."):
+            raise ValueError(f"{src} has no language model (LAVIS checkpoints leave the frozen LLM out): pass "
+                             "--text with its Hugging Face directory or hub id (e.g. facebook/opt-2.7b)")
+        architecture = "Blip2ForConditionalGeneration"
+    else:
+        architecture = "Blip2Stage1" if "temp" in state else "Blip2ForImageTextRetrieval"
+    tensors = LavisTensors(state, config, vision=vision_state, text=text_tensors, source=str(src))
+    leaves = hf_names.iter_from_hf(tensors, model_checkpoint.abstract_params(architecture, config),
+                                   qformer_group=config.qformer.cross_attention_frequency, dtype=dtype,
+                                   source=str(src))
+    model_checkpoint.write(out, architecture, config, leaves, source=str(src), progress=progress)
+    return model_checkpoint.CheckpointParams.open(out), tensors.notes
+
+
+def to_lavis(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
+             vision_out: str | os.PathLike | None = None, dtype: Any = None) -> list[str]:
+    """A stage-1 checkpoint -> LAVIS's `Blip2Qformer` state dict at `out` ({'model': ...}, what
+    `blip2_pretrained.pth` holds: no ViT), and the EVA ViT in `eva_vit_g.pth` form at `vision_out`
+    when given. Returns notes on what was dropped."""
+    import torch  # pylint: disable=import-outside-toplevel
+
+    params = model_checkpoint.CheckpointParams.open(checkpoint, step)
+    if params.architecture != "Blip2Stage1":
+        raise ValueError(f"to-lavis writes stage-1 checkpoints (Blip2Stage1); {params.source} is a "
+                         f"{params.architecture}")
+    shapes = {p: s for p, (s, _) in params.shapes.items()}
+    table = hf_names.slots(shapes, qformer_group=params.config.qformer.cross_attention_frequency)
+    tree = params.read(shapes)  # a stage-1 model is small (a Q-Former and a ViT); torch.save needs it whole
+    model, vit, notes = {}, {}, []
+    for name, slot in table.items():
+        value = tree[slot.path] if slot.index is None else tree[slot.path][slot.index]
+        value = slot.to_hf(np.asarray(value))
+        value = value.astype(dtype) if dtype is not None else value
+        layer = re.fullmatch(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias", name)
+        if layer:
+            d = value.shape[0] // 3
+            if np.any(value[d:2 * d]):
+                notes.append(f"dropped the nonzero key slice of {name}: softmax ignores a bias on every key")
+            pieces = {f"visual_encoder.blocks.{layer.group(1)}.attn.q_bias": value[:d],
+                      f"visual_encoder.blocks.{layer.group(1)}.attn.v_bias": value[2 * d:]}
+        else:
+            pieces = {_rename(name, _TO_LAVIS): value}
+        for key, v in pieces.items():
+            (vit if key.startswith("visual_encoder.") else model)[key] = torch.from_numpy(np.ascontiguousarray(v))
+    for copy, canon in _TIED.items():
+        model[copy] = model[canon].clone()
+    model[_POSITION_IDS] = torch.arange(params.config.qformer.max_position_embeddings)[None]
+    _save_torch({"model": model}, Path(out))
+    if vision_out is not None:
+        _save_torch({k[len("visual_encoder."):]: v for k, v in vit.items()}, Path(vision_out))
+    else:
+        notes.append("left the ViT out (as LAVIS checkpoints do); pass --vision_out to write it")
+    return notes
+
+
+def _save_torch(obj: Any, out: Path) -> None:
+    """torch.save to a temporary sibling, renamed when complete."""
+    import torch  # pylint: disable=import-outside-toplevel
+
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another path or remove it")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        tmp.rename(out)
+    finally:
+        tmp.unlink(missing_ok=True)
