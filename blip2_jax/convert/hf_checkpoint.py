@@ -76,7 +76,7 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config: config_lib.Bli
                    dtype=dtype, source=source)
 
 
-def _config_differences(a: config_lib.Blip2Config, b: config_lib.Blip2Config) -> list[str]:
+def config_differences(a: config_lib.Blip2Config, b: config_lib.Blip2Config) -> list[str]:
     import dataclasses  # pylint: disable=import-outside-toplevel
 
     diffs = []
@@ -106,7 +106,7 @@ def load_pretrained(path_or_id: str | os.PathLike, *, config: config_lib.Blip2Co
     directory = resolve(path_or_id)
     found = config_lib.from_hf(read_config(directory), **overrides)
     if config is not None:
-        diffs = _config_differences(config, found)
+        diffs = config_differences(config, found)
         if diffs:
             raise CheckpointMismatchError(f"{directory}/config.json does not match the requested config "
                                           "(requested vs checkpoint):\n  " + "\n  ".join(diffs))

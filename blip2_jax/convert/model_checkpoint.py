@@ -74,7 +74,8 @@ def _leaf_metadata(directory: epath.Path) -> dict[str, tuple[tuple[int, ...], np
         flat = traverse_util.flatten_dict(handler.metadata(directory).tree, sep="/")
     finally:
         handler.close()
-    return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in flat.items()}
+    # a train state also holds optimizer containers (lists, empty nodes) beside the arrays
+    return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in flat.items() if hasattr(m, "shape")}
 
 
 class CheckpointParams:

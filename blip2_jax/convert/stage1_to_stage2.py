@@ -16,15 +16,11 @@ import os
 import re
 from typing import Any
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 from flax import traverse_util
 
-from blip2_jax.checkpoint import Checkpointer
 from blip2_jax.convert.hf import CheckpointMismatchError
-from blip2_jax.train.partition import merge
+from blip2_jax.convert.model_checkpoint import CheckpointParams
 
 Tree = Any
 
@@ -62,41 +58,11 @@ def stage2_from_stage1(stage1_params: Tree, stage2_params: Tree) -> Tree:
     return traverse_util.unflatten_dict(out, sep="/")
 
 
-def _numpy_restore(directory: epath.Path, keys: tuple[str, ...] | None = None) -> Tree:
-    """An Orbax pytree as host numpy arrays (no device placement, any saved sharding), optionally
-    only its top-level `keys` (the train state's `params`, not its optimizer state)."""
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        item = handler.metadata(directory).tree
-        if keys is not None:
-            item = {k: item[k] for k in keys}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        return handler.restore(directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                      partial_restore=keys is not None))
-    finally:
-        handler.close()
-
-
 def load_stage1(path: str | os.PathLike, step: int | None = None) -> Tree:
-    """The full stage-1 parameter tree (trainable + frozen, host arrays) of a stage-1 training run.
-
-    `path` is the run's workdir (the latest complete checkpoint, or `step`) or one of its step
-    directories `workdir/checkpoints/<step>` (that step).
-    """
-    path = epath.Path(path)
-    if step is None and path.name.isdigit() and path.parent.name == "checkpoints":
-        path, step = path.parent.parent, int(path.name)
-    if not (path / "checkpoints").exists():
-        raise FileNotFoundError(f"no stage-1 run at {path}: expected a training workdir with checkpoints/ "
-                                "(or one of its checkpoints/<step> directories)")
-    ckpt = Checkpointer(path, save_every=1, async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step not in ckpt.manager.all_steps():
-            at = "" if step is None else f" at step {step}"
-            raise FileNotFoundError(f"no complete checkpoint{at} in {path / 'checkpoints'}")
-        trainable = _numpy_restore(path / "checkpoints" / str(step) / "state", keys=("params",))["params"]
-        frozen = _numpy_restore(ckpt.frozen_dir)
-    finally:
-        ckpt.close()
-    return merge(trainable, frozen)
+    """The full stage-1 parameter tree (trainable + frozen, host arrays) of a stage-1 training run
+    (its workdir: the latest complete checkpoint, or `step`; or one of its `checkpoints/<step>`
+    directories) or of a stage-1 model checkpoint (`blip2-jax convert from-lavis`/`from-hf`)."""
+    source = CheckpointParams.open(path, step)
+    if source.architecture not in ("Blip2Stage1", "Blip2ForImageTextRetrieval"):
+        raise CheckpointMismatchError(f"{source.source} is a {source.architecture}, not a stage-1 model")
+    return source.tree()

@@ -38,9 +38,11 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
         source="synthetic", text_length=32, annotations="", image_root="", path="", tfds_name="", split="train",
         tokenizer="", prompt="", transform="blip2_image_train", workers=0, strict=False, prefix_lm=False,
         mixture=[]))
-    # hf: a HF BLIP-2 checkpoint; bert: stage 1's Q-Former from BERT; stage1: a stage-1 workdir whose
-    # Q-Former query path and ln_vision start stage 2 (convert/stage1_to_stage2.py)
-    c.init = ml_collections.ConfigDict(dict(hf="", bert="", stage1=""))
+    # hf: a HF BLIP-2 checkpoint; checkpoint: a model checkpoint (`blip2-jax convert from-hf/from-lavis`)
+    # or a training workdir with this run's model; bert: stage 1's Q-Former from BERT; stage1: a stage-1
+    # workdir or model checkpoint whose Q-Former query path and ln_vision start stage 2
+    # (convert/stage1_to_stage2.py)
+    c.init = ml_collections.ConfigDict(dict(hf="", checkpoint="", bert="", stage1=""))
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
     c.log = ml_collections.ConfigDict(dict(every=50, tensorboard=True,
                                            peak_flops_per_device=config_dict.placeholder(float)))

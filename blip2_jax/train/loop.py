@@ -1,7 +1,8 @@
 """The trainer: mesh -> model -> shardings -> init or resume -> jitted step -> loop.
 
 Resume order (design, style habit 8): a checkpoint in `workdir` > `config.init.hf` (a Hugging
-Face BLIP-2 checkpoint) > `config.init.bert` (stage 1 from BERT) > random init from the seed; a
+Face BLIP-2 checkpoint) or `config.init.checkpoint` (a model checkpoint from `blip2-jax convert`,
+or another run's workdir) > `config.init.bert` (stage 1 from BERT) > random init from the seed; a
 fresh stage 2 then takes its Q-Former query path from `config.init.stage1` (a stage-1 workdir).
 A run that is killed resumes from its last complete checkpoint and continues the exact loss
 curve; SIGTERM (preemption) saves a checkpoint before exiting. Only process 0 writes logs.
@@ -25,7 +26,8 @@ from jax.experimental import multihost_utils
 
 from blip2_jax.checkpoint import Checkpointer
 from blip2_jax.convert.bert_init import init_from_bert, load_bert
-from blip2_jax.convert.hf_checkpoint import load_pretrained
+from blip2_jax.convert.hf_checkpoint import config_differences, load_pretrained
+from blip2_jax.convert.model_checkpoint import CheckpointParams
 from blip2_jax.convert.stage1_to_stage2 import load_stage1, stage2_from_stage1
 from blip2_jax.data.loader import make_loader
 from blip2_jax.models import blip2, presets
@@ -71,9 +73,14 @@ def _initial_params(config, model, model_cfg, patterns, shardings):
 
     if config.init.stage1 and config.stage != "stage2":
         raise ValueError("init.stage1 starts stage 2 from a stage-1 run; a stage-1 Q-Former starts from init.bert")
+    given = [k for k in ("hf", "checkpoint", "bert") if config.init[k]]
+    if len(given) > 1:
+        raise ValueError(f"init.{' and init.'.join(given)} each name the starting weights; set one")
     if config.init.hf:
         _, params = load_pretrained(config.init.hf, config=model_cfg)
         trainable, frozen = place(params)
+    elif config.init.checkpoint:
+        trainable, frozen = place(_checkpoint_params(config, model, model_cfg))
     else:
         init_fn = jax.jit(lambda rng: partition(nn.unbox(blip2.init(model_cfg, rng, model)["params"]), patterns),
                           out_shardings=(trainable_sh, frozen_sh))
@@ -86,6 +93,21 @@ def _initial_params(config, model, model_cfg, patterns, shardings):
     if config.init.stage1:  # only the query path moves to the host; the towers stay where they are
         trainable, frozen = place(stage2_from_stage1(load_stage1(config.init.stage1), merge(trainable, frozen)))
     return trainable, frozen
+
+
+def _checkpoint_params(config, model, model_cfg) -> Any:
+    """The whole parameter tree of `init.checkpoint` (a model checkpoint or a training workdir),
+    which must hold this run's architecture and config."""
+    source = CheckpointParams.open(config.init.checkpoint)
+    want = type(model).__name__
+    if source.architecture != want:
+        raise ValueError(f"init.checkpoint {source.source} holds a {source.architecture}; {config.stage} trains a "
+                         f"{want}")
+    diffs = config_differences(model_cfg, source.config)
+    if diffs:
+        raise ValueError(f"init.checkpoint {source.source} does not match config.model (ours vs checkpoint):\n  "
+                         + "\n  ".join(diffs))
+    return source.tree()
 
 
 class _Preemption:
@@ -133,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     ckpt = Checkpointer(workdir, save_every=config.checkpoint.every, keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
     frozen_dtype = jnp.dtype(config.frozen_dtype)
-    metadata = {"config": config.to_json(), "frozen_source": config.init.hf or f"seed {config.seed}",
+    metadata = {"config": config.to_json(), "frozen_source": config.init.hf or config.init.checkpoint or f"seed {config.seed}",
                 "frozen_dtype": str(frozen_dtype)}
     if ckpt.latest_step() is not None:
         _, frozen_abstract = partition(nn.unbox(boxed), patterns)
