@@ -10,13 +10,13 @@ import transformers
 from absl import app, flags
 from absl.testing import flagsaver
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from blip2_jax import cli
 from blip2_jax.data.images import CLIP_MEAN, CLIP_STD, load_image, preprocess_images
 from blip2_jax.generation.api import Blip2Generator
 from blip2_jax.generation.config import CAPTION, VQA_OPT, GenerationConfig
 from tests.reference import hf_models as ref
+from tests.reference.tokenizers import tiny_opt_tokenizer
 
 # What `blip2-jax generate --num_beams 3 --max_new_tokens 8 --min_new_tokens 2` runs.
 CONFIG = GenerationConfig(num_beams=3, max_new_tokens=8, min_new_tokens=2)
@@ -26,26 +26,12 @@ PROMPTS = ["a photo of", "", "what is the w1 w2 w3", "w4 w5 w6 w7 w8 w9 w10", "a
 BATCH = 4
 
 
-def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """Word-level, ids matching the tiny OPT (`<s>` 0 = bos, `<pad>` 1, `</s>` 2 = eos, `<image>` 4),
-    prepending BOS as OPT's tokenizer does."""
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<image>"]
-    words = ["a", "photo", "of", "Question", ":", "Answer", "?", "what", "is", "the"]
-    words += [f"w{i}" for i in range(ref.OPT["vocab_size"] - len(specials) - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tok.add_special_tokens(specials)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     directory = tmp_path_factory.mktemp("blip2_opt")
     hf = ref.generation_model(ref.OPT, seed=3)
     hf.save_pretrained(directory)
-    _tokenizer().save_pretrained(directory)
+    tiny_opt_tokenizer().save_pretrained(directory)
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(41, 23), (30, 30), (17, 52), (64, 48),
                                                                            (33, 35)]]

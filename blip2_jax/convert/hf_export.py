@@ -153,10 +153,11 @@ def _language_tokenizer_with_image_token(source: str, config: config_lib.Blip2Co
     """The LLM tokenizer with `<image>` added; its id must be the config's image_token_index."""
     from blip2_jax.data.tokenizers import language_tokenizer  # pylint: disable=import-outside-toplevel
 
+    from tokenizers import AddedToken  # pylint: disable=import-outside-toplevel
+
     tokenizer = language_tokenizer(source)
-    vocab = tokenizer.get_vocab()
-    if IMAGE_TOKEN not in vocab:
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    # as Blip2Processor does; a token already in the vocabulary keeps its id and becomes special
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
     token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     want = config.image_token_index
     if want is not None and token_id != want:
@@ -177,6 +178,9 @@ def _write_processor(directory: Path, params: model_checkpoint.CheckpointParams,
     if not tokenizer_source:
         raise ValueError(f"no tokenizer is known for {params.source}: pass --tokenizer (a directory or hub id of "
                          f"the {'language model' if config.text is not None else 'Q-Former BERT'} tokenizer)")
+    if not Path(tokenizer_source).exists() and (tokenizer_source.startswith(("/", ".", "~"))
+                                                or tokenizer_source.count("/") > 1):
+        raise FileNotFoundError(f"tokenizer directory {tokenizer_source} not found")
     if config.text is None:
         from blip2_jax.data.tokenizers import qformer_tokenizer  # pylint: disable=import-outside-toplevel
 

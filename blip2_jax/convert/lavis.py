@@ -289,7 +289,7 @@ def to_lavis(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int
         else:
             pieces = {_rename(name, _TO_LAVIS): value}
         for key, v in pieces.items():
-            (vit if key.startswith("visual_encoder.") else model)[key] = torch.from_numpy(np.ascontiguousarray(v))
+            (vit if key.startswith("visual_encoder.") else model)[key] = torch.from_numpy(np.array(v))  # keeps 0-d
     for copy, canon in _TIED.items():
         model[copy] = model[canon].clone()
     model[_POSITION_IDS] = torch.arange(params.config.qformer.max_position_embeddings)[None]

@@ -195,7 +195,7 @@ def write(out: str | os.PathLike, architecture: str, config: config_lib.Blip2Con
                 progress(size)
 
         for path, value in leaves:
-            group[path] = value
+            value = group[path] = np.asarray(value)  # a 0-d leaf (temp) as an array, not a numpy scalar
             size += value.nbytes
             if size >= group_bytes:
                 flush()
