@@ -445,3 +445,56 @@ def test_cli_converts_both_ways(hf_dirs, tmp_path, capsys):
     assert {v.dtype for v in load_file(tmp_path / "h" / "model.safetensors").values()} == {np.dtype(np.float16)}
     with flagsaver.flagsaver(), pytest.raises(app.UsageError, match="--model"):
         cli.main(flags.FLAGS(["blip2-jax", "convert", "from-lavis", "--src", "x.pth", "--out", "y"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run: export its workdir, and start a new run from the export.
+
+@pytest.mark.slow
+def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
+    """Through the real trainer (slow: compiling the stage-1 step takes about a minute on CPU)."""
+    from blip2_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train import loop  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train.partition import merge, partition, patterns_for  # pylint: disable=import-outside-toplevel
+    from tests.test_train import load_config  # pylint: disable=import-outside-toplevel
+
+    config = load_config("configs/stage1.py", "tiny")
+    config.total_steps, config.optim.warmup_steps = 2, 1
+    config.mesh.update(num_devices=1, data=1)
+    config.checkpoint.update(every=1, async_save=False)
+    config.log.tensorboard = False
+    loop.train(config, tmp_path / "run")
+
+    run = model_checkpoint.CheckpointParams.open(tmp_path / "run")
+    assert run.architecture == "Blip2Stage1" and run.source.endswith("step 2")
+    trained = _flat(run.tree())
+    first = _flat(model_checkpoint.CheckpointParams.open(tmp_path / "run" / "checkpoints" / "1").tree())
+    assert not np.array_equal(first["query_tokens"], trained["query_tokens"])  # step 2, not step 1
+    tokenizer = _bert_vocab(tmp_path / "bert", run.config.qformer.vocab_size)
+    hf_export.to_hf(tmp_path / "run", tmp_path / "hf", tokenizer=str(tokenizer))
+    _loaded(tmp_path / "hf", "itm")
+    back = _flat(hf_export.from_hf(tmp_path / "hf", tmp_path / "back").tree())
+    assert back.keys() == trained.keys()
+    for path, value in trained.items():
+        np.testing.assert_array_equal(back[path], value, err_msg=path)
+
+    again = load_config("configs/stage1.py", "tiny")
+    again.init.checkpoint = str(tmp_path / "back")
+    model, cfg, _ = loop.build_objective(again)
+    patterns = patterns_for(again.trainable)
+    shardings = partition(mesh_lib.logical_shardings(blip2.abstract_params(cfg, unbox=False, model=model),
+                                                     mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)), patterns)
+    started = _flat(jax.device_get(merge(*loop._initial_params(again, model, cfg, patterns, shardings))))
+    assert started.keys() == trained.keys()
+    for path, value in trained.items():
+        np.testing.assert_array_equal(started[path], value, err_msg=path)
+
+    again.model.qformer.intermediate_size += 8
+    model, cfg, _ = loop.build_objective(again)
+    with pytest.raises(ValueError, match=r"does not match config.model (?s:.)*intermediate_size: 72 vs 64"):
+        loop._initial_params(again, model, cfg, patterns, shardings)
+    stage2 = load_config("configs/stage2_opt.py", "tiny")
+    stage2.init.checkpoint = str(tmp_path / "back")
+    model, cfg, _ = loop.build_objective(stage2)
+    with pytest.raises(ValueError, match="holds a Blip2Stage1; stage2 trains a Blip2ForConditionalGeneration"):
+        loop._initial_params(stage2, model, cfg, patterns_for(stage2.trainable), (None, None))
