@@ -22,6 +22,7 @@ setup(
         "optax>=0.2",
         "orbax-checkpoint>=0.11",
         "tensorboardX>=2.6",
+        "tqdm>=4.60",  # conversion progress bars
         # Tokenizers (LLM, BERT) and the configs of Hugging Face checkpoints; pulls no torch.
         "transformers==5.23.0",
         # Input pipelines: Grain, ArrayRecord shards (msgpack records), and the packaged easy-VQA set.

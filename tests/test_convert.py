@@ -456,14 +456,9 @@ def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
     from blip2_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
     from blip2_jax.train import loop  # pylint: disable=import-outside-toplevel
     from blip2_jax.train.partition import merge, partition, patterns_for  # pylint: disable=import-outside-toplevel
-    from tests.test_train import load_config  # pylint: disable=import-outside-toplevel
+    from tests.test_train import load_config, train_tiny_stage1  # pylint: disable=import-outside-toplevel
 
-    config = load_config("configs/stage1.py", "tiny")
-    config.total_steps, config.optim.warmup_steps = 2, 1
-    config.mesh.update(num_devices=1, data=1)
-    config.checkpoint.update(every=1, async_save=False)
-    config.log.tensorboard = False
-    loop.train(config, tmp_path / "run")
+    train_tiny_stage1(tmp_path / "run")
 
     run = model_checkpoint.CheckpointParams.open(tmp_path / "run")
     assert run.architecture == "Blip2Stage1" and run.source.endswith("step 2")

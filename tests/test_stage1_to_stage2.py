@@ -16,7 +16,7 @@ from blip2_jax.models import blip2, presets
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train import loop
 from blip2_jax.train.partition import merge, partition, patterns_for
-from tests.test_train import load_config
+from tests.test_train import load_config, train_tiny_stage1
 
 STAGE1, STAGE2 = presets.get("tiny_itm"), presets.get("tiny")
 
@@ -94,12 +94,7 @@ def test_init_stage1_is_refused_for_stage1():
 @pytest.mark.slow
 def test_stage2_starts_from_the_stage1_runs_checkpoint(tmp_path):
     """Through the real trainer (slow: compiling the stage-1 step takes about a minute on CPU)."""
-    config = load_config("configs/stage1.py", "tiny")
-    config.total_steps, config.optim.warmup_steps = 2, 1
-    config.mesh.update(num_devices=1, data=1)
-    config.checkpoint.update(every=1, async_save=False)
-    config.log.tensorboard = False
-    loop.train(config, tmp_path)
+    config = train_tiny_stage1(tmp_path)
 
     ckpt = Checkpointer(tmp_path, save_every=1)
     saved = {step: ckpt.restore_arrays(step)["params"] for step in (1, 2)}

@@ -33,6 +33,17 @@ def load_config(file: str, arg: str):
     return module.get_config(arg)
 
 
+def train_tiny_stage1(workdir, steps: int = 2):
+    """A real `steps`-step tiny stage-1 run on one device, checkpointed every step; its config."""
+    config = load_config("configs/stage1.py", "tiny")
+    config.total_steps, config.optim.warmup_steps = steps, 1
+    config.mesh.update(num_devices=1, data=1)
+    config.checkpoint.update(every=1, async_save=False)
+    config.log.tensorboard = False
+    loop.train(config, workdir)
+    return config
+
+
 def _size(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 

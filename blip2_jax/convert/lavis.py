@@ -29,52 +29,42 @@ from blip2_jax.convert.hf import CheckpointMismatchError, to_numpy
 from blip2_jax.convert.hf_checkpoint import read_tensors, resolve
 from blip2_jax.models import config as config_lib
 
-# LAVIS name -> HF name, first full match wins (spec §12).
-_TO_HF = [
-    (r"visual_encoder\.cls_token", r"vision_model.embeddings.class_embedding"),
-    (r"visual_encoder\.pos_embed", r"vision_model.embeddings.position_embedding"),
-    (r"visual_encoder\.patch_embed\.proj\.(\w+)", r"vision_model.embeddings.patch_embedding.\1"),
-    (r"visual_encoder\.blocks\.(\d+)\.norm([12])\.(\w+)", r"vision_model.encoder.layers.\1.layer_norm\2.\3"),
-    (r"visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight", r"vision_model.encoder.layers.\1.self_attn.qkv.weight"),
-    (r"visual_encoder\.blocks\.(\d+)\.attn\.proj\.(\w+)", r"vision_model.encoder.layers.\1.self_attn.projection.\2"),
-    (r"visual_encoder\.blocks\.(\d+)\.mlp\.(fc[12])\.(\w+)", r"vision_model.encoder.layers.\1.mlp.\2.\3"),
-    (r"ln_vision\.(\w+)", r"vision_model.post_layernorm.\1"),
-    (r"query_tokens", r"query_tokens"),
-    (r"Qformer\.bert\.embeddings\.LayerNorm\.(\w+)", r"qformer.layernorm.\1"),
-    (r"Qformer\.bert\.embeddings\.(word|position)_embeddings\.weight", r"embeddings.\1_embeddings.weight"),
-    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(.+)",
-     r"qformer.encoder.layer.\1.\2.attention.\3"),
-    (r"Qformer\.bert\.encoder\.(.+)", r"qformer.encoder.\1"),
-    (r"Qformer\.cls\.predictions\.(bias|transform\..+)", r"cls.predictions.\1"),
-    (r"vision_proj\.(\w+)", r"vision_projection.\1"),
-    (r"text_proj\.(\w+)", r"text_projection.\1"),
-    (r"itm_head\.(\w+)", r"itm_head.\1"),
-    (r"temp", r"temp"),
-    (r"(?:opt|t5)_proj\.(\w+)", r"language_projection.\1"),
-    (r"(?:opt|t5)_model\.(.+)", r"language_model.\1"),
+# LAVIS name <-> HF name (spec §12); {placeholders} match the same text on both sides, and the first
+# entry that matches wins in either direction.
+_NAMES = [
+    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.{w}", "vision_model.embeddings.patch_embedding.{w}"),
+    ("visual_encoder.blocks.{n}.norm{i}.{w}", "vision_model.encoder.layers.{n}.layer_norm{i}.{w}"),
+    ("visual_encoder.blocks.{n}.attn.qkv.weight", "vision_model.encoder.layers.{n}.self_attn.qkv.weight"),
+    ("visual_encoder.blocks.{n}.attn.proj.{w}", "vision_model.encoder.layers.{n}.self_attn.projection.{w}"),
+    ("visual_encoder.blocks.{n}.mlp.fc{i}.{w}", "vision_model.encoder.layers.{n}.mlp.fc{i}.{w}"),
+    ("ln_vision.{w}", "vision_model.post_layernorm.{w}"),
+    ("query_tokens", "query_tokens"),
+    ("Qformer.bert.embeddings.LayerNorm.{w}", "qformer.layernorm.{w}"),
+    ("Qformer.bert.embeddings.{table}_embeddings.weight", "embeddings.{table}_embeddings.weight"),
+    ("Qformer.bert.encoder.layer.{n}.{attn}.self.{rest}", "qformer.encoder.layer.{n}.{attn}.attention.{rest}"),
+    ("Qformer.bert.encoder.{rest}", "qformer.encoder.{rest}"),
+    ("Qformer.cls.predictions.{rest}", "cls.predictions.{rest}"),
+    ("vision_proj.{w}", "vision_projection.{w}"),
+    ("text_proj.{w}", "text_projection.{w}"),
+    ("itm_head.{w}", "itm_head.{w}"),
+    ("temp", "temp"),
+    ("{llm}_proj.{w}", "language_projection.{w}"),  # stage 2 only: to-lavis writes stage 1
+    ("{llm}_model.{rest}", "language_model.{rest}"),
 ]
-# HF name -> LAVIS name for what a stage-1 checkpoint holds (the inverse of the table above).
-_TO_LAVIS = [
-    (r"vision_model\.embeddings\.class_embedding", r"visual_encoder.cls_token"),
-    (r"vision_model\.embeddings\.position_embedding", r"visual_encoder.pos_embed"),
-    (r"vision_model\.embeddings\.patch_embedding\.(\w+)", r"visual_encoder.patch_embed.proj.\1"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.(\w+)", r"visual_encoder.blocks.\1.norm\2.\3"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight", r"visual_encoder.blocks.\1.attn.qkv.weight"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.(\w+)", r"visual_encoder.blocks.\1.attn.proj.\2"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(\w+)", r"visual_encoder.blocks.\1.mlp.\2.\3"),
-    (r"vision_model\.post_layernorm\.(\w+)", r"ln_vision.\1"),
-    (r"query_tokens", r"query_tokens"),
-    (r"qformer\.layernorm\.(\w+)", r"Qformer.bert.embeddings.LayerNorm.\1"),
-    (r"embeddings\.(word|position)_embeddings\.weight", r"Qformer.bert.embeddings.\1_embeddings.weight"),
-    (r"qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.(.+)",
-     r"Qformer.bert.encoder.layer.\1.\2.self.\3"),
-    (r"qformer\.encoder\.(.+)", r"Qformer.bert.encoder.\1"),
-    (r"cls\.predictions\.(.+)", r"Qformer.cls.predictions.\1"),
-    (r"vision_projection\.(\w+)", r"vision_proj.\1"),
-    (r"text_projection\.(\w+)", r"text_proj.\1"),
-    (r"itm_head\.(\w+)", r"itm_head.\1"),
-    (r"temp", r"temp"),
-]
+_PLACEHOLDERS = {"n": r"\d+", "i": "[12]", "w": r"\w+", "rest": ".+", "table": "word|position",
+                 "attn": "attention|crossattention", "llm": "opt|t5"}
+
+
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_PLACEHOLDERS[p]})"
+                              for i, p in enumerate(parts)))
+
+
+_TO_HF = [(_pattern(lavis_name), hf_name) for lavis_name, hf_name in _NAMES]
+_TO_LAVIS = [(_pattern(hf_name), lavis_name) for lavis_name, hf_name in _NAMES if "{llm}" not in lavis_name]
 _QV_BIAS = re.compile(r"visual_encoder\.blocks\.(\d+)\.attn\.([qv])_bias")
 _VIT_BLOCK = re.compile(r"visual_encoder\.blocks\.(\d+)\.")
 # Tied copies in LAVIS's state dict: copy -> the tensor it must equal.
@@ -83,18 +73,26 @@ _TIED = {"Qformer.cls.predictions.decoder.weight": "Qformer.bert.embeddings.word
 _POSITION_IDS = "Qformer.bert.embeddings.position_ids"
 
 
-def _rename(name: str, table: list[tuple[str, str]]) -> str | None:
-    for pattern, repl in table:
-        m = re.fullmatch(pattern, name)
+def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, template in table:
+        m = pattern.fullmatch(name)
         if m:
-            return m.expand(repl)
+            return template.format(**m.groupdict())
     return None
+
+
+def _torch():
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError("reading and writing LAVIS .pth files needs PyTorch: pip install -e '.[torch]'") from e
+    return torch
 
 
 def load_pth(path: str | os.PathLike, what: str = "LAVIS checkpoint") -> dict[str, Any]:
     """A `.pth` state dict (LAVIS wraps it as {'model': ...}) memory-mapped with
     `weights_only=True`; anything but a dict of tensor names to tensors is an error naming it."""
-    import torch  # pylint: disable=import-outside-toplevel
+    torch = _torch()
 
     path = Path(path)
     if not path.is_file():
@@ -265,7 +263,7 @@ def to_lavis(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int
     """A stage-1 checkpoint -> LAVIS's `Blip2Qformer` state dict at `out` ({'model': ...}, what
     `blip2_pretrained.pth` holds: no ViT), and the EVA ViT in `eva_vit_g.pth` form at `vision_out`
     when given. Returns notes on what was dropped."""
-    import torch  # pylint: disable=import-outside-toplevel
+    torch = _torch()
 
     params = model_checkpoint.CheckpointParams.open(checkpoint, step)
     if params.architecture != "Blip2Stage1":
@@ -303,8 +301,7 @@ def to_lavis(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int
 
 def _save_torch(obj: Any, out: Path) -> None:
     """torch.save to a temporary sibling, renamed when complete."""
-    import torch  # pylint: disable=import-outside-toplevel
-
+    torch = _torch()
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another path or remove it")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")

@@ -27,6 +27,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from blip2_jax.convert.hf import CheckpointMismatchError
+from blip2_jax.data.tokenizers import TOKENIZER_FILES
 from blip2_jax.models import blip2, presets
 from blip2_jax.models import config as config_lib
 
@@ -36,7 +37,8 @@ PARAMS = "params"
 # The architectures a checkpoint can hold: the two Hugging Face classes and LAVIS's stage-1 model
 # (the retrieval model plus the Q-Former LM head and `temp`, which Hugging Face has no home for).
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2Stage1")
-_GROUP_BYTES = 1 << 30  # leaves per Orbax partial save: bounds memory, keeps the number of saves small
+_TOKENIZER_MARKERS = TOKENIZER_FILES + ("vocab.txt",)  # an LLM's tokenizer, or the Q-Former's BERT vocabulary
+_GROUP_BYTES = 512 << 20  # leaves per Orbax partial save: bounds memory, keeps the number of saves small
 
 
 def build_model(architecture: str, config: config_lib.Blip2Config) -> nn.Module:
@@ -162,9 +164,6 @@ class CheckpointParams:
         return sum(d.itemsize * int(np.prod(s, dtype=np.int64)) for s, d in self.shapes.values())
 
 
-_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
-
-
 def temporary_sibling(out: Path) -> Path:
     """An empty directory beside `out` to build it in (renamed to `out` when complete)."""
     if out.exists():
@@ -189,20 +188,29 @@ def write(out: str | os.PathLike, architecture: str, config: config_lib.Blip2Con
         group: dict[str, np.ndarray] = {}
         size = 0
 
+        # The save is synchronous, so Orbax need not copy the host arrays first; 64 MiB chunks keep
+        # tensorstore's buffers small (a stacked leaf is written, not copied: peak ~ 1 x the leaf).
+        context = ocp_v1.Context()
+        context.memory.deepcopy_host_arrays = False
+        context.array.saving.storage_options.chunk_byte_size = 64 << 20
+
         def flush():
-            ocp_v1.partial.save(tmp / PARAMS, traverse_util.unflatten_dict(group, sep="/"))
+            with context:
+                ocp_v1.partial.save(tmp / PARAMS, traverse_util.unflatten_dict(group, sep="/"))
             if progress is not None:
                 progress(size)
 
         for path, value in leaves:
-            value = group[path] = np.asarray(value)  # a 0-d leaf (temp) as an array, not a numpy scalar
-            size += value.nbytes
-            if size >= group_bytes:
+            value = np.asarray(value)  # a 0-d leaf (temp) as an array, not a numpy scalar
+            if group and size + value.nbytes > group_bytes:  # memory: one group or one leaf, never both
                 flush()
                 group, size = {}, 0
+            group[path] = value
+            size += value.nbytes
         if group:
             flush()
-        ocp_v1.partial.finalize(tmp / PARAMS)
+        with context:
+            ocp_v1.partial.finalize(tmp / PARAMS)
         for file in copy_files:
             shutil.copy(file, tmp / file.name)
         (tmp / METADATA).write_text(json.dumps({"architecture": architecture,
