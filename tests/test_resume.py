@@ -1,7 +1,8 @@
 """Killed, preempted and multi-process runs (issue "training" Done-when 4 and 5), through the real
 command in subprocesses: a run killed with SIGKILL at a random step and restarted continues the
 exact loss curve and ends with the same parameters; SIGTERM saves a checkpoint before exiting; two
-processes with 4 CPU devices each train what one process with 8 devices trains."""
+processes with 4 CPU devices each (started by launch/local.sh) train what one process with 8
+devices trains."""
 import json
 import os
 import pathlib
@@ -105,13 +106,14 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
     single = tmp_path / "single"
     run_to_end(single, 8)
     multi = tmp_path / "multi"
-    port = _free_port()
-    procs = [subprocess.Popen(command(multi, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                      f"--process_id={i}"), env=env(4), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err.decode()[-3000:]
+    # through the launcher users run (launch/local.sh): 2 processes x 4 simulated devices
+    train = command(multi)
+    launcher = [str(ROOT / "launch/local.sh"), "-n", "2", "-d", "4", "-p", str(_free_port()), "--", *train[3:]]
+    launched = subprocess.run(launcher, env=dict(env(1), BLIP2_JAX=f"{sys.executable} -m blip2_jax",
+                                                  LOG_DIR=str(tmp_path / "logs")), capture_output=True, timeout=900)
+    logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("process_*.log")))
+    assert launched.returncode == 0, launched.stderr.decode() + logs
+    assert len(list((tmp_path / "logs").glob("process_*.log"))) == 2
     a, b = metrics(single), metrics(multi)
     assert len(a) == len(b) == STEPS
     np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=0, atol=1e-5)
