@@ -7,7 +7,6 @@ OPT-125m-sized LM, saved once as a random `transformers` checkpoint that both fr
 # pylint: disable=import-outside-toplevel
 from __future__ import annotations
 
-import os
 import platform
 import time
 from pathlib import Path

@@ -8,6 +8,7 @@
     blip2-jax convert to-hf --checkpoint DIR [--step N] --out DIR [--dtype bfloat16] [--tokenizer DIR_OR_HUB_ID]
     blip2-jax convert from-lavis --src FILE.pth --model PRESET [--vision eva_vit_g.pth] [--text DIR_OR_HUB_ID] --out DIR
     blip2-jax convert to-lavis --checkpoint DIR [--step N] --out FILE.pth [--vision_out eva_vit_g.pth]
+    blip2-jax plan --config configs/<file>.py:<preset> --mesh data=D,fsdp=F,tensor=T [--batch N] [--device_kind v4]
 
 `train` runs the same command on every host of a pod or cluster; multi-host jobs join through
 `--coordinator_address/--num_processes/--process_id` or their scheduler's environment. `generate`
@@ -61,6 +62,11 @@ _MODEL = flags.DEFINE_string("model", None, "from-lavis: the model preset the ch
 _VISION = flags.DEFINE_string("vision", None, "from-lavis: eva_vit_g.pth, for checkpoints without the frozen ViT.")
 _TEXT = flags.DEFINE_string("text", None, "from-lavis: the LLM's Hugging Face directory or hub id, for checkpoints "
                             "without the frozen LLM.")
+# plan
+_MESH = flags.DEFINE_string("mesh", "data=8", "plan: data=D,fsdp=F,tensor=T (simulated CPU devices).")
+_BATCH = flags.DEFINE_integer("batch", None, "plan: global batch (default: the preset's).")
+_DEVICE_KIND = flags.DEFINE_enum("device_kind", None, ["v4", "v5e", "v5p", "h100", "a100"],
+                                 "plan: the device to check the fit on (default: all).")
 _VISION_OUT = flags.DEFINE_string("vision_out", None, "to-lavis: also write the ViT as eva_vit_g.pth here.")
 
 _SEARCH = {  # GenerationConfig fields settable from the command line; None keeps the preset's value
@@ -78,7 +84,8 @@ USAGE = ("usage: blip2-jax train --config configs/<file>.py:<preset> --workdir D
          "       blip2-jax convert from-hf --src DIR_OR_HUB_ID --out DIR\n"
          "       blip2-jax convert to-hf --checkpoint DIR [--step N] --out DIR [--dtype D] [--tokenizer T]\n"
          "       blip2-jax convert from-lavis --src FILE.pth --model PRESET [--vision FILE] [--text DIR] --out DIR\n"
-         "       blip2-jax convert to-lavis --checkpoint DIR [--step N] --out FILE.pth [--vision_out FILE]")
+         "       blip2-jax convert to-lavis --checkpoint DIR [--step N] --out FILE.pth [--vision_out FILE]\n"
+         "       blip2-jax plan --config configs/<file>.py:<preset> --mesh data=D,fsdp=F,tensor=T [--batch N]")
 
 
 def train() -> None:
@@ -125,6 +132,28 @@ def data_build() -> None:
           f"{len(paths):05d}.array_record; {len(missing)} left out (image file missing)")
 
 
+def plan() -> None:
+    import math
+    import os
+
+    from blip2_jax.train import plan as plan_lib  # pylint: disable=import-outside-toplevel
+
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("plan needs --config\n" + USAGE)
+    mesh = plan_lib.parse_mesh(_MESH.value)
+    # Simulated CPU devices, one per mesh position: read when JAX starts its backend, i.e. below.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={math.prod(mesh.values())}")
+    if "JAX_PLATFORMS" not in os.environ:
+        import jax  # pylint: disable=import-outside-toplevel
+
+        jax.config.update("jax_platforms", "cpu")
+    if _BATCH.value:
+        config.batch_size = _BATCH.value
+    print(plan_lib.make_plan(config, mesh).report(config.stage, _DEVICE_KIND.value))
+
+
 def _progress(total: int, what: str):
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
@@ -169,7 +198,7 @@ def convert(direction: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    commands = {("train",): train, ("generate",): generate, ("data", "build"): data_build,
+    commands = {("train",): train, ("generate",): generate, ("data", "build"): data_build, ("plan",): plan,
                 **{("convert", d): functools.partial(convert, d) for d in ("from-hf", "to-hf", "from-lavis",
                                                                            "to-lavis")}}
     if tuple(argv[1:]) not in commands:

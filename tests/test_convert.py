@@ -454,7 +454,7 @@ def test_cli_converts_both_ways(hf_dirs, tmp_path, capsys):
 def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
     """Through the real trainer (slow: compiling the stage-1 step takes about a minute on CPU)."""
     from blip2_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-    from blip2_jax.train import loop  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train import layout, loop  # pylint: disable=import-outside-toplevel
     from blip2_jax.train.partition import merge, partition, patterns_for  # pylint: disable=import-outside-toplevel
     from tests.test_train import load_config, train_tiny_stage1  # pylint: disable=import-outside-toplevel
 
@@ -475,7 +475,7 @@ def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
 
     again = load_config("configs/stage1.py", "tiny")
     again.init.checkpoint = str(tmp_path / "back")
-    model, cfg, _ = loop.build_objective(again)
+    model, cfg, _ = layout.build_objective(again)
     patterns = patterns_for(again.trainable)
     shardings = partition(mesh_lib.logical_shardings(blip2.abstract_params(cfg, unbox=False, model=model),
                                                      mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)), patterns)
@@ -485,11 +485,11 @@ def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
         np.testing.assert_array_equal(started[path], value, err_msg=path)
 
     again.model.qformer.intermediate_size += 8
-    model, cfg, _ = loop.build_objective(again)
+    model, cfg, _ = layout.build_objective(again)
     with pytest.raises(ValueError, match=r"does not match config.model (?s:.)*intermediate_size: 72 vs 64"):
         loop._initial_params(again, model, cfg, patterns, shardings)
     stage2 = load_config("configs/stage2_opt.py", "tiny")
     stage2.init.checkpoint = str(tmp_path / "back")
-    model, cfg, _ = loop.build_objective(stage2)
+    model, cfg, _ = layout.build_objective(stage2)
     with pytest.raises(ValueError, match="holds a Blip2Stage1; stage2 trains a Blip2ForConditionalGeneration"):
         loop._initial_params(stage2, model, cfg, patterns_for(stage2.trainable), (None, None))

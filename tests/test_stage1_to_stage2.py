@@ -14,7 +14,7 @@ from blip2_jax.convert.hf import CheckpointMismatchError
 from blip2_jax.convert.stage1_to_stage2 import is_query_path, load_stage1, stage2_from_stage1
 from blip2_jax.models import blip2, presets
 from blip2_jax.parallel import mesh as mesh_lib
-from blip2_jax.train import loop
+from blip2_jax.train import layout, loop
 from blip2_jax.train.partition import merge, partition, patterns_for
 from tests.test_train import load_config, train_tiny_stage1
 
@@ -86,7 +86,7 @@ def test_stage1_checkpoint_of_another_shape_names_the_tensor():
 def test_init_stage1_is_refused_for_stage1():
     config = load_config("configs/stage1.py", "tiny")
     config.init.stage1 = "/a/stage1/run"
-    model, cfg, _ = loop.build_objective(config)
+    model, cfg, _ = layout.build_objective(config)
     with pytest.raises(ValueError, match="init.stage1 starts stage 2"):
         loop._initial_params(config, model, cfg, patterns_for(config.trainable), (None, None))
 
@@ -98,7 +98,7 @@ def test_stage2_starts_from_the_stage1_runs_checkpoint(tmp_path):
 
     ckpt = Checkpointer(tmp_path, save_every=1)
     saved = {step: ckpt.restore_arrays(step)["params"] for step in (1, 2)}
-    model, cfg, _ = loop.build_objective(config)
+    model, cfg, _ = layout.build_objective(config)
     _, frozen = partition(blip2.abstract_params(cfg, model=model), patterns_for(config.trainable))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     frozen = ckpt.restore_frozen(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
@@ -114,7 +114,7 @@ def test_stage2_starts_from_the_stage1_runs_checkpoint(tmp_path):
 
     config = load_config("configs/stage2_opt.py", "tiny")
     config.init.stage1 = str(tmp_path)
-    model, cfg, _ = loop.build_objective(config)
+    model, cfg, _ = layout.build_objective(config)
     patterns = patterns_for(config.trainable)
     shardings = partition(mesh_lib.logical_shardings(blip2.abstract_params(cfg, unbox=False, model=model),
                                                      mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)), patterns)

@@ -16,7 +16,7 @@ from flax import traverse_util
 from blip2_jax.checkpoint import Checkpointer
 from blip2_jax.data.loader import make_loader
 from blip2_jax.models import blip2, presets
-from blip2_jax.train import loop
+from blip2_jax.train import layout, loop
 from blip2_jax.train.optim import make_optimizer
 from blip2_jax.train.flops import step_flops
 from blip2_jax.train.partition import merge, partition, patterns_for
@@ -84,9 +84,9 @@ def test_every_parameter_is_trainable_or_frozen_exactly_once(stage):
 def test_frozen_towers_get_no_weight_gradients():
     """The compiled step does the frozen towers' weight-gradient matmuls only when they train."""
     config = load_config("configs/stage2_opt.py", "tiny")
-    model, cfg, loss_fn = loop.build_objective(config)
+    model, cfg, loss_fn = layout.build_objective(config)
     params = nn.unbox(jax.jit(lambda r: blip2.init(cfg, r, model))(jax.random.PRNGKey(0))["params"])
-    batch = jax.tree.map(jnp.asarray, make_loader(config, cfg, loop.data_kind(config, cfg)).next())
+    batch = jax.tree.map(jnp.asarray, make_loader(config, cfg, layout.data_kind(config, cfg)).next())
 
     def grad_flops(patterns):
         trainable, frozen = partition(params, patterns)
@@ -131,14 +131,14 @@ def test_one_device_and_a_2x2x2_mesh_train_the_same(tmp_path):
 def test_frozen_values_are_bit_identical_after_training_steps():
     config = load_config("configs/stage2_opt.py", "tiny")
     config.optim.warmup_steps = 1
-    model, cfg, loss_fn = loop.build_objective(config)
+    model, cfg, loss_fn = layout.build_objective(config)
     params = nn.unbox(jax.jit(lambda r: blip2.init(cfg, r, model))(jax.random.PRNGKey(0))["params"])
     trainable, frozen = partition(params, patterns_for(config.trainable))
     before_frozen, before_trainable = jax.device_get(frozen), jax.device_get(trainable)
     tx = make_optimizer(config.optim, trainable)
     state = TrainState.create(trainable, tx, jax.random.PRNGKey(1))
     step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx), donate_argnums=(0,))
-    loader = make_loader(config, cfg, loop.data_kind(config, cfg))
+    loader = make_loader(config, cfg, layout.data_kind(config, cfg))
     for _ in range(3):
         state, _ = step(state, frozen, jax.tree.map(jnp.asarray, loader.next()))
     for a, b in zip(jax.tree.leaves(before_frozen), jax.tree.leaves(jax.device_get(frozen))):

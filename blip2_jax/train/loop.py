@@ -9,8 +9,6 @@ curve; SIGTERM (preemption) saves a checkpoint before exiting. Only process 0 wr
 """
 from __future__ import annotations
 
-import functools
-import json
 import signal
 import time
 from pathlib import Path
@@ -30,37 +28,13 @@ from blip2_jax.convert.hf_checkpoint import config_differences, load_pretrained
 from blip2_jax.convert.model_checkpoint import CheckpointParams
 from blip2_jax.convert.stage1_to_stage2 import load_stage1, stage2_from_stage1
 from blip2_jax.data.loader import make_loader
-from blip2_jax.models import blip2, presets
-from blip2_jax.objectives.stage1 import Stage1Config, stage1_loss
-from blip2_jax.objectives.stage2 import stage2_loss
+from blip2_jax.models import blip2
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.parallel.distributed import initialize
 from blip2_jax.train import metrics as metrics_lib
 from blip2_jax.train.flops import step_flops
-from blip2_jax.train.optim import learning_rate_schedule, make_optimizer
-from blip2_jax.train.partition import merge, partition, patterns_for
-from blip2_jax.train.state import TrainState
-from blip2_jax.train.step import train_step
-
-
-def build_objective(config: ml_collections.ConfigDict) -> tuple[blip2.Blip2Base, Any, Any]:
-    """(model, model config, loss_fn(params, batch, rng)) for `config.stage`."""
-    model_cfg = presets.from_config_dict(config.model)
-    if config.stage == "stage1":
-        model = blip2.Blip2Stage1(model_cfg)
-        loss_cfg = Stage1Config(**config.loss.to_dict())
-        loss_fn = functools.partial(stage1_loss, model=model, config=loss_cfg)
-    elif config.stage == "stage2":
-        model = blip2.Blip2ForConditionalGeneration(model_cfg)
-        loss_fn = functools.partial(stage2_loss, model=model)
-    else:
-        raise ValueError(f"config.stage must be 'stage1' or 'stage2', got {config.stage!r}")
-    return model, model_cfg, loss_fn
-
-
-def data_kind(config: ml_collections.ConfigDict, model_cfg) -> str:
-    """What the objective reads: 'stage1', 'stage2_opt' or 'stage2_t5'."""
-    return config.stage if config.stage == "stage1" else f"stage2_{model_cfg.text.model_type}"
+from blip2_jax.train.layout import build_layout, data_kind
+from blip2_jax.train.partition import merge, partition
 
 
 def _initial_params(config, model, model_cfg, patterns, shardings):
@@ -134,40 +108,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     is_main = jax.process_index() == 0
     devices = jax.devices() if config.mesh.num_devices == -1 else jax.devices()[: config.mesh.num_devices]
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    model, model_cfg, loss_fn = build_objective(config)
-    patterns = patterns_for(config.trainable)
-
-    boxed = blip2.abstract_params(model_cfg, unbox=False, model=model)
-    trainable_sh, frozen_sh = partition(mesh_lib.logical_shardings(boxed, mesh), patterns)
-    trainable_abstract, _ = partition(nn.unbox(boxed), patterns)
-    schedule = learning_rate_schedule(config.optim)
-    tx = make_optimizer(config.optim, trainable_abstract)
-
-    def create_state(trainable, rng):
-        return TrainState.create(trainable, tx, rng)
-
-    key = jax.random.PRNGKey(config.seed + 1)
-    state_shardings = jax.jit(create_state, in_shardings=(trainable_sh, None)).lower(
-        trainable_abstract, key).compile().output_shardings
-    state_abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                  jax.eval_shape(create_state, trainable_abstract, key), state_shardings)
+    layout = build_layout(config, mesh)
+    model, model_cfg = layout.model, layout.model_cfg
 
     ckpt = Checkpointer(workdir, save_every=config.checkpoint.every, keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
     frozen_dtype = jnp.dtype(config.frozen_dtype)
-    metadata = {"config": config.to_json(), "frozen_source": config.init.hf or config.init.checkpoint or f"seed {config.seed}",
-                "frozen_dtype": str(frozen_dtype)}
+    metadata = {"config": config.to_json(), "frozen_dtype": str(frozen_dtype),
+                "frozen_source": config.init.hf or config.init.checkpoint or f"seed {config.seed}"}
     if ckpt.latest_step() is not None:
-        _, frozen_abstract = partition(nn.unbox(boxed), patterns)
-        frozen_abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, frozen_dtype, sharding=sh),
-                                       frozen_abstract, frozen_sh)
-        frozen = ckpt.restore_frozen(frozen_abstract)
-        state, data_state, _ = ckpt.restore(state_abstract)
+        frozen = ckpt.restore_frozen(layout.frozen_abstract)
+        state, data_state, _ = ckpt.restore(layout.state_abstract)
         logging.info("resumed from %s at step %d", ckpt.workdir, int(state.step))
     else:
-        trainable, frozen = _initial_params(config, model, model_cfg, patterns, (trainable_sh, frozen_sh))
+        trainable, frozen = _initial_params(config, model, model_cfg, layout.patterns,
+                                            (layout.trainable_shardings, layout.frozen_shardings))
         frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
-        state = jax.jit(create_state, out_shardings=state_shardings)(trainable, key)
+        state = jax.jit(layout.create_state, out_shardings=layout.state_shardings)(trainable)
         ckpt.save_frozen(frozen)
         data_state = {"next_step": 0}
 
@@ -179,9 +136,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
         raise RuntimeError(f"checkpoint step {start} and data position {loader.get_state()['next_step']} disagree")
     first = loader.next()
     batch_sh = {k: mesh_lib.batch_sharding(mesh, v.ndim) for k, v in first.items()}
-    step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx, schedule=schedule),
-                      in_shardings=(state_shardings, frozen_sh, batch_sh),
-                      out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+    step_fn = layout.step_fn(batch_sh)
 
     def global_batch(host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(batch_sh[k], v, (config.batch_size, *v.shape[1:]))

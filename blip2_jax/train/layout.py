@@ -1,0 +1,127 @@
+"""What a run compiles, built once from its config and mesh: the objective, the trainable/frozen
+split with its shardings, the optimizer, the train state's shapes and shardings, and the jitted
+step. The trainer (`loop.py`) fills it with arrays; `plan.py` compiles it from shapes alone."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from blip2_jax.data.synthetic import SyntheticData
+from blip2_jax.models import blip2, presets
+from blip2_jax.objectives.stage1 import Stage1Config, stage1_loss
+from blip2_jax.objectives.stage2 import stage2_loss
+from blip2_jax.parallel import mesh as mesh_lib
+from blip2_jax.train.optim import learning_rate_schedule, make_optimizer
+from blip2_jax.train.partition import partition, patterns_for
+from blip2_jax.train.state import TrainState
+from blip2_jax.train.step import train_step
+
+
+def build_objective(config: ml_collections.ConfigDict) -> tuple[blip2.Blip2Base, Any, Any]:
+    """(model, model config, loss_fn(params, batch, rng)) for `config.stage`."""
+    model_cfg = presets.from_config_dict(config.model)
+    if config.stage == "stage1":
+        model = blip2.Blip2Stage1(model_cfg)
+        loss_cfg = Stage1Config(**config.loss.to_dict())
+        loss_fn = functools.partial(stage1_loss, model=model, config=loss_cfg)
+    elif config.stage == "stage2":
+        model = blip2.Blip2ForConditionalGeneration(model_cfg)
+        loss_fn = functools.partial(stage2_loss, model=model)
+    else:
+        raise ValueError(f"config.stage must be 'stage1' or 'stage2', got {config.stage!r}")
+    return model, model_cfg, loss_fn
+
+
+def data_kind(config: ml_collections.ConfigDict, model_cfg) -> str:
+    """What the objective reads: 'stage1', 'stage2_opt' or 'stage2_t5'."""
+    return config.stage if config.stage == "stage1" else f"stage2_{model_cfg.text.model_type}"
+
+
+def _with_sharding(tree: Any, shardings: Any, dtype: Any = None) -> Any:
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh), tree, shardings)
+
+
+def state_shardings_like(state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for the train state: every leaf that mirrors a parameter (the parameters, Adam's
+    mu and nu, any accumulator) is sharded like that parameter; the rest (step, counts, RNG key)
+    is replicated. Left to XLA, the optimizer state came out replicated on every device."""
+    by_path = {tuple(path): (tuple(leaf.shape), sh) for (path, leaf), sh in
+               zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
+
+    def pick(path, leaf):
+        for start in range(len(path)):  # the parameter's own path is a suffix of the leaf's
+            shape, sharding = by_path.get(tuple(path[start:]), (None, None))
+            if sharding is not None and shape == tuple(leaf.shape):
+                return sharding
+        return mesh_lib.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Shapes and shardings of everything a train step touches (no arrays)."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    model: blip2.Blip2Base
+    model_cfg: Any
+    loss_fn: Callable
+    patterns: Any
+    trainable_shardings: Any
+    frozen_shardings: Any
+    frozen_abstract: Any  # in the run's frozen dtype, with shardings
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any
+    state_abstract: Any  # with shardings
+    init_key: jax.Array
+
+    def create_state(self, trainable: Any) -> TrainState:
+        return TrainState.create(trainable, self.tx, self.init_key)
+
+    def batch_abstract(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch's shapes (from one synthetic row: the real pipeline's are the same)."""
+        d, cfg = self.config.data, self.model_cfg
+        kind = data_kind(self.config, cfg)
+        vocab = cfg.qformer.vocab_size - 1 if kind == "stage1" else cfg.text.vocab_size
+        row = SyntheticData(kind=kind, global_batch_size=1, image_size=cfg.vision.image_size,
+                            text_length=d.text_length, vocab_size=vocab).batch(0)
+        return {k: jax.ShapeDtypeStruct((self.config.batch_size, *v.shape[1:]), v.dtype,
+                                        sharding=mesh_lib.batch_sharding(self.mesh, v.ndim)) for k, v in row.items()}
+
+    def step_fn(self, batch_shardings: dict[str, Any]) -> Callable:
+        """The jitted train step: state donated, explicit in/out shardings."""
+        step = functools.partial(train_step, loss_fn=self.loss_fn, tx=self.tx, schedule=self.schedule)
+        return jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
+                       out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)), donate_argnums=(0,))
+
+
+def build_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
+    model, model_cfg, loss_fn = build_objective(config)
+    patterns = patterns_for(config.trainable)
+    boxed = blip2.abstract_params(model_cfg, unbox=False, model=model)
+    trainable_sh, frozen_sh = partition(mesh_lib.logical_shardings(boxed, mesh), patterns)
+    trainable_abstract, frozen_abstract = partition(nn.unbox(boxed), patterns)
+    tx = make_optimizer(config.optim, trainable_abstract)
+    key = jax.random.PRNGKey(config.seed + 1)
+
+    def create_state(trainable):
+        return TrainState.create(trainable, tx, key)
+
+    state_abstract = jax.eval_shape(create_state, trainable_abstract)
+    state_shardings = state_shardings_like(state_abstract, trainable_abstract, trainable_sh, mesh)
+    return Layout(config=config, mesh=mesh, model=model, model_cfg=model_cfg, loss_fn=loss_fn, patterns=patterns,
+                  trainable_shardings=trainable_sh, frozen_shardings=frozen_sh,
+                  frozen_abstract=_with_sharding(frozen_abstract, frozen_sh, jnp.dtype(config.frozen_dtype)),
+                  tx=tx, schedule=learning_rate_schedule(config.optim), state_shardings=state_shardings,
+                  state_abstract=_with_sharding(state_abstract, state_shardings),
+                  init_key=key)
