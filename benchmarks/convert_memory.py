@@ -3,7 +3,9 @@
 Writes a random Hugging Face BLIP-2 checkpoint of EVA ViT-g + BERT-base Q-Former + OPT-1.3b
 sizes (about 2.4 B parameters; float16 on disk, as the published weights) in shards of
 `--shard_gb`, then runs each conversion in a fresh child process and prints its peak RSS next to
-the checkpoint size, the largest shard and the issue's bound 1.5 x largest shard + 1 GB.
+the checkpoint size, the largest shard and the issue's bound 1.5 x largest shard + 1 GB, and as a
+ratio to the reference measured in the same run: `transformers` loading the checkpoint
+(`from_pretrained`, fp16) and writing it again (`save_pretrained`).
 
     python benchmarks/convert_memory.py --workdir /tmp/convert_bench [--shard_gb 2] [--keep]
 """
@@ -76,8 +78,14 @@ def child(direction: str, src: str, out: str) -> None:
     tick = time.perf_counter()
     if direction == "from-hf":
         hf_export.from_hf(src, out)
-    else:
+    elif direction == "to-hf":
         hf_export.to_hf(src, out, dtype="float16", max_shard_size="2GB")
+    else:  # the reference: transformers loading the same checkpoint and writing it out again
+        import torch
+        import transformers
+
+        model = transformers.Blip2ForConditionalGeneration.from_pretrained(src, dtype=torch.float16)
+        model.save_pretrained(out, max_shard_size="2GB")
     seconds = time.perf_counter() - tick
     print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
@@ -107,15 +115,19 @@ def main() -> None:
           f"{source['params'] / 1e9:.2f} B params, {source['total'] / GB:.2f} GB float16 in {source['shards']} "
           f"shards, largest {source['largest'] / GB:.2f} GB")
     bound = 1.5 * source["largest"] + GB
-    rows = []
+    rows, peaks = [], {}
     for direction, src, out in (("from-hf", args.workdir / "hf", args.workdir / "orbax"),
-                                ("to-hf", args.workdir / "orbax", args.workdir / "back")):
+                                ("to-hf", args.workdir / "orbax", args.workdir / "back"),
+                                ("transformers", args.workdir / "hf", args.workdir / "reference")):
         result = _run_child(direction, src, out)
+        peaks[direction] = result["peak_rss"]
         written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-        rows.append(f"  {direction:<8} {result['seconds']:7.0f} s  wrote {written / GB:6.2f} GB  peak RSS "
+        rows.append(f"  {direction:<12} {result['seconds']:7.0f} s  wrote {written / GB:6.2f} GB  peak RSS "
                     f"{result['peak_rss'] / GB:5.2f} GB = {result['peak_rss'] / source['total']:.2f} x checkpoint, "
                     f"{'within' if result['peak_rss'] <= bound else 'ABOVE'} bound {bound / GB:.2f} GB")
     print("\n".join(rows))
+    print(f"peak RSS vs transformers' from_pretrained + save_pretrained of the same checkpoint (fp16): "
+          f"from-hf {peaks['from-hf'] / peaks['transformers']:.2f}x, to-hf {peaks['to-hf'] / peaks['transformers']:.2f}x")
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

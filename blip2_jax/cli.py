@@ -182,11 +182,11 @@ def convert(direction: str) -> None:
                                           text=_TEXT.value, dtype=_DTYPE.value, progress=bar.update)
         print("\n".join(notes))
     elif direction == "to-hf":
-        shapes = model_checkpoint.CheckpointParams.open(_CHECKPOINT.value, _STEP.value).shapes.values()
-        total = sum(int(np.prod(s)) * np.dtype(_DTYPE.value or d).itemsize for s, d in shapes)
+        params = model_checkpoint.CheckpointParams.open(_CHECKPOINT.value, _STEP.value)
+        total = sum(int(np.prod(s)) * np.dtype(_DTYPE.value or d).itemsize for s, d in params.shapes.values())
         with _progress(total, "to-hf") as bar:
-            hf_export.to_hf(_CHECKPOINT.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value,
-                            tokenizer=_TOKENIZER.value, max_shard_size=_MAX_SHARD.value, progress=bar.update)
+            hf_export.to_hf(params, _OUT.value, dtype=_DTYPE.value, tokenizer=_TOKENIZER.value,
+                            max_shard_size=_MAX_SHARD.value, progress=bar.update)
         print(f"wrote {_OUT.value}")
         return
     else:

@@ -72,7 +72,11 @@ install() {
 }
 
 train_args="$(printf '%q ' "$@")"
-mkdir -p "$log_dir"
+log_file=/dev/null  # a dry run writes nothing
+if [[ "$dry_run" -eq 0 ]]; then
+  mkdir -p "$log_dir"
+  log_file="$log_dir/train.log"
+fi
 for ((attempt = 0; attempt <= max_restarts; attempt++)); do
   case "$(state)" in
     READY) ;;
@@ -85,11 +89,11 @@ for ((attempt = 0; attempt <= max_restarts; attempt++)); do
   install
   # The same command on every worker; JAX finds the other workers itself (no coordinator flags).
   if on_all_workers "cd ~/blip2_jax && ~/blip2_jax_venv/bin/blip2-jax train $train_args" 2>&1 \
-      | tee -a "$log_dir/train.log"; then
+      | tee -a "$log_file"; then
     exit 0
   fi
   if [[ "$(state)" == "READY" ]]; then
-    echo "tpu_pod.sh: training failed on a healthy slice (not a preemption); see $log_dir/train.log" >&2
+    echo "tpu_pod.sh: training failed on a healthy slice (not a preemption); see $log_file" >&2
     exit 1
   fi
   echo "tpu_pod.sh: $TPU_NAME was preempted; recreating it and resuming from $workdir" >&2

@@ -174,6 +174,10 @@ def test_orbax_to_hf_to_orbax_reproduces_our_parameters(preset, architecture, tm
         assert again[path].dtype == value.dtype and np.array_equal(again[path], value), path
 
     hf_export.to_hf(tmp_path / "ours", tmp_path / "hf16", dtype="bfloat16")
+    from safetensors.torch import load_file as torch_load  # pylint: disable=import-outside-toplevel
+
+    full, half = torch_load(tmp_path / "hf" / "model.safetensors"), torch_load(tmp_path / "hf16" / "model.safetensors")
+    assert full.keys() == half.keys() and all(torch.equal(half[k], full[k].to(torch.bfloat16)) for k in full)
     halved = _flat(hf_export.from_hf(tmp_path / "hf16", tmp_path / "back16").tree())
     for path, value in params.items():
         np.testing.assert_array_equal(halved[path], value.astype(ml_dtypes.bfloat16).astype(np.float32), path)
@@ -311,8 +315,8 @@ def test_lavis_stage1_to_orbax_to_lavis_reproduces_it(stage1_lavis, tmp_path, hf
 
 def test_lavis_stage2_takes_the_towers_from_their_own_files(hf_dirs, tmp_path):
     """Stage-2 OPT: the .pth holds the Q-Former query path, ln_vision and opt_proj; the ViT comes
-    from eva_vit_g.pth (with an extra block, dropped) and OPT from its HF directory saved as the
-    bare model with fewer embedding rows (padded)."""
+    from eva_vit_g.pth (with an extra block, dropped, and a smaller position table, interpolated)
+    and OPT from its HF directory saved as the bare model with fewer embedding rows (padded)."""
     directory, hf = hf_dirs["opt"]
     config = config_lib.from_hf(hf.config.to_dict())
     full = _lavis_names(ref.state_dict(hf))
@@ -321,6 +325,12 @@ def test_lavis_stage2_takes_the_towers_from_their_own_files(hf_dirs, tmp_path):
     vit = {k[len("visual_encoder."):]: torch.from_numpy(np.array(v)) for k, v in full.items()
            if k.startswith("visual_encoder.")}
     vit.update({k.replace("blocks.1.", "blocks.2."): v.clone() for k, v in vit.items() if k.startswith("blocks.1.")})
+    grid, dim = config.vision.grid, config.vision.hidden_size
+    small = torch.randn(1, 1 + 10 * 10, dim)  # a 10x10 table for the model's 15x15 grid: interpolated
+    vit["pos_embed"] = small
+    patches = small[:, 1:].reshape(1, 10, 10, dim).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    want_pos = torch.cat([small[:, :1], resized.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)], 1).numpy()
     torch.save({"model": pth}, tmp_path / "stage2.pth")
     torch.save(vit, tmp_path / "eva_vit_g.pth")
     opt = hf.language_model
@@ -337,6 +347,7 @@ def test_lavis_stage2_takes_the_towers_from_their_own_files(hf_dirs, tmp_path):
                                    text=tmp_path / "opt")
     assert any("blocks.2." in n and "first 2 ViT blocks" in n for n in notes)
     assert any(f"from {rows} to {config.text.vocab_size} rows" in n for n in notes)
+    assert any("from 101 to 226 positions" in n for n in notes)
     reference = _flat(hf_export.from_hf(directory, tmp_path / "from_hf").tree())
     got = _flat(ours.tree())
     assert got.keys() == reference.keys()
@@ -345,6 +356,8 @@ def test_lavis_stage2_takes_the_towers_from_their_own_files(hf_dirs, tmp_path):
         if path == embed:
             np.testing.assert_array_equal(got[path][:rows], value[:rows])
             assert not got[path][rows:].any()
+        elif path == "vision_model/embeddings/position_embedding":  # as torch's bicubic resize
+            np.testing.assert_allclose(got[path], want_pos, atol=1e-5)
         elif path.endswith("qkv/bias"):  # LAVIS has no key bias: zero there, the rest exact
             d = value.shape[-1] // 3
             np.testing.assert_array_equal(got[path], np.concatenate(
@@ -483,6 +496,13 @@ def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
     assert started.keys() == trained.keys()
     for path, value in trained.items():
         np.testing.assert_array_equal(started[path], value, err_msg=path)
+
+    hf_export.from_hf(tmp_path / "hf", tmp_path / "back16", dtype="bfloat16")  # stored in bf16 ...
+    again.init.checkpoint = str(tmp_path / "back16")
+    halved = _flat(jax.device_get(merge(*loop._initial_params(again, model, cfg, patterns, shardings))))
+    for path, value in trained.items():  # ... still starts in the model's float32, at the rounded values
+        assert halved[path].dtype == np.float32, path
+        np.testing.assert_array_equal(halved[path], value.astype(ml_dtypes.bfloat16).astype(np.float32), path)
 
     again.model.qformer.intermediate_size += 8
     model, cfg, _ = layout.build_objective(again)

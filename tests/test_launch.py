@@ -15,9 +15,9 @@ SCRIPTS = ["local.sh", "tpu_pod.sh", "gpu_slurm.sbatch"]
 TRAIN = ["--config", "configs/stage1.py:vit_g", "--config.data.prompt=a photo of"]  # one arg with spaces
 
 
-def _run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, cwd=None, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_", "XLA_", "JAX_"))}
-    return subprocess.run(["bash", str(ROOT / "launch" / script), *args], env=dict(clean, **env),
+    return subprocess.run(["bash", str(ROOT / "launch" / script), *args], env=dict(clean, **env), cwd=cwd,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -61,8 +61,8 @@ def test_local_reports_the_failing_process(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["process_0.log", "process_1.log"]
 
 
-def test_tpu_pod_dry_run_creates_installs_and_trains():
-    result = _run("tpu_pod.sh", "--dry-run", "--", *TRAIN, "--workdir", "gs://bucket/runs/s1", TPU_NAME="pod",
+def test_tpu_pod_dry_run_creates_installs_and_trains(tmp_path):
+    result = _run("tpu_pod.sh", "--dry-run", "--", *TRAIN, "--workdir", "gs://bucket/runs/s1", cwd=tmp_path, TPU_NAME="pod",
                   ZONE="us-central2-b", PROJECT="proj", ACCELERATOR_TYPE="v4-64", SPOT="1",
                   REPO_URL="https://example.com/blip2_jax.git", REPO_REF="abc123")
     assert result.returncode == 0, result.stderr
@@ -78,6 +78,7 @@ def test_tpu_pod_dry_run_creates_installs_and_trains():
     remote = shlex.split(train[-1].removeprefix("--command="))
     assert remote[:4] == ["cd", "~/blip2_jax", "&&", "~/blip2_jax_venv/bin/blip2-jax"]
     assert remote[4:] == ["train", *TRAIN, "--workdir", "gs://bucket/runs/s1"]  # the spaces survived two shells
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing (no log directory)
 
 
 @pytest.mark.parametrize("env,message", [

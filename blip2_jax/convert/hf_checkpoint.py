@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-
 from blip2_jax.convert.hf import CheckpointMismatchError, from_hf
 from blip2_jax.convert.safetensors_io import SafetensorsFiles
 from blip2_jax.models import blip2
@@ -48,9 +47,9 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
 
 
-def read_tensors(directory: Path) -> SafetensorsFiles:
-    """Every tensor of a single-file or index-sharded safetensors checkpoint, as a lazy mapping
-    (headers checked now, each tensor read when it is used)."""
+def read_tensors(directory: Path, extra_files: tuple[Path, ...] = ()) -> SafetensorsFiles:
+    """Every tensor of a single-file or index-sharded safetensors checkpoint (plus `extra_files`),
+    as a lazy mapping: headers checked now, each tensor read when it is used."""
     index = directory / SAFE_INDEX
     if index.is_file():
         try:
@@ -61,11 +60,11 @@ def read_tensors(directory: Path) -> SafetensorsFiles:
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are not in {directory}: {missing}")
-        return SafetensorsFiles([directory / s for s in shards], expected=weight_map)
+        return SafetensorsFiles([directory / s for s in shards] + list(extra_files), expected=weight_map)
     single = directory / SAFE_WEIGHTS
     if not single.is_file():
         raise FileNotFoundError(f"{directory} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}")
-    return SafetensorsFiles([single])
+    return SafetensorsFiles([single, *extra_files])
 
 
 def params_from_state_dict(state_dict: Mapping[str, Any], config: config_lib.Blip2Config, *,

@@ -66,11 +66,7 @@ def hf_architecture(directory: Path, hf_config: dict[str, Any]) -> str:
 
 def hf_tensors(directory: Path, architecture: str) -> safetensors_io.SafetensorsFiles:
     """The weights (and for stage 1 the side file) of a Hugging Face directory, read lazily."""
-    weights = read_tensors(directory)
-    if architecture != "Blip2Stage1":
-        return weights
-    files = sorted({weights.info(n).file for n in weights}) + [directory / STAGE1_EXTRAS]
-    return safetensors_io.SafetensorsFiles(files)
+    return read_tensors(directory, (directory / STAGE1_EXTRAS,) if architecture == "Blip2Stage1" else ())
 
 
 def from_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
@@ -196,11 +192,13 @@ def _write_processor(directory: Path, params: model_checkpoint.CheckpointParams,
     return image_token_index
 
 
-def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, dtype: Any = None,
-          tokenizer: str = "", max_shard_size: str | int = "5GB",
+def to_hf(checkpoint: str | os.PathLike | model_checkpoint.CheckpointParams, out: str | os.PathLike, *,
+          step: int | None = None, dtype: Any = None, tokenizer: str = "", max_shard_size: str | int = "5GB",
           progress: Callable[[int], None] | None = None) -> Path:
-    """A model checkpoint or training workdir -> a Hugging Face directory at `out`."""
-    params = model_checkpoint.CheckpointParams.open(checkpoint, step)
+    """A model checkpoint or training workdir (a path, or one already opened) -> a Hugging Face
+    directory at `out`."""
+    params = checkpoint if isinstance(checkpoint, model_checkpoint.CheckpointParams) else \
+        model_checkpoint.CheckpointParams.open(checkpoint, step)
     if params.config.vision.variant != "eva":
         raise ValueError(f"{params.source} has LAVIS's CLIP ViT-L, which no Hugging Face BLIP-2 class holds")
     out = Path(out)

@@ -180,8 +180,8 @@ class LavisTensors(Mapping[str, Any]):
         return key
 
     def _adapt(self, config: config_lib.Blip2Config) -> None:
-        """Pad the LLM embedding rows up to the model vocabulary (HF's conversion resized OPT's
-        50272 rows to 50304 for `<image>`), and interpolate the ViT position table to the model
+        """Pad the LLM embedding rows up to the model vocabulary with zeros (HF's conversion resized
+        OPT's 50272 rows to 50304 for `<image>`, initialising the new rows itself), and interpolate the ViT position table to the model
         grid (spec §2.1), each with a note."""
         if config.text is not None:
             for name, tied in (("language_model.model.decoder.embed_tokens.weight", False),
@@ -191,7 +191,8 @@ class LavisTensors(Mapping[str, Any]):
                     self._get[name] = functools.partial(_pad_rows, self._get[name], config.text.vocab_size)
                     self._shape[name] = (config.text.vocab_size, self._shape[name][1])
                     self.notes.append(f"padded {name} from {rows} to {config.text.vocab_size} rows with zeros "
-                                      f"({'the tied head' if tied else 'room for <image>'}, never predicted)")
+                                      f"({'the tied head' if tied else 'room for <image>'}: ids >= {rows} did not "
+                                      "exist in the source model and now score logit 0)")
         pos = "vision_model.embeddings.position_embedding"
         if pos in self._shape and self._shape[pos][1] != config.vision.num_positions:
             from blip2_jax.models.interpolate import interpolate_position_embedding  # pylint: disable=import-outside-toplevel

@@ -3,7 +3,7 @@
 A model checkpoint (what `blip2-jax convert from-hf/from-lavis` write) is a directory:
 
     params/          the parameter tree, an Orbax checkpoint written a group of leaves at a time
-    blip2_jax.json   {"architecture": ..., "config": <Hugging Face config.json dict>, "source": ...}
+    blip2_jax.json   {"architecture": ..., "config": <our model config, presets.to_config_dict>, "source": ...}
     tokenizer files  the source's tokenizer / processor files, when it had them
 
 `CheckpointParams.open` reads that, a training workdir (the trainable tree of a step's

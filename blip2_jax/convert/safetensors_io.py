@@ -47,8 +47,8 @@ def dtype_code(dtype: np.dtype) -> str:
     return _CODES[dtype]
 
 
-def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """(name -> TensorInfo, `__metadata__`, data offset) of `file`, checked against its size."""
+def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], int]:
+    """(name -> TensorInfo, data offset) of `file`, checked against its size."""
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint shard {file} not found")
@@ -65,7 +65,7 @@ def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{file} is not a readable safetensors file (corrupt header): {e}") from e
-    metadata = header.pop("__metadata__", None) or {}
+    header.pop("__metadata__", None)
     infos, end = {}, 0
     for name, entry in header.items():
         try:
@@ -81,7 +81,7 @@ def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     if size != 8 + length + end:
         raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt): {size} bytes, "
                          f"its header describes {8 + length + end}")
-    return infos, metadata, 8 + length
+    return infos, 8 + length
 
 
 class SafetensorsFiles(Mapping[str, np.ndarray]):
@@ -93,7 +93,7 @@ class SafetensorsFiles(Mapping[str, np.ndarray]):
         self._infos: dict[str, TensorInfo] = {}
         self._data_offset: dict[Path, int] = {}
         for file in files:
-            infos, _, offset = read_header(file)
+            infos, offset = read_header(file)
             self._data_offset[Path(file)] = offset
             for name, info in infos.items():
                 if name in self._infos:
@@ -142,11 +142,10 @@ def plan_shards(tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]], max_sh
 
 
 def write_file(file: str | os.PathLike, tensors: list[tuple[str, tuple[int, ...], np.dtype]],
-               produce: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None,
-               progress: Callable[[int], None] | None = None) -> None:
+               produce: Callable[[str], np.ndarray], progress: Callable[[int], None] | None = None) -> None:
     """Write a safetensors file holding `tensors` (name, shape, dtype), asking `produce(name)` for
     each one in order, so only one tensor is in memory; `progress(nbytes)` after each."""
-    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}  # what transformers checks for
     offset = 0
     for name, shape, dtype in tensors:
         nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))

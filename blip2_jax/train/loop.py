@@ -81,7 +81,10 @@ def _checkpoint_params(config, model, model_cfg) -> Any:
     if diffs:
         raise ValueError(f"init.checkpoint {source.source} does not match config.model (ours vs checkpoint):\n  "
                          + "\n  ".join(diffs))
-    return source.tree()
+    # a checkpoint stored in bf16 (`convert --dtype`) still trains in the model's parameter dtype;
+    # the frozen towers are cast to config.frozen_dtype by the caller
+    abstract = blip2.abstract_params(model_cfg, model=model)
+    return jax.tree.map(lambda x, a: x.astype(a.dtype), source.tree(), abstract)
 
 
 class _Preemption:

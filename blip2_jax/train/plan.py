@@ -21,12 +21,14 @@ from jax.sharding import NamedSharding
 
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train.flops import matmul_flops
+from blip2_jax.train.metrics import PEAK_FLOPS
 from blip2_jax.train.layout import build_layout
 
 GIB = 1 << 30
-# Memory per device (GiB) and bf16 dense peak FLOP/s, of the device kinds `--device_kind` names.
-DEVICES = {"v4": (32, 275e12), "v5e": (16, 197e12), "v5p": (95, 459e12), "h100": (80, 989e12),
-           "a100": (40, 312e12)}
+# Memory per device (GiB) and peak FLOP/s (the trainer's MFU table) of the kinds `--device_kind` names.
+DEVICES = {name: (gib, PEAK_FLOPS[kind]) for name, gib, kind in [
+    ("v4", 32, "TPU v4"), ("v5e", 16, "TPU v5e"), ("v5p", 95, "TPU v5p"), ("h100", 80, "NVIDIA H100"),
+    ("a100", 40, "NVIDIA A100")]}
 # The paper's compute (spec §16): samples/s the published runs exceeded, for "would we beat it".
 PAPER_SAMPLES_PER_S = {"stage1": 810.0, "stage2": 469.0}
 
