@@ -12,7 +12,7 @@ COCO+VG with batch 1600 -- select it with --config.optim.schedule=lavis_epoch pl
 """
 import ml_collections
 
-from blip2_jax.train.config import base_config, make_tiny
+from blip2_jax.train.config import make_tiny, stage1_config
 
 _MODEL = {"tiny": "tiny_itm", "vit_l": "itm_vit_l", "vit_g": "itm_vit_g"}
 
@@ -20,13 +20,7 @@ _MODEL = {"tiny": "tiny_itm", "vit_l": "itm_vit_l", "vit_g": "itm_vit_g"}
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg not in _MODEL:
         raise KeyError(f"configs/stage1.py presets: {sorted(_MODEL)}; got {arg!r}")
-    c = base_config("stage1", _MODEL[arg])
-    vocab = c.model.qformer.vocab_size
-    c.loss = ml_collections.ConfigDict(dict(
-        itc_label_smoothing=0.1, itg_label_smoothing=0.1, hard_negative_weights="head",
-        temp_clamp=ml_collections.config_dict.placeholder(tuple),
-        bos_token_id=vocab - 1,  # [DEC], the token added after BERT's vocabulary
-        pad_token_id=0))
+    c = stage1_config(_MODEL[arg])
     if arg == "tiny":
         return make_tiny(c)
     c.batch_size = 2320 if arg == "vit_l" else 1680  # paper

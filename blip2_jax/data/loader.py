@@ -2,10 +2,11 @@
 
 `make_loader(config, model_cfg, rows)` reads `config.data`: `source` is 'synthetic' (per-row
 seeded random arrays, the exactness tests' data), 'json' (LAVIS annotation files + image root),
-'arrayrecord' (shards from `blip2-jax data build`), 'tfds' or 'easy_vqa'; `mixture` draws from
-several of them by weight. Real records become the
-arrays the objective takes (`RecordProcessor`): the LAVIS train transform and caption cleaning, then
-the Q-Former, OPT or FlanT5 tokenisation at `data.text_length`. The loader's state (next step,
+'arrayrecord' (shards from `blip2-jax data build`), 'tfds', 'easy_vqa' (its questions),
+'easy_vqa_captions' or 'easy_vqa_text' (`data/easy_vqa.py`: the demo's captions and LM text);
+`mixture` draws from several of them by weight. Real records become the arrays the objective
+takes (`RecordProcessor`): the LAVIS train transform and caption cleaning, then the Q-Former, OPT
+or FlanT5 tokenisation at `data.text_length`. The loader's state (next step,
 iterator position, skipped-record counters) is saved with every checkpoint, so a resumed run reads
 exactly the batches the uninterrupted run would have read.
 """
@@ -19,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from blip2_jax.data import easy_vqa
 from blip2_jax.data import sources as sources_lib
 from blip2_jax.data import tokenizers, transforms
 from blip2_jax.data.pipeline import Mixture, make_pipeline
@@ -104,7 +106,7 @@ def record_texts(record: dict[str, Any], prompt: str) -> tuple[str, str]:
 class RecordProcessor:
     """record -> the objective's arrays (picklable for Grain workers; the tokenizer loads lazily)."""
 
-    kind: str  # 'stage1', 'stage2_opt' or 'stage2_t5'
+    kind: str  # 'stage1', 'stage2_opt', 'stage2_t5' or 'lm_opt' (text only)
     image_transform: transforms.ImageTransform
     tokenizer_path: str
     text_length: int
@@ -112,6 +114,9 @@ class RecordProcessor:
     # FlanT5 prefix-LM pre-training (spec §7.2): a caption is split at a random word (1..midpoint);
     # the first part joins the encoder input after the prompt, the rest is the target.
     prefix_lm: bool = False
+    # Stage 1: a record field (an int) whose equal values mark positive pairs for ITC and the hard
+    # negatives, e.g. "image_id" as LAVIS's retrieval fine-tuning; "" = only the pair itself.
+    positives: str = ""
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -120,6 +125,14 @@ class RecordProcessor:
         return tokenizers.language_tokenizer(self.tokenizer_path)
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if self.kind == "lm_opt":
+            if "text" not in record:
+                raise KeyError(f"record {record.get('id')!r} has no 'text' for language modelling (keys: "
+                               f"{sorted(record)})")
+            prompt = record.get("prompt", "")  # the part of the text that is no target
+            out = tokenizers.opt_text(self.tokenizer, record["text"], prompt=prompt, max_length=self.text_length)
+            labels = opt_labels(out["text_ids"][None], out["text_mask"][None], int(out.pop("prompt_length")))
+            return {**out, "labels": np.asarray(labels[0], np.int32)} if prompt else out
         image = self.image_transform(sources_lib.read_image(record["image"]), rng)
         text_input, text_output = record_texts(record, self.prompt)
         if self.prefix_lm and "caption" in record:
@@ -127,7 +140,10 @@ class RecordProcessor:
             text_input = f"{text_input} {prefix}".strip()
         joined = f"{text_input} {text_output}".strip()
         if self.kind == "stage1":
-            return {"image": image, **tokenizers.qformer_text(self.tokenizer, joined, self.text_length)}
+            out = {"image": image, **tokenizers.qformer_text(self.tokenizer, joined, self.text_length)}
+            if self.positives:
+                out["image_id"] = np.int32(record[self.positives])
+            return out
         if self.kind == "stage2_opt":
             out = tokenizers.opt_text(self.tokenizer, joined, prompt=text_input, max_length=self.text_length)
             labels = opt_labels(out["text_ids"][None], out["text_mask"][None], int(out.pop("prompt_length")))
@@ -146,7 +162,12 @@ def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:
         return sources_lib.TfdsSource(d.tfds_name, d.split, d.path or None)
     if d.source == "easy_vqa":
         return sources_lib.EasyVqaSource(d.split)
-    raise ValueError(f"data.source must be synthetic, json, arrayrecord, tfds or easy_vqa; got {d.source!r}")
+    if d.source == "easy_vqa_captions":
+        return easy_vqa.ListSource(easy_vqa.caption_records(d.split))
+    if d.source == "easy_vqa_text":
+        return easy_vqa.ListSource(easy_vqa.lm_records(d.split))
+    raise ValueError(f"data.source must be synthetic, json, arrayrecord, tfds, easy_vqa, easy_vqa_captions or "
+                     f"easy_vqa_text; got {d.source!r}")
 
 
 SOURCE_FIELDS = ("source", "annotations", "image_root", "path", "tfds_name", "split")
@@ -197,8 +218,10 @@ def make_loader(config: ml_collections.ConfigDict, model_cfg: Blip2Config, kind:
         raise ValueError("a real data source needs data.tokenizer (a local directory or hub id)")
     if d.prefix_lm and kind != "stage2_t5":
         raise ValueError(f"data.prefix_lm is FlanT5's prefix-LM split (stage2_t5); this run is {kind}")
+    if d.positives and kind != "stage1":
+        raise ValueError(f"data.positives marks ITC/ITM positives (stage1); this run is {kind}")
     process = RecordProcessor(kind, TRANSFORMS[d.transform](model_cfg.vision.image_size), d.tokenizer,
-                              d.text_length, d.prompt, d.prefix_lm)
+                              d.text_length, d.prompt, d.prefix_lm, d.positives)
     iterator = make_pipeline(make_sources(d), process=process, global_batch_size=config.batch_size,
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count(), worker_count=d.workers, strict=d.strict)

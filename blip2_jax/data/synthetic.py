@@ -16,7 +16,7 @@ from blip2_jax.objectives.stage2 import opt_labels
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticData:
-    """Batches for `kind` in {'stage1', 'stage2_opt', 'stage2_t5'}."""
+    """Batches for `kind` in {'stage1', 'stage2_opt', 'stage2_t5', 'lm_opt'}."""
 
     kind: str
     global_batch_size: int
@@ -28,7 +28,7 @@ class SyntheticData:
     prompt_length: int = 0
 
     def __post_init__(self):
-        if self.kind not in ("stage1", "stage2_opt", "stage2_t5"):
+        if self.kind not in ("stage1", "stage2_opt", "stage2_t5", "lm_opt"):
             raise ValueError(f"unknown synthetic data kind {self.kind!r}")
 
     def _row(self, step: int, row: int) -> dict[str, np.ndarray]:
@@ -42,6 +42,9 @@ class SyntheticData:
         if self.kind == "stage1":
             ids[0] = 1  # a [CLS]-like first token that ITG replaces by [DEC]
             out.update(text_ids=ids, text_mask=mask)
+        elif self.kind == "lm_opt":
+            ids[0] = self.bos_token_id
+            out = dict(text_ids=ids, text_mask=mask)
         elif self.kind == "stage2_opt":
             ids[0] = self.bos_token_id
             labels = np.asarray(opt_labels(ids[None], mask[None], self.prompt_length))[0]

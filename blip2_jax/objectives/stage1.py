@@ -32,6 +32,11 @@ class Stage1Config:
     temp_clamp: tuple[float, float] | None = None  # BLIP-2 does not clamp; BLIP/ALBEF used (0.001, 0.5)
     bos_token_id: int = 30522  # [DEC]
     pad_token_id: int = 0
+    # L = itc_weight * ITC + itm_weight * ITM + itg_weight * ITG; LAVIS sums them (all 1). Weight 0
+    # drops a term, e.g. the paper's Table 6 ablation (ITC+ITM without ITG).
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    itg_weight: float = 1.0
 
     def __post_init__(self):
         if self.hard_negative_weights not in ("head", "paper"):
@@ -156,5 +161,5 @@ def stage1_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, 
                             method=model.itg_logits, rngs=drop(3))
     loss_itg = token_cross_entropy(lm_logits[:, :-1], lm_labels[:, 1:], config.itg_label_smoothing)
 
-    loss = loss_itc + loss_itm + loss_itg
+    loss = config.itc_weight * loss_itc + config.itm_weight * loss_itm + config.itg_weight * loss_itg
     return loss, {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg, "temp": temp}

@@ -14,7 +14,9 @@ from blip2_jax.train import optim
 
 def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = stage  # 'stage1' (Blip2Stage1: ITC+ITM+ITG) or 'stage2' (LM loss through a frozen LLM)
+    # 'stage1' (Blip2Stage1: ITC+ITM+ITG), 'stage2' (LM loss through a frozen LLM) or 'lm' (text-only
+    # pretraining of the LLM, the demo's; objectives/lm.py)
+    c.stage = stage
     c.model_preset = model_preset
     c.model = presets.to_config_dict(presets.get(model_preset))
     c.trainable = stage  # partition preset (train/partition.py) or a list of path regexes
@@ -29,15 +31,17 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     c.optim.total_steps = c.get_ref("total_steps")
     c.loss = ml_collections.ConfigDict()
     # source: synthetic | json (annotations: comma-separated LAVIS files, image_root) | arrayrecord (path:
-    # shard prefix) | tfds (tfds_name, split, path: data_dir) | easy_vqa (split). tokenizer: the Q-Former's
+    # shard prefix) | tfds (tfds_name, split, path: data_dir) | easy_vqa | easy_vqa_captions | easy_vqa_text
+    # (split; the last two are the demo's captions and LM text, data/easy_vqa.py). tokenizer: the Q-Former's
     # BERT (stage 1) or the LLM's (stage 2), a directory or hub id. Bad records are skipped and counted
     # (data_skipped in the metrics) unless strict. mixture: a list of dicts of the source fields above plus
     # `weight` (e.g. [dict(source="json", annotations="coco.json", weight=2), dict(source="arrayrecord",
     # path="vg", weight=1)]), empty for the one source above. prefix_lm: FlanT5's random caption split.
+    # positives: stage 1's record field whose equal values are positive pairs (LAVIS retrieval: image_id).
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", text_length=32, annotations="", image_root="", path="", tfds_name="", split="train",
         tokenizer="", prompt="", transform="blip2_image_train", workers=0, strict=False, prefix_lm=False,
-        mixture=[]))
+        positives="", mixture=[]))
     # hf: a HF BLIP-2 checkpoint; checkpoint: a model checkpoint (`blip2-jax convert from-hf/from-lavis`)
     # or a training workdir with this run's model; bert: stage 1's Q-Former from BERT; stage1: a stage-1
     # workdir or model checkpoint whose Q-Former query path and ln_vision start stage 2
@@ -47,6 +51,17 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict(dict(every=50, tensorboard=True,
                                            peak_flops_per_device=config_dict.placeholder(float)))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    return c
+
+
+def stage1_config(model_preset: str) -> ml_collections.ConfigDict:
+    """Stage 1 of `model_preset` with LAVIS's loss settings (objectives/stage1.py)."""
+    c = base_config("stage1", model_preset)
+    c.loss = ml_collections.ConfigDict(dict(
+        itc_label_smoothing=0.1, itg_label_smoothing=0.1, hard_negative_weights="head",
+        temp_clamp=config_dict.placeholder(tuple),
+        bos_token_id=c.model.qformer.vocab_size - 1,  # [DEC], the token added after BERT's vocabulary
+        pad_token_id=0, itc_weight=1.0, itm_weight=1.0, itg_weight=1.0))
     return c
 
 

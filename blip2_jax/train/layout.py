@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from blip2_jax.data.synthetic import SyntheticData
 from blip2_jax.models import blip2, presets
+from blip2_jax.objectives.lm import lm_loss
 from blip2_jax.objectives.stage1 import Stage1Config, stage1_loss
 from blip2_jax.objectives.stage2 import stage2_loss
 from blip2_jax.parallel import mesh as mesh_lib
@@ -32,17 +33,17 @@ def build_objective(config: ml_collections.ConfigDict) -> tuple[blip2.Blip2Base,
         model = blip2.Blip2Stage1(model_cfg)
         loss_cfg = Stage1Config(**config.loss.to_dict())
         loss_fn = functools.partial(stage1_loss, model=model, config=loss_cfg)
-    elif config.stage == "stage2":
+    elif config.stage in ("stage2", "lm"):
         model = blip2.Blip2ForConditionalGeneration(model_cfg)
-        loss_fn = functools.partial(stage2_loss, model=model)
+        loss_fn = functools.partial(stage2_loss if config.stage == "stage2" else lm_loss, model=model)
     else:
-        raise ValueError(f"config.stage must be 'stage1' or 'stage2', got {config.stage!r}")
+        raise ValueError(f"config.stage must be 'stage1', 'stage2' or 'lm', got {config.stage!r}")
     return model, model_cfg, loss_fn
 
 
 def data_kind(config: ml_collections.ConfigDict, model_cfg) -> str:
-    """What the objective reads: 'stage1', 'stage2_opt' or 'stage2_t5'."""
-    return config.stage if config.stage == "stage1" else f"stage2_{model_cfg.text.model_type}"
+    """What the objective reads: 'stage1', 'stage2_opt', 'stage2_t5' or 'lm_opt' (text only)."""
+    return config.stage if config.stage == "stage1" else f"{config.stage}_{model_cfg.text.model_type}"
 
 
 def _with_sharding(tree: Any, shardings: Any, dtype: Any = None) -> Any:

@@ -21,6 +21,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
                r"^itm_head/", r"^cls/", r"^temp$", r"^vision_model/post_layernorm/"),
     # Stage 2 (Blip2ForConditionalGeneration): Q-Former query path, queries, projection, ln_vision.
     "stage2": (r"^qformer/", r"^query_tokens$", r"^language_projection/", r"^vision_model/post_layernorm/"),
+    # The demo's text-only pretraining of the LLM that stage 2 then freezes (objectives/lm.py).
+    "lm": (r"^language_model/",),
     # Fine-tuning (caption / retrieval, spec §9.1): the ViT trains too; the LLM stays frozen.
     "finetune_stage1": (r"^(?!language_model/).*",),
     "finetune_stage2": (r"^(?!language_model/).*",),

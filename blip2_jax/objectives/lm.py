@@ -1,0 +1,40 @@
+"""Text-only causal language modelling of a BLIP-2 model's OPT: how `blip2-jax demo` makes the
+language model that BLIP-2 then freezes (the published models start from a pretrained OPT).
+
+Batch: `text_ids`/`text_mask` (B,L), BOS + text + "\\n", right-padded (`tokenizers.opt_text`), and
+optionally `labels` (B,L) from `stage2.opt_labels`: the loss then covers only the text after a
+record's prompt (the demo's answers after "<caption>. question: <q> answer:"; a loss over every
+token is dominated by the unpredictable captions and questions, and the answers, 1 token in 16, are
+learnt far more slowly). Position t predicts token t+1; padding is no target, BOS never is.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
+from blip2_jax.models.config import OPTConfig
+from blip2_jax.objectives.stage1 import IGNORE, token_cross_entropy
+
+
+def _lm_logits(module: Blip2ForConditionalGeneration, text_ids: jax.Array, text_mask: jax.Array,
+               deterministic: bool) -> jax.Array:
+    lm = module.language_model
+    return lm(lm.embed(text_ids), text_mask, deterministic=deterministic)[0]
+
+
+def lm_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, model: Blip2ForConditionalGeneration,
+            deterministic: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross-entropy over the real tokens after BOS; metrics `loss`, `accuracy`."""
+    if not isinstance(model.config.text, OPTConfig):
+        raise ValueError(f"the text-only LM objective trains a decoder-only OPT, got {model.config.text!r}")
+    logits = model.apply({"params": params}, batch["text_ids"], batch["text_mask"], deterministic,
+                         method=_lm_logits, rngs={"dropout": rng})[:, :-1]
+    labels = batch["labels"] if "labels" in batch else jnp.where(batch["text_mask"] == 0, IGNORE, batch["text_ids"])
+    targets = labels[:, 1:]
+    loss = token_cross_entropy(logits, targets, 0.0)
+    real = targets != IGNORE
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) & real) / jnp.maximum(jnp.sum(real), 1)
+    return loss, {"loss": loss, "accuracy": accuracy}

@@ -1,0 +1,51 @@
+"""The demo's text-only LM objective against `transformers`' OPT loss, and the loader's LM records."""
+import jax
+import numpy as np
+import pytest
+import torch
+
+from blip2_jax.convert.hf_checkpoint import load_pretrained
+from blip2_jax.data.loader import RecordProcessor
+from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
+from blip2_jax.objectives.lm import lm_loss
+from tests.reference import hf_models as ref
+from tests.reference.tokenizers import tiny_opt_tokenizer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("opt")
+    hf = ref.generation_model(ref.OPT, seed=2)
+    hf.save_pretrained(directory)
+    config, params = load_pretrained(directory)
+    return hf.eval(), Blip2ForConditionalGeneration(config), params
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_lm_loss_equals_transformers_opt_loss(models, with_labels):
+    hf, model, params = models
+    ids, mask = ref.padded_text([7, 3, 9], 10, ref.OPT["vocab_size"], first=2, seed=4)
+    labels = np.where(mask == 1, ids, -100)
+    if with_labels:  # only what follows each row's first 2 tokens is a target
+        labels[:, :2] = -100
+    batch = {"text_ids": ids.astype(np.int32), "text_mask": mask.astype(np.int32)}
+    if with_labels:
+        batch["labels"] = labels.astype(np.int32)
+    ours, _ = lm_loss(params, batch, jax.random.PRNGKey(0), model=model, deterministic=True)
+    with torch.no_grad():  # transformers shifts the labels itself and ignores -100
+        theirs = hf.language_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                   labels=torch.tensor(labels)).loss
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5, abs=1e-6)
+
+
+def test_lm_records_mask_their_prompt(tmp_path):
+    tiny_opt_tokenizer().save_pretrained(tmp_path)
+    process = RecordProcessor("lm_opt", None, str(tmp_path), 12)
+    row = process({"id": "x", "text": "a photo of w3 w4", "prompt": "a photo of"}, np.random.default_rng(0))
+    # <s> a photo of | w3 w4 (this word-level tokenizer drops "\n"): the prompt and BOS are no targets
+    n = int(row["text_mask"].sum())
+    assert row["labels"][:4].tolist() == [-100] * 4 and row["labels"][4:n].tolist() == row["text_ids"][4:n].tolist()
+    plain = process({"id": "y", "text": "w5 w6"}, np.random.default_rng(0))
+    assert "labels" not in plain and plain["text_mask"].sum() == 3  # <s> w5 w6
+    with pytest.raises(KeyError, match="no 'text'"):
+        process({"id": "z", "caption": "w1"}, np.random.default_rng(0))
