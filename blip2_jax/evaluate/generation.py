@@ -1,0 +1,51 @@
+"""Captions and answers for a whole data set, sharded over the mesh (batch axes), one compile.
+
+The prompts of the whole set are tokenised first and padded to one bucketed width, so the
+generate step compiles once; images are read per global batch, each host its own rows.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import numpy as np
+
+from blip2_jax.data.images import ImageInput, preprocess_images
+from blip2_jax.evaluate.batches import EvalBatches, jit_replicated, to_global
+from blip2_jax.evaluate.model import EvalModel
+from blip2_jax.generation.api import prompt_arrays
+from blip2_jax.generation.config import GenerationConfig
+from blip2_jax.generation.decode import generate
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(module, mesh, config: GenerationConfig) -> Callable:
+    """One jitted generate per (model, mesh, setting): a second evaluation reuses the compile."""
+    return jit_replicated(functools.partial(generate, model=module, config=config), mesh)
+
+
+def generate_texts(model: EvalModel, mesh, images: Sequence[ImageInput], prompts: Sequence[str], tokenizer,
+                   config: GenerationConfig, *, batch_size: int = 8,
+                   progress: Callable[[int], None] = lambda n: None) -> list[str]:
+    """The text generated after `prompts[i]` for `images[i]` (decoded without special tokens and
+    stripped, as LAVIS does); `batch_size` is per device."""
+    if model.config.text is None:
+        raise ValueError("captioning and VQA need a BLIP-2 model with a language model; this checkpoint is "
+                         "a retrieval model")
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; need one prompt per image")
+    if config.num_return_sequences != 1:
+        raise ValueError(f"evaluation takes one text per image; num_return_sequences is {config.num_return_sequences}")
+    if not images:
+        return []
+    ids, mask = prompt_arrays(tokenizer(list(prompts))["input_ids"], model.config)
+    fn = _compiled(model.module, mesh, config)
+    batches, texts = EvalBatches.for_mesh(len(images), batch_size, mesh), []
+    for _, valid, local in batches:
+        pixels = preprocess_images([images[i] for i in local], model.config.vision.image_size)
+        g = to_global(mesh, {"x": pixels, "ids": ids[local], "mask": mask[local]}, batches.global_batch)
+        out = fn(model.params, g["x"], g["ids"], g["mask"])
+        tokens, lengths = np.asarray(out.tokens[:, 0])[valid], np.asarray(out.lengths[:, 0])[valid]
+        texts += tokenizer.batch_decode([t[:n].tolist() for t, n in zip(tokens, lengths)], skip_special_tokens=True)
+        progress(int(valid.sum()))
+    return [t.strip() for t in texts]

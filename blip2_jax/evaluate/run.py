@@ -1,0 +1,111 @@
+"""`blip2-jax eval`: one task (captioning, VQA, retrieval) of a checkpoint over a whole set.
+
+Writes `results.json` (one entry per sample, in the set's order) and `metrics.json` to the
+output directory (process 0 only); every host computes the same results from replicated outputs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from blip2_jax.data.text import pre_question
+from blip2_jax.data.tokenizers import language_tokenizer, qformer_tokenizer
+from blip2_jax.evaluate import datasets, metrics
+from blip2_jax.evaluate.generation import generate_texts
+from blip2_jax.evaluate.model import EvalModel, load_model
+from blip2_jax.evaluate.retrieval import retrieval_scores
+from blip2_jax.generation.config import GenerationConfig
+from blip2_jax.parallel import mesh as mesh_lib
+
+TASKS = ("caption", "vqa", "retrieval")
+RANKS_KEPT = 10  # results.json keeps each query's top 10 (all R@k need)
+
+
+def _progress(total: int, what: str):
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    return tqdm(total=total, desc=what, disable=jax.process_index() != 0, leave=False)
+
+
+def _tokenizer(config: ml_collections.ConfigDict, model: EvalModel, retrieval: bool) -> Any:
+    path = config.tokenizer or model.tokenizer
+    if not path:
+        raise ValueError(f"the checkpoint {config.checkpoint} names no tokenizer: set --config.tokenizer")
+    return qformer_tokenizer(path) if retrieval else language_tokenizer(path)
+
+
+def _generation(config: ml_collections.ConfigDict) -> GenerationConfig:
+    return GenerationConfig(**config.generation.to_dict())
+
+
+def _caption(config, model, mesh, tokenizer) -> tuple[list[dict], dict[str, float]]:
+    data = datasets.caption_set(config.data)
+    with _progress(len(data.images), "caption") as bar:
+        texts = generate_texts(model, mesh, data.images, [config.prompt] * len(data.images), tokenizer,
+                               _generation(config), batch_size=config.batch_size, progress=bar.update)
+    results = [{"image_id": i, "caption": t} for i, t in zip(data.image_ids, texts)]
+    refs = dict(enumerate(data.references))
+    return results, metrics.caption_metrics(dict(enumerate(texts)), refs, spice=config.spice)
+
+
+def _vqa(config, model, mesh, tokenizer) -> tuple[list[dict], dict[str, float]]:
+    data = datasets.vqa_set(config.data)
+    prompts = [config.prompt.format(pre_question(q)) for q in data.questions]
+    with _progress(len(prompts), "vqa") as bar:
+        answers = generate_texts(model, mesh, data.images, prompts, tokenizer, _generation(config),
+                                 batch_size=config.batch_size, progress=bar.update)
+    results = [{"question_id": q, "answer": a} for q, a in zip(data.question_ids, answers)]
+    score = metrics.vqa_score(dict(enumerate(answers)), dict(enumerate(data.answers)), metric=config.metric)
+    return results, score
+
+
+def _retrieval(config, model, mesh, tokenizer) -> tuple[dict, dict[str, float]]:
+    data = datasets.retrieval_set(config.data)
+    n = len(data.texts) + len(data.images)
+    with _progress(n, "retrieval") as bar:
+        scores = retrieval_scores(model, mesh, data.images, data.texts, tokenizer, k_test=config.k_test,
+                                  batch_size=config.batch_size, text_length=config.text_length,
+                                  progress=bar.update)
+    top_i2t = np.argsort(-scores.i2t, axis=1, kind="stable")[:, :RANKS_KEPT]
+    results = {"i2t": [{"image": i, "texts": t.tolist(), "scores": scores.i2t[i, t].tolist()}
+                       for i, t in enumerate(top_i2t)]}
+    if data.txt2img is None:  # classification: each image's own caption among the classes
+        correct = [int(top_i2t[i, 0]) in data.img2txt[i] for i in range(len(data.images))]
+        return results, {"accuracy": float(np.mean(correct)), "count": len(correct)}
+    top_t2i = np.argsort(-scores.t2i, axis=1, kind="stable")[:, :RANKS_KEPT]
+    results["t2i"] = [{"text": j, "images": t.tolist(), "scores": scores.t2i[j, t].tolist()}
+                      for j, t in enumerate(top_t2i)]
+    return results, metrics.retrieval_metrics(scores.i2t, scores.t2i, data.img2txt, data.txt2img)
+
+
+def evaluate(config: ml_collections.ConfigDict, output: str | Path | None = None) -> dict[str, float]:
+    """Run `config.task` on `config.checkpoint`; write results.json and metrics.json to `output`."""
+    if config.task not in TASKS:
+        raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
+    if not config.checkpoint:
+        raise ValueError("set the checkpoint to evaluate: --checkpoint (a HF directory or hub id, a model "
+                         "checkpoint or a training workdir)")
+    devices = jax.devices() if config.num_devices == -1 else jax.devices()[:config.num_devices]
+    mesh = mesh_lib.make_mesh(-1, config.fsdp, 1, devices)
+    model = load_model(config.checkpoint, mesh, step=config.step if config.step >= 0 else None,
+                       dtype=config.dtype or None)
+    if config.task == "retrieval" and not hasattr(model.module, "itm"):
+        raise ValueError(f"retrieval needs a model with the ITC/ITM heads (Blip2ForImageTextRetrieval or a stage-1 "
+                         f"checkpoint); {config.checkpoint} is a {type(model.module).__name__}")
+    if config.task != "retrieval" and model.config.text is None:
+        raise ValueError(f"{config.task} needs a BLIP-2 model with a language model; {config.checkpoint} is a "
+                         "retrieval model")
+    run = {"caption": _caption, "vqa": _vqa, "retrieval": _retrieval}[config.task]
+    results, scores = run(config, model, mesh, _tokenizer(config, model, config.task == "retrieval"))
+    if output is not None and jax.process_index() == 0:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "results.json").write_text(json.dumps(results, indent=1))
+        (output / "metrics.json").write_text(json.dumps({"task": config.task, "checkpoint": str(config.checkpoint),
+                                                         **scores}, indent=2))
+    return scores
