@@ -25,10 +25,12 @@ QUESTIONS = ["what is the w1", "w2 w3", "is w4 w5 w6 the w7", "w8", "a photo"]
 @pytest.mark.parametrize("n,per_device,devices", [(11, 2, 8), (16, 2, 8), (5, 3, 1), (1, 4, 2)])
 def test_batches_cover_every_sample_once(n, per_device, devices):
     batches = EvalBatches(n, per_device * devices)
-    seen = np.concatenate([index[valid] for index, valid, _ in batches])
+    rows = [batches.rows(b) for b in range(len(batches))]
+    seen = np.concatenate([index[valid] for index, valid in rows])
     assert sorted(seen.tolist()) == list(range(n))  # nothing dropped, nothing twice
     assert len(batches) == -(-n // (per_device * devices))
-    assert all(len(index) == per_device * devices for index, _, _ in batches)  # static shapes
+    assert all(len(index) == per_device * devices for index, _ in rows)  # static shapes
+    assert all(np.array_equal(local, batches.rows(b)[0]) for b, (_, local) in enumerate(batches))  # 1 host
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +157,3 @@ def test_eval_config_presets_load(file, presets):
         assert config.task in ("caption", "vqa", "retrieval") and (config.checkpoint or preset == "easy_vqa")
     with pytest.raises(KeyError, match="presets"):
         module.get_config("nonsense")
-    vqa = config if file == "vqa.py" else None
-    if vqa is not None:
-        assert vqa.metric == "exact_match" and vqa.data.source == "easy_vqa"

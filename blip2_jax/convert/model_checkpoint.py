@@ -164,6 +164,12 @@ class CheckpointParams:
         return sum(d.itemsize * int(np.prod(s, dtype=np.int64)) for s, d in self.shapes.values())
 
 
+def cast_like(tree: Tree, abstract: Tree) -> Tree:
+    """Host leaves cast to `abstract`'s dtypes: a checkpoint stored in bf16 (`convert --dtype`)
+    trains and evaluates in the model's parameter dtype."""
+    return jax.tree.map(lambda x, a: x.astype(a.dtype), tree, abstract)
+
+
 def temporary_sibling(out: Path) -> Path:
     """An empty directory beside `out` to build it in (renamed to `out` when complete)."""
     if out.exists():

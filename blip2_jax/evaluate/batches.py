@@ -1,8 +1,8 @@
 """Evaluation batches over every device and host, and the arrays that cross the mesh.
 
 A data set of N samples is read as ceil(N / B) global batches of B rows (B = a per-device
-batch x the batch-axis devices). The last batch is padded with copies of its first row and a mask that drops
-them from the results, so no sample is ever dropped or counted twice, whatever N, B or the
+batch x the batch-axis devices). The last batch is padded with copies of its first row and a
+mask that drops them from the results, so no sample is ever dropped or counted twice, whatever N, B or the
 number of hosts. Each host reads only its own rows of every batch; the jitted functions return
 replicated outputs, which every host can read whole.
 """
@@ -54,11 +54,10 @@ class EvalBatches:
         start = jax.process_index() * per_host
         return self.rows(batch)[0][start:start + per_host]
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(all rows' sample indices, valid mask, this host's sample indices) per batch."""
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(valid mask of all rows, this host's sample indices) per batch."""
         for b in range(len(self)):
-            index, valid = self.rows(b)
-            yield index, valid, self.local_rows(b)
+            yield self.rows(b)[1], self.local_rows(b)
 
 
 def to_global(mesh: Mesh, local: dict[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:

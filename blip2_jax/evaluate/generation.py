@@ -41,7 +41,7 @@ def generate_texts(model: EvalModel, mesh, images: Sequence[ImageInput], prompts
     ids, mask = prompt_arrays(tokenizer(list(prompts))["input_ids"], model.config)
     fn = _compiled(model.module, mesh, config)
     batches, texts = EvalBatches.for_mesh(len(images), batch_size, mesh), []
-    for _, valid, local in batches:
+    for valid, local in batches:
         pixels = preprocess_images([images[i] for i in local], model.config.vision.image_size)
         g = to_global(mesh, {"x": pixels, "ids": ids[local], "mask": mask[local]}, batches.global_batch)
         out = fn(model.params, g["x"], g["ids"], g["mask"])

@@ -7,13 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import Mesh
 
 from blip2_jax.convert.hf_checkpoint import load_pretrained
-from blip2_jax.convert.model_checkpoint import METADATA, CheckpointParams, build_model
+from blip2_jax.convert.model_checkpoint import METADATA, CheckpointParams, build_model, cast_like
 from blip2_jax.evaluate.batches import place_params
 from blip2_jax.models import blip2
 from blip2_jax.models.config import Blip2Config
@@ -44,7 +43,3 @@ def load_model(checkpoint: str | os.PathLike, mesh: Mesh, *, step: int | None = 
     tree = cast_like(tree, nn.unbox(boxed))
     return EvalModel(module, config, place_params(tree, boxed, mesh), tokenizer)
 
-
-def cast_like(tree: Any, abstract: Any) -> Any:
-    """Host leaves cast to the model's parameter dtypes (a bf16-stored checkpoint evaluates as configured)."""
-    return jax.tree.map(lambda x, a: x.astype(a.dtype), tree, abstract)

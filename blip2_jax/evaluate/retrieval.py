@@ -59,7 +59,7 @@ def _text_features(model: EvalModel, mesh, ids: np.ndarray, mask: np.ndarray, ba
                    progress: Progress) -> np.ndarray:
     fn = _compiled(model.module, mesh, "text")
     batches, out = EvalBatches.for_mesh(len(ids), batch_size, mesh), []
-    for _, valid, local in batches:
+    for valid, local in batches:
         g = to_global(mesh, {"ids": ids[local], "mask": mask[local]}, batches.global_batch)
         out.append(np.asarray(fn(model.params, g["ids"], g["mask"]))[valid])
         progress(int(valid.sum()))
@@ -72,7 +72,7 @@ def _image_pass(model: EvalModel, mesh, images: Sequence[ImageInput], text_feats
     fn = _compiled(model.module, mesh, "image")
     texts = replicate(mesh, text_feats)
     batches, sims, embeds = EvalBatches.for_mesh(len(images), batch_size, mesh), [], []
-    for _, valid, local in batches:
+    for valid, local in batches:
         pixels = preprocess_images([images[i] for i in local], model.config.vision.image_size)
         s, e = fn(model.params, to_global(mesh, {"x": pixels}, batches.global_batch)["x"], texts)
         sims.append(np.asarray(s)[valid])
@@ -91,7 +91,7 @@ def _itm_scores(model: EvalModel, mesh, pairs: np.ndarray, embeds: np.ndarray, i
     """ITM positive-class logit (mean over queries) for each (image, text) row of `pairs`."""
     fn = _compiled(model.module, mesh, "itm")
     batches, out = EvalBatches.for_mesh(len(pairs), batch_size, mesh), []
-    for _, valid, local in batches:
+    for valid, local in batches:
         image, text = pairs[local, 0], pairs[local, 1]
         g = to_global(mesh, {"e": embeds[image], "i": ids[text], "m": mask[text]}, batches.global_batch)
         out.append(np.asarray(fn(model.params, g["e"], g["i"], g["m"]))[valid])

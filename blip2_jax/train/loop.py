@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from blip2_jax.checkpoint import Checkpointer
 from blip2_jax.convert.bert_init import init_from_bert, load_bert
 from blip2_jax.convert.hf_checkpoint import config_differences, load_pretrained
-from blip2_jax.convert.model_checkpoint import CheckpointParams
+from blip2_jax.convert.model_checkpoint import CheckpointParams, cast_like
 from blip2_jax.convert.stage1_to_stage2 import load_stage1, stage2_from_stage1
 from blip2_jax.data.loader import make_loader
 from blip2_jax.models import blip2
@@ -81,10 +81,8 @@ def _checkpoint_params(config, model, model_cfg) -> Any:
     if diffs:
         raise ValueError(f"init.checkpoint {source.source} does not match config.model (ours vs checkpoint):\n  "
                          + "\n  ".join(diffs))
-    # a checkpoint stored in bf16 (`convert --dtype`) still trains in the model's parameter dtype;
-    # the frozen towers are cast to config.frozen_dtype by the caller
-    abstract = blip2.abstract_params(model_cfg, model=model)
-    return jax.tree.map(lambda x, a: x.astype(a.dtype), source.tree(), abstract)
+    # the frozen towers are cast on to config.frozen_dtype by the caller
+    return cast_like(source.tree(), blip2.abstract_params(model_cfg, model=model))
 
 
 class _Preemption:
