@@ -38,6 +38,29 @@ def test_lm_loss_equals_transformers_opt_loss(models, with_labels):
     assert float(ours) == pytest.approx(float(theirs), rel=1e-5, abs=1e-6)
 
 
+def test_lm_loss_with_a_context_before_bos_equals_transformers(models):
+    """The demo's captions sit before BOS, left-padded, where stage 2 puts the queries: the loss is
+    HF OPT's on [context ; text] embeddings, positions from the joint mask, the context no target."""
+    hf, model, params = models
+    context, context_mask = ref.padded_text([2, 4, 3], 4, ref.OPT["vocab_size"], left=True, seed=5)
+    ids, mask = ref.padded_text([7, 3, 9], 10, ref.OPT["vocab_size"], first=2, seed=4)
+    labels = np.where(mask == 1, ids, -100)
+    labels[:, :2] = -100
+    batch = {k: v.astype(np.int32) for k, v in dict(text_ids=ids, text_mask=mask, labels=labels,
+                                                    context_ids=context, context_mask=context_mask).items()}
+    ours, _ = lm_loss(params, batch, jax.random.PRNGKey(0), model=model, deterministic=True)
+    embed = hf.language_model.get_input_embeddings()
+    with torch.no_grad():
+        theirs = hf.language_model(
+            inputs_embeds=embed(torch.tensor(np.concatenate([context, ids], 1))),
+            attention_mask=torch.tensor(np.concatenate([context_mask, mask], 1)),
+            labels=torch.tensor(np.concatenate([np.full_like(context, -100), labels], 1))).loss
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5, abs=1e-6)
+    without, _ = lm_loss(params, {k: batch[k] for k in ("text_ids", "text_mask", "labels")}, jax.random.PRNGKey(0),
+                         model=model, deterministic=True)
+    assert abs(float(without) - float(ours)) > 1e-3  # the context is read
+
+
 def test_lm_records_mask_their_prompt(tmp_path):
     tiny_opt_tokenizer().save_pretrained(tmp_path)
     process = RecordProcessor("lm_opt", None, str(tmp_path), 12)
@@ -49,3 +72,20 @@ def test_lm_records_mask_their_prompt(tmp_path):
     assert "labels" not in plain and plain["text_mask"].sum() == 3  # <s> w5 w6
     with pytest.raises(KeyError, match="no 'text'"):
         process({"id": "z", "caption": "w1"}, np.random.default_rng(0))
+    with pytest.raises(KeyError, match="context_length"):
+        process({"id": "c", "text": "w5", "context": "w1 w2"}, np.random.default_rng(0))
+
+
+def test_lm_record_context_is_left_padded_before_bos(tmp_path):
+    tiny_opt_tokenizer().save_pretrained(tmp_path)
+    process = RecordProcessor("lm_opt", None, str(tmp_path), 8, context_length=4)
+    row = process({"id": "x", "context": "w1 w2 .", "text": "what is w3 ? w4", "prompt": "what is w3 ?"},
+                  np.random.default_rng(0))
+    tok = tiny_opt_tokenizer()
+    want = tok("w1 w2 .", add_special_tokens=False)["input_ids"]  # no BOS: the text's comes after it
+    assert row["context_ids"][1:].tolist() == want and row["context_mask"].tolist() == [0, 1, 1, 1]
+    assert row["text_ids"][0] == tok.bos_token_id
+    with pytest.raises(ValueError, match="context_length is 4"):
+        process({"id": "y", "context": "w1 w2 w3 w4 w5", "text": "w6"}, np.random.default_rng(0))
+    with pytest.raises(KeyError, match="needs a 'context'"):
+        process({"id": "z", "text": "w6"}, np.random.default_rng(0))

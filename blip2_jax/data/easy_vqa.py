@@ -66,15 +66,19 @@ def caption_records(split: str) -> list[dict]:
 
 
 def lm_records(split: str) -> list[dict]:
-    """{"text": "a red circle. question: is there a red shape answer: yes", "prompt": the text up to
-    "answer:"} for every question of an image with a caption: text in which the caption precedes
-    what can be asked of it (the demo's LM corpus; the answer is the LM's target)."""
+    """{"context": "a red circle.", "text": "question: is there a red shape answer: yes", "prompt":
+    the text up to "answer:"} for every question of an image with a caption: the caption precedes
+    what can be asked of it (the demo's LM corpus; the answer is the LM's target). The caption is a
+    context before BOS (`tokenizers.opt_context`), where BLIP-2 puts the image's queries: with it
+    after BOS instead, the LM answered 0.93 of the test questions from the caption but only 0.75 with
+    the same caption embeddings moved before BOS, which is where stage 2's visual prompt sits."""
     known = attributes(split)
     out = []
     for n, (q, a, i) in enumerate(zip(*_questions(split))):
         if i in known:
-            prompt = f"{caption(*known[i])}. question: {pre_question(q)} answer:"  # as stage 2 formats it
-            out.append({"id": f"easy_vqa_text/{split}:{n}", "text": f"{prompt} {a}", "prompt": prompt})
+            prompt = f"question: {pre_question(q)} answer:"  # as stage 2 formats it
+            out.append({"id": f"easy_vqa_text/{split}:{n}", "context": f"{caption(*known[i])}.",
+                        "text": f"{prompt} {a}", "prompt": prompt})
     return out
 
 

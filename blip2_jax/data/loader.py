@@ -117,6 +117,9 @@ class RecordProcessor:
     # Stage 1: a record field (an int) whose equal values mark positive pairs for ITC and the hard
     # negatives, e.g. "image_id" as LAVIS's retrieval fine-tuning; "" = only the pair itself.
     positives: str = ""
+    # 'lm_opt': a record's optional 'context' (text before BOS, `tokenizers.opt_context`) is padded to
+    # this many tokens; 0 = records have none.
+    context_length: int = 0
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -132,7 +135,14 @@ class RecordProcessor:
             prompt = record.get("prompt", "")  # the part of the text that is no target
             out = tokenizers.opt_text(self.tokenizer, record["text"], prompt=prompt, max_length=self.text_length)
             labels = opt_labels(out["text_ids"][None], out["text_mask"][None], int(out.pop("prompt_length")))
-            return {**out, "labels": np.asarray(labels[0], np.int32)} if prompt else out
+            if prompt:
+                out["labels"] = np.asarray(labels[0], np.int32)
+            if "context" in record or self.context_length:  # every row of a batch has the same keys
+                if "context" not in record or not self.context_length:
+                    raise KeyError(f"record {record.get('id')!r}: a 'context' needs data.context_length > 0 and "
+                                   f"data.context_length {self.context_length} needs a 'context' in every record")
+                out.update(tokenizers.opt_context(self.tokenizer, record["context"], self.context_length))
+            return out
         image = self.image_transform(sources_lib.read_image(record["image"]), rng)
         text_input, text_output = record_texts(record, self.prompt)
         if self.prefix_lm and "caption" in record:
@@ -220,8 +230,10 @@ def make_loader(config: ml_collections.ConfigDict, model_cfg: Blip2Config, kind:
         raise ValueError(f"data.prefix_lm is FlanT5's prefix-LM split (stage2_t5); this run is {kind}")
     if d.positives and kind != "stage1":
         raise ValueError(f"data.positives marks ITC/ITM positives (stage1); this run is {kind}")
+    if d.context_length and kind != "lm_opt":
+        raise ValueError(f"data.context_length is the text-only LM's text before BOS (lm_opt); this run is {kind}")
     process = RecordProcessor(kind, TRANSFORMS[d.transform](model_cfg.vision.image_size), d.tokenizer,
-                              d.text_length, d.prompt, d.prefix_lm, d.positives)
+                              d.text_length, d.prompt, d.prefix_lm, d.positives, d.context_length)
     iterator = make_pipeline(make_sources(d), process=process, global_batch_size=config.batch_size,
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count(), worker_count=d.workers, strict=d.strict)

@@ -102,6 +102,17 @@ def opt_text(tokenizer: Any, text: str, prompt: str = "", max_length: int = 32) 
     return {"text_ids": text_ids, "text_mask": text_mask, "prompt_length": np.int32(prompt_length)}
 
 
+def opt_context(tokenizer: Any, context: str, length: int) -> dict[str, np.ndarray]:
+    """Text before OPT's BOS, where BLIP-2 puts the image's query embeddings (spec §6.2): its tokens
+    without special tokens, left-padded to `length` so that it ends right before BOS, as the queries
+    do. The demo's LM learns its captions there, the slot stage 2 then fills with the visual prompt."""
+    ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if not 0 < len(ids) <= length:
+        raise ValueError(f"the context {context!r:.80} has {len(ids)} tokens; data.context_length is {length}")
+    context_ids, context_mask = _pad(ids, length, tokenizer.pad_token_id, left=True)
+    return {"context_ids": context_ids, "context_mask": context_mask}
+
+
 def opt_prompt(tokenizer: Any, prompt: str, max_length: int = 32) -> dict[str, np.ndarray]:
     """A generation prompt for OPT: BOS + prompt, left-padded so that every row's last position is
     its last prompt token (spec §6.4)."""

@@ -4,8 +4,9 @@ BLIP-2 bridges a frozen image encoder and a frozen language model with a Q-Forme
 towers can be downloaded here, so the demo makes its own unimodal models first and freezes them:
 
 1. tokenizers over easy-VQA's 35 words (`demo/tokenizers.py`);
-2. `lm`: a 3-layer OPT learns text alone, "a red circle. question: is there a red shape answer: yes"
-   (the loss on the answer): it can answer from a caption, and has never seen an image;
+2. `lm`: a 3-layer OPT learns text alone, "a red circle. </s>question: is there a red shape answer:
+   yes" (the loss on the answer), the caption before BOS where stage 2 puts the image's queries: it
+   can answer from a caption, and has never seen an image;
 3. the image encoder is a random 2-layer ViT (8x8 patches), never trained: a random projection of
    the patches keeps what the Q-Former needs, and it is frozen in both stages as BLIP-2's ViT is;
 4. `stage1`: the Q-Former learns ITC + ITM + ITG against it on the captions "a <colour> <shape>";

@@ -3,9 +3,12 @@ language model that BLIP-2 then freezes (the published models start from a pretr
 
 Batch: `text_ids`/`text_mask` (B,L), BOS + text + "\\n", right-padded (`tokenizers.opt_text`), and
 optionally `labels` (B,L) from `stage2.opt_labels`: the loss then covers only the text after a
-record's prompt (the demo's answers after "<caption>. question: <q> answer:"; a loss over every
-token is dominated by the unpredictable captions and questions, and the answers, 1 token in 16, are
-learnt far more slowly). Position t predicts token t+1; padding is no target, BOS never is.
+record's prompt (the demo's answers after "question: <q> answer:"; a loss over every token is
+dominated by the unpredictable questions, and the answers, 1 token in 12, are learnt far more
+slowly). Optional `context_ids`/`context_mask` (B,C), left-padded, come before BOS, where stage 2
+puts the image's queries: the demo's captions, so that the LM learns to read them from the slot
+the visual prompt then takes. They are no targets. Position t predicts token t+1; padding is no
+target, BOS never is.
 """
 from __future__ import annotations
 
@@ -19,10 +22,14 @@ from blip2_jax.models.config import OPTConfig
 from blip2_jax.objectives.stage1 import IGNORE, token_cross_entropy
 
 
-def _lm_logits(module: Blip2ForConditionalGeneration, text_ids: jax.Array, text_mask: jax.Array,
-               deterministic: bool) -> jax.Array:
+def _lm_logits(module: Blip2ForConditionalGeneration, batch: Mapping[str, jax.Array], deterministic: bool) -> jax.Array:
+    """Logits at the text's positions, after the context's (if any) as stage 2 puts its queries."""
     lm = module.language_model
-    return lm(lm.embed(text_ids), text_mask, deterministic=deterministic)[0]
+    embeds, mask = lm.embed(batch["text_ids"]), batch["text_mask"]
+    if "context_ids" in batch:
+        embeds = jnp.concatenate([lm.embed(batch["context_ids"]), embeds], axis=1)
+        mask = jnp.concatenate([batch["context_mask"], mask], axis=1)
+    return lm(embeds, mask, deterministic=deterministic, logits_from=embeds.shape[1] - batch["text_ids"].shape[1])[0]
 
 
 def lm_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, model: Blip2ForConditionalGeneration,
@@ -30,8 +37,7 @@ def lm_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, mode
     """Mean next-token cross-entropy over the real tokens after BOS; metrics `loss`, `accuracy`."""
     if not isinstance(model.config.text, OPTConfig):
         raise ValueError(f"the text-only LM objective trains a decoder-only OPT, got {model.config.text!r}")
-    logits = model.apply({"params": params}, batch["text_ids"], batch["text_mask"], deterministic,
-                         method=_lm_logits, rngs={"dropout": rng})[:, :-1]
+    logits = model.apply({"params": params}, batch, deterministic, method=_lm_logits, rngs={"dropout": rng})[:, :-1]
     labels = batch["labels"] if "labels" in batch else jnp.where(batch["text_mask"] == 0, IGNORE, batch["text_ids"])
     targets = labels[:, 1:]
     loss = token_cross_entropy(logits, targets, 0.0)
