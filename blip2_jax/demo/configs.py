@@ -16,7 +16,7 @@ from blip2_jax.train.config import base_config, stage1_config
 DEFAULT_WORKDIR = "/tmp/blip2_jax_demo"  # `blip2-jax demo --workdir`'s default
 BATCH = 64
 PROMPT = "question: {} answer:"  # the LM text's own words: the visual prompt takes the caption's place
-STEPS = {"lm": 2000, "stage1": 1000, "stage2": 800}
+STEPS = {"lm": 2000, "stage1": 1000, "stage2": 1200}
 
 
 def _common(c: ml_collections.ConfigDict, stage: str, workdir: Path, steps: int) -> ml_collections.ConfigDict:
