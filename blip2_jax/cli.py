@@ -68,7 +68,8 @@ _VISION = flags.DEFINE_string("vision", None, "from-lavis: eva_vit_g.pth, for ch
 _TEXT = flags.DEFINE_string("text", None, "from-lavis: the LLM's Hugging Face directory or hub id, for checkpoints "
                             "without the frozen LLM.")
 # plan
-_MESH = flags.DEFINE_string("mesh", "data=8", "plan: data=D,fsdp=F,tensor=T (simulated CPU devices).")
+_MESH = flags.DEFINE_string("mesh", "data=8", "plan: data=D,fsdp=F,tensor=T (simulated CPU devices; over 64, the "
+                            "data axis is folded into one replica).")
 _BATCH = flags.DEFINE_integer("batch", None, "plan: global batch (default: the preset's).")
 _DEVICE_KIND = flags.DEFINE_enum("device_kind", None, ["v4", "v5e", "v5p", "h100", "a100"],
                                  "plan: the device to check the fit on (default: all).")

@@ -13,7 +13,7 @@ import transformers
 from PIL import Image, ImageOps
 
 from blip2_jax.data.images import load_image
-from blip2_jax.data.loader import RecordProcessor
+from blip2_jax.data.loader import RecordProcessor, positive_key
 from blip2_jax.data.text import TextError, pre_caption, pre_question, split_prefix
 from blip2_jax.data.tokenizers import (opt_eos_token_id, opt_prompt, opt_text, qformer_text, qformer_tokenizer,
                                        t5_text)
@@ -296,3 +296,13 @@ def test_prefix_lm_splits_the_caption_between_encoder_input_and_target(tmp_path)
     plain = dataclasses.replace(process, prefix_lm=False)
     out = plain({"id": "r", "image": image, "caption": "w0 w1"}, np.random.default_rng(0))
     np.testing.assert_array_equal(out["output_ids"][:3], [12, 13, 2])  # without the option: all target
+
+
+def test_positive_keys_of_string_image_ids_are_stable_and_distinct():
+    """LAVIS's COCO retrieval records carry image ids as strings ("coco_391895"): each becomes one
+    int32 key (the same for every caption of that image), ints pass through unchanged, and as many
+    ids as COCO's Karpathy splits hold (123,287) get distinct keys."""
+    assert positive_key(7) == 7 and positive_key(np.int64(7)) == 7
+    assert positive_key("coco_391895") == positive_key("coco_391895") != positive_key("coco_391896")
+    keys = {int(positive_key(f"coco_{n}")) for n in range(123_287)}
+    assert len(keys) == 123_287 and min(keys) >= 0

@@ -1,5 +1,6 @@
 """Loading Hugging Face checkpoint directories: single and sharded safetensors, strict errors
 (issue "model family" Done-when 6): every problem named in one error, nothing half-loaded."""
+import dataclasses
 import json
 import shutil
 
@@ -118,3 +119,30 @@ def test_not_a_checkpoint_directory(tmp_path):
         load_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         load_pretrained(tmp_path / "absent" / "dir")
+
+
+def test_a_larger_image_size_interpolates_the_position_table(saved):
+    """Fine-tuning starts a 364/490 px model from a 224 px checkpoint: the position table is torch's
+    bicubic resize (align_corners=False) of the patch grid, the CLS row and every other tensor as stored."""
+    import torch  # pylint: disable=import-outside-toplevel
+
+    single, _ = saved
+    cfg, params = load_pretrained(single)
+    side = cfg.vision.grid
+    size = cfg.vision.image_size + 2 * cfg.vision.patch_size  # two more patches a side
+    bigger = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=size))
+    got_cfg, got = load_pretrained(single, config=bigger)
+    assert got_cfg == bigger
+    table = np.asarray(params["vision_model"]["embeddings"]["position_embedding"])
+    grid = torch.tensor(table[0, 1:]).reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, size=(side + 2, side + 2), mode="bicubic", align_corners=False)
+    want = np.concatenate([table[:, :1], want.permute(0, 2, 3, 1).reshape(1, -1, table.shape[2]).numpy()], 1)
+    resized = np.asarray(got["vision_model"]["embeddings"]["position_embedding"])
+    assert resized.shape == (1, bigger.vision.num_positions, table.shape[2])
+    np.testing.assert_allclose(resized, want, atol=1e-6)
+    a, b = _flat(params), _flat(got)
+    pos = ("vision_model", "embeddings", "position_embedding")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a if k != pos)
+    wider = bigger.replace(num_query_tokens=cfg.num_query_tokens + 1)  # any other difference still fails
+    with pytest.raises(CheckpointMismatchError, match="num_query_tokens"):
+        load_pretrained(single, config=wider)

@@ -1,5 +1,6 @@
 """Presets: full-size parameter counts against `transformers` (meta device), logical axis names
 on every parameter, every config file loads (issue "model family" Done-when 4 and 5)."""
+import dataclasses
 import importlib.util
 import pathlib
 
@@ -13,6 +14,7 @@ from flax import traverse_util
 
 from blip2_jax.models import blip2, presets
 from blip2_jax.models import config as config_lib
+from blip2_jax.train import partition
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOWERS = ("vision_model", "query_tokens", "qformer", "language_projection", "language_model", "embeddings",
@@ -95,17 +97,51 @@ def _config_presets():
         spec = importlib.util.spec_from_file_location(file.stem, file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        for arg in getattr(module, "_MODEL", None) or presets.names():
+        for arg in getattr(module, "_MODEL", None) or getattr(module, "_RUNS", None) or presets.names():
             yield file.name, module.get_config(arg), arg
 
 
 def test_every_config_file_and_preset_loads():
     seen = set()
     for name, config, arg in _config_presets():
-        model_preset = config.get("model_preset", config.get("preset"))
-        assert presets.from_config_dict(config.model) == presets.get(model_preset), (name, arg)
+        want = presets.get(config.get("model_preset", config.get("preset")))
+        if name == "finetune.py":  # the published model at the fine-tuning image size, checkpointed
+            want = want.replace(vision=dataclasses.replace(want.vision, image_size=config.model.vision.image_size),
+                                remat_policy="full")
+        assert presets.from_config_dict(config.model) == want, (name, arg)
         seen.add(name)
-    assert {"model.py", "stage1.py", "stage2_opt.py", "stage2_t5.py"} <= seen
+    assert {"model.py", "stage1.py", "stage2_opt.py", "stage2_t5.py", "finetune.py"} <= seen
+
+
+# preset -> (stage, image size, batch, LR, beta2, ViT layer decay, prompt): the paper's Appendix
+# Tables 7-9 (spec §9.1)
+_FINETUNE = {
+    "caption_coco_opt2.7b": ("stage2", 364, 256, 1e-5, 0.999, None, "a photo of"),
+    "caption_coco_opt6.7b": ("stage2", 364, 256, 1e-5, 0.999, 0.95, "a photo of"),
+    "caption_coco_flant5xl": ("stage2", 364, 256, 1e-5, 0.999, None, "a photo of"),
+    "vqa_opt6.7b": ("stage2", 490, 128, 1e-5, 0.999, 0.9, "Question: {} Answer:"),
+    "vqa_flant5xl": ("stage2", 490, 128, 1e-5, 0.999, 0.95, "Question: {} Short answer:"),
+    "retrieval_coco_vit_g": ("stage1", 364, 224, 1e-5, 0.999, 0.95, ""),
+    "retrieval_coco_vit_l": ("stage1", 364, 224, 5e-6, 0.98, None, ""),
+}
+
+
+@pytest.mark.parametrize("arg", sorted(_FINETUNE))
+def test_finetune_presets_follow_the_paper_and_train_the_vit(arg):
+    spec = importlib.util.spec_from_file_location("finetune", ROOT / "configs" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg)
+    stage, size, batch, lr, beta2, decay, prompt = _FINETUNE[arg]
+    assert (c.stage, c.model.vision.image_size, c.batch_size, c.optim.lr, c.optim.b2, c.optim.layer_decay,
+            c.data.prompt) == (stage, size, batch, lr, beta2, decay, prompt)
+    assert (c.optim.warmup_steps, c.optim.weight_decay, c.optim.min_lr) == (1000, 0.05, 0.0)
+    samples = 658_111 if arg.startswith("vqa") else 566_747  # 5 epochs of VQAv2 train+val / COCO captions
+    assert c.total_steps == 5 * -(-samples // batch)
+    names = ["vision_model/encoder/layers/mlp/fc1/kernel", "vision_model/embeddings/position_embedding",
+             "qformer/encoder/layer/attention/query/kernel", "language_model/model/decoder/layers/fc1/kernel"]
+    trains = [partition.is_trainable(n, partition.patterns_for(c.trainable)) for n in names]
+    assert trains == [True, True, True, False]
 
 
 def test_unknown_preset_names_the_known_ones():

@@ -7,15 +7,20 @@ no parameters are returned unless all of them load.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+from absl import logging
+
 from blip2_jax.convert.hf import CheckpointMismatchError, from_hf
 from blip2_jax.convert.safetensors_io import SafetensorsFiles
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
+from blip2_jax.models.interpolate import interpolate_position_embedding
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -76,8 +81,6 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config: config_lib.Bli
 
 
 def config_differences(a: config_lib.Blip2Config, b: config_lib.Blip2Config) -> list[str]:
-    import dataclasses  # pylint: disable=import-outside-toplevel
-
     diffs = []
     for part in ("vision", "qformer", "text"):
         x, y = getattr(a, part), getattr(b, part)
@@ -99,16 +102,29 @@ def load_pretrained(path_or_id: str | os.PathLike, *, config: config_lib.Blip2Co
                     dtype: Any = None, **overrides) -> tuple[config_lib.Blip2Config, Any]:
     """(config, params) from a Hugging Face BLIP-2 checkpoint directory or hub id.
 
-    `config`, when given, must agree with the checkpoint's config.json (architecture fields);
+    `config`, when given, must agree with the checkpoint's config.json (architecture fields),
+    except in `vision.image_size`: fine-tuning starts 364 or 490 px models from the 224 px
+    checkpoints, so the ViT position table is then resized bicubically (align_corners=False, as
+    LAVIS and HF's `interpolate_pos_encoding` do for EVA ViT-g, spec §2.1) and logged.
     `overrides` set non-architectural fields (`dtype`, `param_dtype`, `remat_policy`).
     """
     directory = resolve(path_or_id)
     found = config_lib.from_hf(read_config(directory), **overrides)
+    resize = config is not None and config.vision.image_size != found.vision.image_size
     if config is not None:
-        diffs = config_differences(config, found)
+        vision = dataclasses.replace(found.vision, image_size=config.vision.image_size)
+        at_size = dataclasses.replace(found, vision=vision)
+        diffs = config_differences(config, at_size)
         if diffs:
             raise CheckpointMismatchError(f"{directory}/config.json does not match the requested config "
                                           "(requested vs checkpoint):\n  " + "\n  ".join(diffs))
-        found = config
     params = params_from_state_dict(read_tensors(directory), found, dtype=dtype, source=str(directory))
-    return found, params
+    if resize:
+        embeddings = params["vision_model"]["embeddings"]
+        table = embeddings["position_embedding"]
+        resized = interpolate_position_embedding(np.asarray(table, np.float32), (config.vision.grid,) * 2,
+                                                 align_corners=False)
+        embeddings["position_embedding"] = np.asarray(resized).astype(table.dtype)
+        logging.info("%s: interpolated the ViT position table from %d to %d px (%d to %d positions)", directory,
+                     found.vision.image_size, config.vision.image_size, table.shape[1], config.vision.num_positions)
+    return (found if config is None else config), params

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Any, Protocol
 
 import jax
@@ -102,6 +103,15 @@ def record_texts(record: dict[str, Any], prompt: str) -> tuple[str, str]:
     raise KeyError(f"record {record.get('id')!r} has neither 'caption' nor 'question' (keys: {sorted(record)})")
 
 
+def positive_key(value: Any) -> np.int32:
+    """A record's positives field as the int32 the loss compares: an int as it is, anything else
+    (LAVIS's COCO ids are strings, "coco_391895") by CRC-32. Two images of one batch of 224 share a
+    key by chance with probability ~6e-6, so a whole fine-tuning run may see one pair or none."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return np.int32(value)
+    return np.int32(zlib.crc32(str(value).encode()) & 0x7FFFFFFF)
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordProcessor:
     """record -> the objective's arrays (picklable for Grain workers; the tokenizer loads lazily)."""
@@ -152,7 +162,7 @@ class RecordProcessor:
         if self.kind == "stage1":
             out = {"image": image, **tokenizers.qformer_text(self.tokenizer, joined, self.text_length)}
             if self.positives:
-                out["image_id"] = np.int32(record[self.positives])
+                out["image_id"] = positive_key(record[self.positives])
             return out
         if self.kind == "stage2_opt":
             out = tokenizers.opt_text(self.tokenizer, joined, prompt=text_input, max_length=self.text_length)

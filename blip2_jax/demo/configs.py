@@ -21,7 +21,8 @@ STEPS = {"lm": 2000, "stage1": 1000, "stage2": 1200}
 
 def _common(c: ml_collections.ConfigDict, stage: str, workdir: Path, steps: int) -> ml_collections.ConfigDict:
     c.batch_size, c.total_steps = BATCH, steps
-    c.optim.update(lr=2e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=50, weight_decay=0.01)
+    # 50 warmup steps, fewer in a shortened run (`demo.run(steps=...)`)
+    c.optim.update(lr=2e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=min(50, steps // 10), weight_decay=0.01)
     c.data.transform = "blip_image_eval"  # no random crop: a crop can cut the shape the caption names
     c.checkpoint.update(every=250, keep=1)
     c.log.every = 50

@@ -25,6 +25,7 @@ from blip2_jax.train.metrics import PEAK_FLOPS
 from blip2_jax.train.layout import build_layout
 
 GIB = 1 << 30
+MAX_SIMULATED_DEVICES = 64  # `blip2-jax plan` folds the data axis of larger meshes (`make_plan`)
 # Memory per device (GiB) and peak FLOP/s (the trainer's MFU table) of the kinds `--device_kind` names.
 DEVICES = {name: (gib, PEAK_FLOPS[kind]) for name, gib, kind in [
     ("v4", 32, "TPU v4"), ("v5e", 16, "TPU v5e"), ("v5p", 95, "TPU v5p"), ("h100", 80, "NVIDIA H100"),
@@ -61,6 +62,7 @@ class Plan:
     alias_bytes: int  # outputs that reuse donated inputs
     temp_bytes: int  # activations and temporaries
     flops_per_step: float  # global
+    compiled_devices: int = 0  # devices the step was compiled for, when fewer than the mesh's (folded)
 
     @property
     def peak_bytes(self) -> int:
@@ -89,6 +91,9 @@ class Plan:
                 f"  activations/temporaries {_size(self.temp_bytes)} (compiled for CPU: an estimate)",
                 f"  peak                    {_size(self.peak_bytes)} (arguments + outputs - donated + temporaries)",
                 f"FLOPs per step {self.flops_per_step:.3e}, per sample {self.flops_per_sample:.3e}"]
+        if self.compiled_devices:
+            rows.insert(1, f"(compiled for one data-parallel replica, {self.compiled_devices} devices at its share of "
+                           "the batch: every replica holds and computes the same)")
         kinds = [device_kind] if device_kind else list(DEVICES)
         for kind in kinds:
             rows.append(f"  {kind:<5} {DEVICES[kind][0]:>3} GiB: {'fits' if self.fits(kind) else 'does NOT fit'}; "
@@ -98,9 +103,24 @@ class Plan:
 
 
 def make_plan(config, mesh_axes: dict[str, int]) -> Plan:
-    """Compile `config`'s train step for a mesh of `mesh_axes` over the first devices."""
+    """Compile `config`'s train step for a mesh of `mesh_axes` over the first devices.
+
+    A mesh with more devices than are visible (a v5e-256 on this CPU) is planned by folding its data
+    axis: parameters and optimizer state are replicated over `data`, so one replica (fsdp x tensor
+    devices) at batch / data holds exactly the per-device bytes of the whole mesh. Its temporaries
+    and FLOPs then miss only what grows with the batch across replicas: stage 1's ITC similarity
+    rows, (batch / devices) x batch x queries floats, and the data axis's gradient all-reduce."""
     devices = jax.devices()
     need = math.prod(mesh_axes.values())
+    replicas = mesh_axes.get("data", 1)
+    if need > len(devices) and replicas > 1 and need // replicas <= len(devices):
+        if config.batch_size % replicas:
+            raise ValueError(f"batch {config.batch_size} does not divide over the mesh's {replicas} data replicas")
+        one = config.copy_and_resolve_references()
+        one.batch_size = config.batch_size // replicas
+        plan = make_plan(one, {**mesh_axes, "data": 1})
+        return dataclasses.replace(plan, mesh=dict(mesh_axes), batch_size=config.batch_size,
+                                   flops_per_step=plan.flops_per_step * replicas, compiled_devices=need // replicas)
     if need > len(devices):
         raise ValueError(f"mesh {mesh_axes} needs {need} devices, {len(devices)} are visible")
     mesh = mesh_lib.make_mesh(mesh_axes.get("data", 1), mesh_axes.get("fsdp", 1), mesh_axes.get("tensor", 1),
