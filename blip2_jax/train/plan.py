@@ -17,12 +17,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train.flops import matmul_flops
 from blip2_jax.train.metrics import PEAK_FLOPS
-from blip2_jax.train.layout import build_layout
+from blip2_jax.train.layout import Layout, build_layout
 
 GIB = 1 << 30
 MAX_SIMULATED_DEVICES = 64  # `blip2-jax plan` folds the data axis of larger meshes (`make_plan`)
@@ -125,19 +125,42 @@ def make_plan(config, mesh_axes: dict[str, int]) -> Plan:
         raise ValueError(f"mesh {mesh_axes} needs {need} devices, {len(devices)} are visible")
     mesh = mesh_lib.make_mesh(mesh_axes.get("data", 1), mesh_axes.get("fsdp", 1), mesh_axes.get("tensor", 1),
                               devices[:need])
+    return compile_step(config, mesh).plan()
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """The train step of a run compiled for its mesh from shapes alone: what `plan` reports on, and
+    what `benchmarks/gpu_suite.py` then runs on real arrays (so prediction and measurement share one
+    executable)."""
+
+    layout: Layout
+    step: Any  # the jitted step
+    args: tuple[Any, Any, Any]  # (state, frozen, batch) as sharded ShapeDtypeStructs
+    compiled: Any
+
+    def flops(self) -> float:
+        return matmul_flops(jax.make_jaxpr(self.step)(*self.args).jaxpr)
+
+    def plan(self) -> Plan:
+        memory = self.compiled.memory_analysis()
+        state, frozen, batch = self.args
+        return Plan(mesh=dict(self.layout.mesh.shape), batch_size=self.layout.config.batch_size,
+                    params_bytes=per_device_bytes(state.params),
+                    optimizer_bytes=per_device_bytes(state) - per_device_bytes(state.params),
+                    frozen_bytes=per_device_bytes(frozen), batch_bytes=per_device_bytes(batch),
+                    argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+                    alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+                    flops_per_step=self.flops())
+
+
+def compile_step(config, mesh: Mesh) -> CompiledStep:
+    """`config`'s train step lowered with sharded shapes and compiled for `mesh` (no arrays)."""
     layout = build_layout(config, mesh)
     batch = layout.batch_abstract()
     step = layout.step_fn({k: v.sharding for k, v in batch.items()})
     args = (layout.state_abstract, layout.frozen_abstract, batch)
-    compiled = step.lower(*args).compile()
-    memory = compiled.memory_analysis()
-    state = layout.state_abstract
-    flops = matmul_flops(jax.make_jaxpr(step)(*args).jaxpr)
-    return Plan(mesh=dict(mesh.shape), batch_size=config.batch_size, params_bytes=per_device_bytes(state.params),
-                optimizer_bytes=per_device_bytes(state) - per_device_bytes(state.params),
-                frozen_bytes=per_device_bytes(layout.frozen_abstract), batch_bytes=per_device_bytes(batch),
-                argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-                alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes, flops_per_step=flops)
+    return CompiledStep(layout=layout, step=step, args=args, compiled=step.lower(*args).compile())
 
 
 def parse_mesh(text: str) -> dict[str, int]:
