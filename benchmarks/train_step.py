@@ -38,10 +38,8 @@ How to read it:
     few jitted 2048^3 `jnp.dot`s in our child right after its timed steps; `floor` = matmul FLOPs
     / that rate, a lower bound on any step on this machine, so `torch / floor` is the largest
     speed-up on offer.
-  On a GPU backend it also prints the MFU of a stage-1 step at ViT-g size (`configs/stage1.py`,
-  `--stage1-config`, bf16 compute, `--stage1-batch`): matmul FLOPs per second over
-  `blip2_jax.train.metrics.PEAK_FLOPS` (and the same with XLA's count); elsewhere it says it
-  skipped that.
+  The GPU figures (MFU of full-size steps, captioning against transformers on one GPU) are
+  `benchmarks/gpu_suite.sh`'s.
 Timings share the machine with whatever else runs: the load average is printed before and after
 (and per child after its steps, where its own threads count too), with a warning when other work
 was running. Then the numbers are noisy, and PyTorch's step slows far more than ours on
@@ -58,7 +56,6 @@ import ctypes
 import datetime
 import functools
 import gc
-import importlib.util
 import json
 import os
 import resource
@@ -237,59 +234,10 @@ def run_torch(args: argparse.Namespace) -> dict[str, Any]:
                 first_loss=first_loss, last_loss=losses[-1], trainable=trainable, frozen=frozen, **_memory(base))
 
 
-def run_stage1(args: argparse.Namespace) -> dict[str, Any]:
-    """Our stage-1 step at `--stage1-config` size in bf16 compute: step time, FLOPs and MFU."""
-    import jax
-    from flax import linen as nn
-
-    from blip2_jax.data.loader import make_loader
-    from blip2_jax.models import blip2
-    from blip2_jax.train import loop, metrics
-    from blip2_jax.train.flops import step_flops
-    from blip2_jax.train.optim import make_optimizer
-    from blip2_jax.train.partition import partition, patterns_for
-    from blip2_jax.train.state import TrainState
-    from blip2_jax.train.step import train_step
-
-    spec = importlib.util.spec_from_file_location("stage1_config", REPO / "configs" / "stage1.py")
-    config_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(config_module)
-    config = config_module.get_config(args.stage1_config)
-    config.model.dtype = "bfloat16"
-    config.batch_size = args.stage1_batch
-    model, model_cfg, loss_fn = loop.build_objective(config)
-    patterns = patterns_for(config.trainable)
-    trainable, frozen = jax.jit(lambda rng: partition(nn.unbox(blip2.init(model_cfg, rng, model)["params"]),
-                                                      patterns))(jax.random.PRNGKey(config.seed))
-    frozen = jax.tree.map(lambda x: x.astype(config.frozen_dtype), frozen)
-    tx = make_optimizer(config.optim, trainable)
-    state = TrainState.create(trainable, tx, jax.random.PRNGKey(config.seed + 1))
-    del trainable
-    loader = make_loader(config, model_cfg, loop.data_kind(config, model_cfg))
-    batches = [jax.device_put(loader.next()) for _ in range(args.steps + 1)]
-    step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
-    flops = step_flops(step_fn, state, frozen, batches[0])
-    compiled = jax.jit(step_fn, donate_argnums=0).lower(state, frozen, batches[0]).compile()
-    state, out = compiled(state, frozen, batches[0])
-    jax.block_until_ready(out)
-
-    def step(i: int) -> None:
-        nonlocal state, out
-        state, out = compiled(state, frozen, batches[i])
-        jax.block_until_ready(out)
-
-    seconds = statistics.median(_timed(step, args.steps)["times"])
-    device = jax.devices()[0]
-    return dict(device=f"{device.platform}: {device.device_kind}", preset=args.stage1_config,
-                batch=args.stage1_batch, step_s=seconds, flops=flops, xla_flops=_xla_flops(compiled),
-                peak_flops=metrics.peak_flops_per_device(), loss=float(out["loss"]))
-
-
 def _child(framework: str, args: argparse.Namespace, weights: str = "") -> dict[str, Any]:
     """Run this file as `--framework framework` and return its result line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--framework", framework, "--weights", weights,
-           "--steps", str(args.steps), "--batch", str(args.batch), "--text-length", str(args.text_length),
-           "--stage1-config", args.stage1_config, "--stage1-batch", str(args.stage1_batch)]
+           "--steps", str(args.steps), "--batch", str(args.batch), "--text-length", str(args.text_length)]
     tick = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
@@ -353,19 +301,6 @@ def parent(args: argparse.Namespace) -> None:
     print(f"  fp32 matmul 2048^3 (ours' process, after its steps): {rate:.1f} GFLOP/s (best of 5) -> floor "
           f"{floor:.2f} s; ours / floor {t_ours / floor:.2f}, torch / floor {t_theirs / floor:.2f} (the most any step "
           "could gain over torch here)")
-    if jax.default_backend() != "gpu":
-        print(f"  stage-1 MFU at {args.stage1_config} size: needs a GPU (jax backend is "
-              f"{jax.default_backend()}), skipped")
-        return
-    s1 = _child("stage1", args)
-    line = (f"  stage-1 step, {s1['preset']} bf16, batch {s1['batch']} on {s1['device']}: {s1['step_s']:.3f} s, "
-            f"{s1['flops'] / 1e12:.1f} TFLOP of matmuls -> {s1['flops'] / s1['step_s'] / 1e12:.0f} TFLOP/s")
-    if s1["peak_flops"] is None:
-        print(line + "; no PEAK_FLOPS entry for this device, no MFU")
-    else:
-        print(line + f"; MFU {100 * s1['flops'] / s1['step_s'] / s1['peak_flops']:.1f}% "
-              f"(with XLA's {s1['xla_flops'] / 1e12:.1f} TFLOP: "
-              f"{100 * s1['xla_flops'] / s1['step_s'] / s1['peak_flops']:.1f}%)")
 
 
 def main() -> None:
@@ -374,16 +309,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per framework (after 1 warm-up step)")
     parser.add_argument("--batch", type=int, default=8, help="stage-2 batch size")
     parser.add_argument("--text-length", type=int, default=32, help="text tokens per example (after the queries)")
-    parser.add_argument("--stage1-config", default="vit_g", help="configs/stage1.py preset for the GPU MFU run")
-    parser.add_argument("--stage1-batch", type=int, default=128, help="batch of the GPU stage-1 MFU run")
-    parser.add_argument("--framework", choices=("jax", "torch", "stage1"), default=None,
+    parser.add_argument("--framework", choices=("jax", "torch"), default=None,
                         help="internal: run one side in this process and print its result line")
     parser.add_argument("--weights", default="", help="internal: the saved weights the children load")
     args = parser.parse_args()
     if args.framework is None:
         parent(args)
         return
-    run = {"jax": run_jax, "torch": run_torch, "stage1": run_stage1}[args.framework]
+    run = {"jax": run_jax, "torch": run_torch}[args.framework]
     print(RESULT + json.dumps(run(args)), flush=True)
 
 
