@@ -106,6 +106,45 @@ def bf16_matmul_tflops(n: int, reps: int = 10) -> float:
     return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
+def _kernel_threads(meta: list[dict[str, Any]]) -> set[tuple[int, int]]:
+    """(pid, tid) of the trace lines that hold the device's own work: a GPU's streams, else XLA:CPU's
+    executor threads."""
+    process = {e["pid"]: e["args"]["name"] for e in meta if e["name"] == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e["name"] == "thread_name"}
+    streams = {k for k, name in threads.items() if process.get(k[0], "").startswith("/device:") and "Stream" in name}
+    return streams or {k for k, name in threads.items() if name.startswith("tf_XLA")}
+
+
+def profile(fn, out_dir: Path | None, name: str) -> dict[str, Any]:
+    """One call of `fn` under `jax.profiler`: the device time by op (top 15), and the Perfetto trace
+    copied to `out_dir` as `<name>_trace.json.gz` for a closer look (ui.perfetto.dev)."""
+    import collections
+    import gzip
+    import shutil
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            fn()
+        path = next(Path(tmp).rglob("perfetto_trace.json.gz"))
+        events = json.load(gzip.open(path))
+        events = events["traceEvents"] if isinstance(events, dict) else events
+        if out_dir and path.stat().st_size < 15 << 20:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, out_dir / f"{name}_trace.json.gz")
+    lines = _kernel_threads([e for e in events if e.get("ph") == "M"])
+    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in lines:
+            by_name[e["name"]][0] += e.get("dur", 0.0) / 1e3
+            by_name[e["name"]][1] += 1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    return dict(busy_ms=sum(v[0] for v in by_name.values()), kernels=sum(v[1] for v in by_name.values()),
+                top=[(k, round(v[0], 3), v[1]) for k, v in top])
+
+
 def _timed(fn, n: int) -> list[float]:
     times = []
     for i in range(n):
@@ -115,7 +154,7 @@ def _timed(fn, n: int) -> list[float]:
     return times
 
 
-def run_train(part: str, sizes: Sizes, steps: int) -> dict[str, Any]:
+def run_train(part: str, sizes: Sizes, steps: int, profile_dir: Path | None) -> dict[str, Any]:
     """One stage's train step: compiled from shapes (the plan), then run on real arrays."""
     import jax
     import jax.numpy as jnp
@@ -206,10 +245,12 @@ def run_train(part: str, sizes: Sizes, steps: int) -> dict[str, Any]:
                       bytes_limit=after["bytes_limit"])
     if jax.default_backend() == "gpu":
         result["matmul_tflops"] = bf16_matmul_tflops(8192)
+    if profile_dir:
+        result["profile"] = profile(lambda: run(0), profile_dir, part)
     return result
 
 
-def run_caption(sizes: Sizes, runs: int) -> dict[str, Any]:
+def run_caption(sizes: Sizes, runs: int, profile_dir: Path | None) -> dict[str, Any]:
     """fp32 parity, bf16 error and beam-search captioning, ours against `transformers` on one device."""
     import jax
     import jax.numpy as jnp
@@ -291,7 +332,8 @@ def run_caption(sizes: Sizes, runs: int) -> dict[str, Any]:
     a = np.asarray(out["ours"].tokens[:, 0])
     t = out["theirs"][:, prompt.shape[1]:].cpu().numpy()
     same = sum(x.tolist() == y.tolist() for x, y in zip(a, t))
-    return dict(part="caption", model=sizes.caption_model, batch=b, setup_s=setup_s, compile_s=compile_s,
+    extra = {"profile": profile(lambda: ours(0), profile_dir, "caption")} if profile_dir else {}
+    return dict(**extra, part="caption", model=sizes.caption_model, batch=b, setup_s=setup_s, compile_s=compile_s,
                 **precision, ours_s=statistics.median(t_ours), theirs_s=statistics.median(t_theirs),
                 same_ids=same, lengths=sorted({a.shape[1], t.shape[1]}), **settings)
 
@@ -301,15 +343,16 @@ PARTS = ("stage1", "stage2", "caption")
 
 def _part(name: str, args: argparse.Namespace) -> dict[str, Any]:
     sizes = TINY if args.tiny else FULL
+    profile_dir = Path(args.out) if args.profile and args.out else None
     if name == "caption":
-        return run_caption(sizes, args.runs)
-    return run_train(name, sizes, args.steps)
+        return run_caption(sizes, args.runs, profile_dir)
+    return run_train(name, sizes, args.steps, profile_dir)
 
 
 def _child(name: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
     """Run one part in a fresh process; a failure or a time-out is reported, not raised."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--steps", str(args.steps),
-           "--runs", str(args.runs)] + (["--tiny"] if args.tiny else [])
+           "--runs", str(args.runs), "--out", args.out] + ["--tiny"] * args.tiny + ["--profile"] * args.profile
     env = dict(os.environ)
     if name == "caption":  # torch shares the device: JAX takes memory as it needs it
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -331,8 +374,20 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
+def _profile_lines(r: dict[str, Any]) -> list[str]:
+    if "profile" not in r:
+        return []
+    p = r["profile"]
+    return [f"  profile: {p['busy_ms']:.1f} ms of device work in {p['kernels']} kernels; by op (ms, count):"] + [
+        f"    {ms:10.3f} {count:6d}  {name[:110]}" for name, ms, count in p["top"]]
+
+
 def report(r: dict[str, Any]) -> list[str]:
-    """A part's result as the lines of the README table."""
+    """A part's result as the lines of the README table, then its profile if it has one."""
+    return _summary(r) + _profile_lines(r)
+
+
+def _summary(r: dict[str, Any]) -> list[str]:
     if "error" in r:
         return [f"{r['part']}: FAILED ({r['error']})"]
     where = f" on {r['device']}"
@@ -417,7 +472,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed captioning runs per framework (after 1 warm-up)")
     parser.add_argument("--budget", type=float, default=500, help="seconds for the whole suite")
     parser.add_argument("--part-timeout", type=float, default=240, help="seconds for one part")
-    parser.add_argument("--out", default=os.environ.get("OUT", ""), help="directory for gpu_suite.json")
+    parser.add_argument("--out", default=os.environ.get("OUT", ""), help="directory for gpu_suite.json (and traces)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace one step (one captioning batch) of each part: device time by op, and the "
+                             "Perfetto trace in --out")
     parser.add_argument("--part", choices=PARTS, default=None, help="internal: run one part in this process")
     args = parser.parse_args()
     if args.part:
