@@ -57,14 +57,17 @@ class Checkpointer:
         return self.workdir / "frozen"
 
     def save_frozen(self, frozen: Any) -> None:
-        """Write the frozen towers once (they never change during the run)."""
-        if self.frozen_dir.exists():
+        """Write the frozen towers once (they never change during the run). A run with nothing
+        frozen (retrieval fine-tuning) writes no `frozen` directory: Orbax refuses an empty tree."""
+        if self.frozen_dir.exists() or not jax.tree.leaves(frozen):
             return
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(self.frozen_dir, frozen)
         checkpointer.wait_until_finished()
 
     def restore_frozen(self, abstract_frozen: Any) -> Any:
+        if not jax.tree.leaves(abstract_frozen):
+            return abstract_frozen  # nothing frozen, nothing saved
         return ocp.StandardCheckpointer().restore(self.frozen_dir, abstract_frozen)
 
     def wait(self) -> None:

@@ -463,6 +463,19 @@ def test_cli_converts_both_ways(hf_dirs, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # A training run: export its workdir, and start a new run from the export.
 
+def assert_stage1_run_exports_exactly(workdir: Path, trained: dict[str, np.ndarray], tmp_path: Path) -> None:
+    """`to_hf` of a stage-1 training workdir (what `convert to-hf --checkpoint` runs) loads in
+    `transformers`, and `from_hf` of that export (in `tmp_path / "back"`) gives back every trained
+    tensor bit for bit."""
+    vocab = model_checkpoint.CheckpointParams.open(workdir).config.qformer.vocab_size
+    hf_export.to_hf(workdir, tmp_path / "hf", tokenizer=str(_bert_vocab(tmp_path / "bert", vocab)))
+    _loaded(tmp_path / "hf", "itm")
+    back = _flat(hf_export.from_hf(tmp_path / "hf", tmp_path / "back").tree())
+    assert back.keys() == trained.keys()
+    for path, value in trained.items():
+        np.testing.assert_array_equal(back[path], value, err_msg=path)
+
+
 @pytest.mark.slow
 def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
     """Through the real trainer (slow: compiling the stage-1 step takes about a minute on CPU)."""
@@ -478,13 +491,7 @@ def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
     trained = _flat(run.tree())
     first = _flat(model_checkpoint.CheckpointParams.open(tmp_path / "run" / "checkpoints" / "1").tree())
     assert not np.array_equal(first["query_tokens"], trained["query_tokens"])  # step 2, not step 1
-    tokenizer = _bert_vocab(tmp_path / "bert", run.config.qformer.vocab_size)
-    hf_export.to_hf(tmp_path / "run", tmp_path / "hf", tokenizer=str(tokenizer))
-    _loaded(tmp_path / "hf", "itm")
-    back = _flat(hf_export.from_hf(tmp_path / "hf", tmp_path / "back").tree())
-    assert back.keys() == trained.keys()
-    for path, value in trained.items():
-        np.testing.assert_array_equal(back[path], value, err_msg=path)
+    assert_stage1_run_exports_exactly(tmp_path / "run", trained, tmp_path)
 
     again = load_config("configs/stage1.py", "tiny")
     again.init.checkpoint = str(tmp_path / "back")

@@ -61,13 +61,7 @@ def test_sharded_gradients_equal_single_device(results):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6,
                                        err_msg=jax.tree_util.keystr(path))
         assert float(jnp.abs(grads_a["temp"])) > 0 and float(jnp.abs(grads_a["query_tokens"]).max()) > 0
-
-
-def test_frozen_vit_gets_no_gradient_but_ln_vision_does(results):
-    _, grads = results[0][0]
-    vit = {k: v for k, v in grads["vision_model"].items() if k != "post_layernorm"}
-    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(vit))
-    assert float(jnp.abs(grads["vision_model"]["post_layernorm"]["scale"]).max()) > 0
+        assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads_a["vision_model"]))
 
 
 def test_dropout_rng_changes_the_loss(results):

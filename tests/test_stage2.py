@@ -1,6 +1,6 @@
 """Stage-2 objectives: the OPT and FlanT5 LM losses against `transformers`' own loss on the same
 tiny perturbed models (LAVIS's concatenated visual prompt = HF's <image> tokens, spec §11.4),
-LAVIS's OPT label masking, and where the gradient flows (frozen ViT: none; frozen LLM: through)."""
+LAVIS's OPT label masking, and where the gradient flows (through the LLM, into the ViT)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,18 +71,14 @@ def test_opt_loss_matches_transformers(opt):
     assert opt["metrics"] == {"loss": loss, "loss_lm": loss}
 
 
-def test_gradient_reaches_qformer_through_frozen_llm_not_vit(opt):
+def test_gradient_reaches_qformer_through_the_llm_and_into_the_vit(opt):
+    """The loss cuts nothing: the LLM passes gradients back to the Q-Former, and the ViT gets its
+    own, which the train step uses only where the partition makes it trainable (test_finetune.py)."""
     grads = opt["grads"]
-
-    def norm(tree):
-        return float(sum(np.abs(x).sum() for x in jax.tree_util.tree_leaves(tree)))
-
     for name in ("language_model", "language_projection", "qformer", "query_tokens"):
-        assert norm(grads[name]) > 0, name
-    vision = grads["vision_model"]
-    assert norm(vision["post_layernorm"]) > 0
-    frozen = {k: v for k, v in traverse_util.flatten_dict(vision).items() if k[0] != "post_layernorm"}
-    assert frozen and all(not v.any() for v in frozen.values())
+        assert any(np.any(x) for x in jax.tree_util.tree_leaves(grads[name])), name
+    vision = traverse_util.flatten_dict(grads["vision_model"])
+    assert len(vision) > 10 and all(np.any(v) for v in vision.values())
 
 
 def test_dropout_follows_rng_when_not_deterministic(opt):

@@ -141,7 +141,9 @@ class CheckpointParams:
         config = presets.from_config_dict(run["model"])
         architecture = "Blip2Stage1" if run["stage"] == "stage1" else "Blip2ForConditionalGeneration"
         # the train state holds `params` beside the optimizer state, step and RNG key
-        trees = [(path / "checkpoints" / str(step) / "state", "params"), (frozen_dir, "")]
+        trees = [(path / "checkpoints" / str(step) / "state", "params")]
+        if frozen_dir.exists():  # a run with nothing frozen has none
+            trees.append((frozen_dir, ""))
         return cls(architecture, config, trees, source=f"{path} step {step}",
                    tokenizer=run.get("data", {}).get("tokenizer", ""))
 

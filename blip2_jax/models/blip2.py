@@ -53,11 +53,10 @@ class Blip2Base(nn.Module):
         self.qformer = QFormer(cfg.qformer, cfg.remat_policy, **kw)
 
     def encode_image(self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False,
-                     deterministic: bool = True, freeze_backbone: bool = False) -> jax.Array:
-        """(B,H,W,3) -> image embeddings `ln_vision(ViT(x))` (B, N, Dv); `freeze_backbone` stops
-        the gradient between the frozen ViT and the trainable `ln_vision`."""
+                     deterministic: bool = True) -> jax.Array:
+        """(B,H,W,3) -> image embeddings `ln_vision(ViT(x))` (B, N, Dv)."""
         return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                 deterministic=deterministic, freeze_backbone=freeze_backbone)
+                                 deterministic=deterministic)
 
     def query_pass(self, image_embeds: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, KV]:
         """Query-only Q-Former pass: Z (B, Q, Dq) and every layer's self-attention (K, V) of the

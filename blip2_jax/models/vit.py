@@ -138,15 +138,11 @@ class VisionModel(nn.Module):
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False,
-                 deterministic: bool = True, freeze_backbone: bool = False) -> jax.Array:
-        """`freeze_backbone` cuts the gradient after the last block: the ViT is frozen in both
-        BLIP-2 stages but `post_layernorm` (LAVIS's `ln_vision`) trains."""
+                 deterministic: bool = True) -> jax.Array:
         cfg, pdt = self.config, self.param_dtype
         kw = dict(dtype=self.dtype, param_dtype=pdt)
         x = VisionEmbeddings(cfg, name="embeddings", **kw)(pixel_values, interpolate_pos_encoding)
         if cfg.variant == "clip":  # CLIP's ln_pre; EVA has none
             x = layers.layer_norm(cfg.layer_norm_eps, param_dtype=pdt, name="pre_layernorm")(x).astype(self.dtype)
         x = VisionEncoder(cfg, deterministic, self.remat_policy, name="encoder", **kw)(x)
-        if freeze_backbone:
-            x = jax.lax.stop_gradient(x)
         return layers.layer_norm(cfg.ln_vision_eps, param_dtype=pdt, name="post_layernorm")(x).astype(self.dtype)

@@ -5,7 +5,8 @@ XLA inserts the collectives, so ITC compares each image with every text of the g
 and hard negatives are drawn from all of it (LAVIS's all-gathers, spec §5.1-5.2). Unlike LAVIS
 on more than one GPU, the gradient is the exact gradient of the global loss: LAVIS detaches the
 gathered ITC features (its gradient reaches only each rank's own rows), we do not
-(design decision 5). On one device the two agree.
+(design decision 5). On one device the two agree. Nothing is frozen here: the train step
+differentiates only the trainable tree (`train/partition.py`), which decides whether the ViT trains.
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def stage1_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, 
     ids, mask = batch["text_ids"], batch["text_mask"]
     n = ids.shape[0]
 
-    image_embeds = model.apply(variables, batch["image"], freeze_backbone=True, method=model.encode_image)
+    image_embeds = model.apply(variables, batch["image"], method=model.encode_image)
     query_output, query_kv = model.apply(variables, image_embeds, deterministic=deterministic,
                                          method=model.query_pass, rngs=drop(0))
     image_feats = model.apply(variables, query_output, method=model.project_queries)

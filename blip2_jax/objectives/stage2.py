@@ -1,9 +1,9 @@
 """BLIP-2 stage-2 objective: language modelling through a frozen LLM (OPT or FlanT5).
 
 The Q-Former's query outputs, projected to the LLM width, are a soft visual prompt in front of
-the text (spec §6.2, §7.2). The LLM is frozen by the optimiser (its parameters get no update),
-not here: its gradient must flow back into the projection and the Q-Former. The ViT is frozen
-by a stop-gradient inside `encode_image(freeze_backbone=True)` (ln_vision still trains).
+the text (spec §6.2, §7.2). Nothing is frozen here: the train step differentiates only the
+trainable tree (`train/partition.py`), so the frozen LLM passes gradients back to the projection
+and the Q-Former, a frozen ViT costs no backward pass, and a fine-tuned ViT trains.
 
 OPT: causal LM over [visual prompt ; BOS prompt text "\\n"], loss on the text tokens (BOS too
 with an empty prompt, §13.10). FlanT5: prefix LM, encoder [visual prompt ; prefix], decoder
@@ -39,8 +39,9 @@ def opt_labels(text_ids: jax.Array, text_mask: jax.Array, prompt_length: jax.Arr
 
 
 def _visual_prompt(module: Blip2ForConditionalGeneration, image: jax.Array, deterministic: bool) -> jax.Array:
-    """Image (B,H,W,3) -> projected query outputs (B,Q,D_llm); the ViT is frozen and in eval mode."""
-    image_embeds = module.encode_image(image, freeze_backbone=True)
+    """Image (B,H,W,3) -> projected query outputs (B,Q,D_llm). The ViT runs deterministic: BLIP-2's
+    ViTs have no dropout (attention dropout 0, LAVIS's drop path 0), frozen or fine-tuned."""
+    image_embeds = module.encode_image(image)
     return module.language_inputs(module.query_features(image_embeds, deterministic=deterministic))
 
 

@@ -2,8 +2,11 @@
 
 Frozen parameters enter as constants, so JAX never forms their gradients (no weight-gradient
 matmuls for the ViT or the LLM), while gradients still flow *through* them to what trains
-(stage 2 needs the LLM's activation gradients). The step's RNG is the state's key folded with
-the step number, so a resumed run draws the same dropout masks and hard negatives.
+(stage 2 needs the LLM's activation gradients). A frozen tower that only constants feed (the ViT
+under `stage1`/`stage2`) is not differentiated at all: no backward pass, as a stop-gradient after
+it would give. A trainable one (the ViT under `finetune_*`) gets its whole gradient. The partition
+alone decides; no flag in the objectives can disagree with it. The step's RNG is the state's key
+folded with the step number, so a resumed run draws the same dropout masks and hard negatives.
 """
 from __future__ import annotations
 
