@@ -2,6 +2,7 @@
 
     python benchmarks/plan_presets.py --out /tmp/plans.jsonl            # ~50 compiles, ~1 min each here
     python benchmarks/plan_presets.py --out /tmp/plans.jsonl --shard 0/2  # run halves side by side
+    python benchmarks/plan_presets.py --out /tmp/ft.jsonl --only finetune.py  # one config file's rows
     python benchmarks/plan_presets.py --table /tmp/plans.jsonl          # the README's markdown table
 
 Each row compiles the preset's real train step ahead of time for the mesh (`train/plan.py`) on 16
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="append one JSON line per planned row here")
     parser.add_argument("--shard", default="0/1", help="i/n: plan every n-th row from the i-th")
     parser.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
+    parser.add_argument("--only", default="", help="plan only the rows of this config file (e.g. finetune.py)")
     args = parser.parse_args()
     if args.table:
         print(table(args.table))
@@ -120,7 +122,7 @@ def main() -> None:
     done = set()
     if args.out.exists():
         done = {(r["config"], r["preset"], r["device"]) for r in map(json.loads, args.out.read_text().splitlines())}
-    for row in rows()[index::count]:
+    for row in [r for r in rows() if args.only in ("", r[0])][index::count]:
         if row in done:
             continue
         print("planning", *row, flush=True)
