@@ -16,7 +16,8 @@
 `--coordinator_address/--num_processes/--process_id` or their scheduler's environment. `generate`
 prints `path<TAB>text` per image: a caption, or with `--question` an answer; search settings default
 to the presets behind the published numbers (CAPTION, or VQA_OPT/VQA_T5, each in its decoding
-mode) and each flag given overrides one field. `data build` converts LAVIS-style JSON annotations and their images into ArrayRecord shards (`data/sources.py`).
+mode) and each flag given overrides one field. `data build` converts LAVIS-style JSON annotations
+and their images into ArrayRecord shards (`data/sources.py`).
 `convert` moves weights between our Orbax model checkpoints (or training workdirs) and Hugging
 Face directories or LAVIS `.pth` files, tensor by tensor (`convert/hf_export.py`, `convert/lavis.py`).
 `eval` runs a captioning, VQA or retrieval preset over a whole set on every device and host,
