@@ -15,8 +15,9 @@
 `train` runs the same command on every host of a pod or cluster; multi-host jobs join through
 `--coordinator_address/--num_processes/--process_id` or their scheduler's environment. `generate`
 prints `path<TAB>text` per image: a caption, or with `--question` an answer; search settings default
-to the paper's (CAPTION, or VQA_OPT/VQA_T5) and each flag given overrides one field. `data build`
-converts LAVIS-style JSON annotations and their images into ArrayRecord shards (`data/sources.py`).
+to the presets behind the published numbers (CAPTION, or VQA_OPT/VQA_T5, each in its decoding
+mode) and each flag given overrides one field. `data build` converts LAVIS-style JSON annotations
+and their images into ArrayRecord shards (`data/sources.py`).
 `convert` moves weights between our Orbax model checkpoints (or training workdirs) and Hugging
 Face directories or LAVIS `.pth` files, tensor by tensor (`convert/hf_export.py`, `convert/lavis.py`).
 `eval` runs a captioning, VQA or retrieval preset over a whole set on every device and host,
@@ -78,7 +79,14 @@ _VISION_OUT = flags.DEFINE_string("vision_out", None, "to-lavis: also write the 
 _SEARCH = {  # GenerationConfig fields settable from the command line; None keeps the preset's value
     "num_beams": flags.DEFINE_integer("num_beams", None, "Beams (1: greedy)."),
     "max_new_tokens": flags.DEFINE_integer("max_new_tokens", None, "Most tokens generated."),
-    "min_new_tokens": flags.DEFINE_integer("min_new_tokens", None, "EOS is forbidden before this many tokens."),
+    "min_new_tokens": flags.DEFINE_integer("min_new_tokens", None, "EOS is forbidden before this many tokens "
+                                           "(--semantics transformers)."),
+    "min_length": flags.DEFINE_integer("min_length", None, "LAVIS's min_len, counted as the --semantics counts it "
+                                       "(lavis, lavis_paper)."),
+    "semantics": flags.DEFINE_enum("semantics", None, ["transformers", "lavis", "lavis_paper"],
+                                   "Whose decoding rules: transformers.generate 5.x, LAVIS@HEAD (transformers "
+                                   "4.33) or the paper-era LAVIS (the presets: captions lavis_paper, VQA lavis "
+                                   "for OPT, lavis_paper for FlanT5). transformers drops the preset's min_length."),
     "length_penalty": flags.DEFINE_float("length_penalty", None, "Beam score = sum log p / length ** this."),
     "repetition_penalty": flags.DEFINE_float("repetition_penalty", None, "CTRL-style penalty on seen tokens."),
 }
@@ -141,6 +149,8 @@ def generate() -> None:
         raise app.UsageError("generate needs --checkpoint and at least one --image\n" + USAGE)
     generator = Blip2Generator.from_pretrained(_CHECKPOINT.value, dtype=_DTYPE.value, batch_size=_BATCH_SIZE.value)
     overrides = {k: f.value for k, f in _SEARCH.items() if f.value is not None}
+    if overrides.get("semantics") == "transformers":  # LAVIS's min_len has no meaning there
+        overrides.setdefault("min_length", 0)
     if _QUESTIONS.value:
         preset = VQA_T5 if isinstance(generator.config.text, T5Config) else VQA_OPT
         questions = _QUESTIONS.value[0] if len(_QUESTIONS.value) == 1 else _QUESTIONS.value

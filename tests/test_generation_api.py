@@ -18,9 +18,9 @@ from blip2_jax.generation.config import CAPTION, VQA_OPT, GenerationConfig
 from tests.reference import hf_models as ref
 from tests.reference.tokenizers import tiny_opt_tokenizer
 
-# What `blip2-jax generate --num_beams 3 --max_new_tokens 8 --min_new_tokens 2` runs.
+# What `blip2-jax generate --semantics transformers --num_beams 3 --max_new_tokens 8 --min_new_tokens 2` runs.
 CONFIG = GenerationConfig(num_beams=3, max_new_tokens=8, min_new_tokens=2)
-CLI_SEARCH = ["--num_beams", "3", "--max_new_tokens", "8", "--min_new_tokens", "2"]
+CLI_SEARCH = ["--semantics", "transformers", "--num_beams", "3", "--max_new_tokens", "8", "--min_new_tokens", "2"]
 # 4, 1, 7 and 8, 2 tokens with BOS: one prompt bucket (8), different longest prompts per call.
 PROMPTS = ["a photo of", "", "what is the w1 w2 w3", "w4 w5 w6 w7 w8 w9 w10", "a"]
 BATCH = 4

@@ -94,13 +94,15 @@ class Blip2Generator:
 
     def caption(self, images: Images, prompt: str | Sequence[str] = "", config: GenerationConfig = CAPTION, *,
                 rng: jax.Array | None = None) -> list[str]:
-        """One caption per image continuing `prompt` (LAVIS's COCO captions use PROMPTS['caption'])."""
+        """One caption per image continuing `prompt` (LAVIS's COCO captions use PROMPTS['caption']; the
+        default CAPTION decodes as the paper-era LAVIS did, which counts the prompt in min_len)."""
         return self.generate(images, prompt, config, rng=rng)
 
     def answer(self, images: Images, questions: str | Sequence[str], prompt: str | None = None,
                config: GenerationConfig | None = None, *, rng: jax.Array | None = None) -> list[str]:
         """One answer per image to `prompt.format(question)`; defaults are the paper's zero-shot VQA
-        prompt and search for the checkpoint's LLM (spec §6.4, §7.3)."""
+        prompt and search for the checkpoint's LLM, decoded as the public LAVIS code that matches
+        it does (VQA_OPT: LAVIS@HEAD, VQA_T5: the paper era; generation/config.py; spec §6.4, §7.3)."""
         t5 = isinstance(self.config.text, T5Config)
         prompt = PROMPTS["vqa_t5" if t5 else "vqa_opt"] if prompt is None else prompt
         images = _image_list(images)

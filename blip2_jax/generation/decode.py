@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.search import SearchOutput, beam_search, sample_search
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
-from blip2_jax.models.config import OPTConfig
+from blip2_jax.models.config import Blip2Config, OPTConfig
 from blip2_jax.models.opt import position_ids_from_mask
 
 
@@ -69,6 +69,28 @@ def _t5_step(module: Blip2ForConditionalGeneration, token, cache, i, rows, share
     return logits[:, 0], cache
 
 
+def _history(config: Blip2Config, input_ids: jax.Array, attention_mask: jax.Array,
+             semantics: str) -> tuple[jax.Array, jax.Array]:
+    """The ids the LM's generate held before the first new token, (B,P) with -1 for none, and how
+    many of them its lengths count, (B,), in each mode (config.py's docstring).
+
+    transformers: every input id (decoder-only) or the decoder start token, none counted. lavis: a
+    dummy BOS (4.33's start for `inputs_embeds` only) or the decoder start token, counted.
+    lavis_paper (decoder-only): the prompt's text ids, neither image tokens nor padding, counted.
+    """
+    text, b = config.text, input_ids.shape[0]
+    decoder_only = isinstance(text, OPTConfig)
+    if semantics == "lavis_paper" and decoder_only:
+        is_text = (attention_mask == 1) & (input_ids != (-1 if config.image_token_index is None
+                                                          else config.image_token_index))
+        return jnp.where(is_text, input_ids, -1), jnp.sum(is_text, axis=1, dtype=jnp.int32)
+    if semantics == "transformers" and decoder_only:
+        return input_ids, jnp.zeros((b,), jnp.int32)
+    first = text.bos_token_id if decoder_only else text.decoder_start_token_id
+    counted = 0 if semantics == "transformers" else 1
+    return jnp.full((b, 1), first, jnp.int32), jnp.full((b,), counted, jnp.int32)
+
+
 def generate(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
              rng: jax.Array | None = None, *, model: Blip2ForConditionalGeneration,
              config: GenerationConfig) -> SearchOutput:
@@ -88,18 +110,17 @@ def generate(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attenti
     copies = config.num_beams if config.num_beams > 1 else config.num_return_sequences
     logits, cache, rows, shared = model.apply(variables, pixel_values, input_ids, attention_mask,
                                               config.max_new_tokens, copies, method=prefill)
-    prompt_ids = input_ids.astype(jnp.int32) if decoder_only else jnp.full(
-        (input_ids.shape[0], 1), text.decoder_start_token_id, jnp.int32)
+    history, counted = _history(model.config, input_ids.astype(jnp.int32), attention_mask, config.semantics)
     if copies > 1:  # per-row state follows the beams (or samples); `shared` stays one per sample
         repeat = functools.partial(jnp.repeat, repeats=copies, axis=0)
-        logits, rows, prompt_ids = repeat(logits), jax.tree.map(repeat, rows), repeat(prompt_ids)
+        logits, rows, history, counted = repeat(logits), jax.tree.map(repeat, rows), repeat(history), repeat(counted)
 
     def step(token, cache, i):
         return model.apply(variables, token, cache, i, rows, shared, method=step_method)
 
     if config.num_beams > 1:
-        return beam_search(step, logits, cache, prompt_ids, config, eos=eos, pad=pad)
-    out = sample_search(step, logits, cache, prompt_ids, config, eos=eos, pad=pad, rng=rng)
+        return beam_search(step, logits, cache, history, counted, config, eos=eos, pad=pad)
+    out = sample_search(step, logits, cache, history, counted, config, eos=eos, pad=pad, rng=rng)
     b, r = input_ids.shape[0], config.num_return_sequences
     return jax.tree.map(lambda x: x.reshape(b, r, *x.shape[2:]), out)
 

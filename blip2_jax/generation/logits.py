@@ -24,7 +24,7 @@ def repetition_penalty(scores: jax.Array, history: jax.Array, penalty: float) ->
 
 
 def forbid_eos(scores: jax.Array, eos_token_id: int, forbid: jax.Array | bool) -> jax.Array:
-    """EOS gets -inf while `forbid` (min-new-tokens not reached yet)."""
+    """EOS gets -inf where `forbid` (the minimum length not reached yet; one flag, or one per row)."""
     return scores.at[:, eos_token_id].set(jnp.where(forbid, NEG_INF, scores[:, eos_token_id]))
 
 

@@ -7,7 +7,10 @@ which feeds the i-th generated token; every cache leaf has the batch on axis 1 (
 
 Beam search follows `transformers`' vectorised `_beam_search` step for step (top 2K candidates,
 finished hypotheses admitted only from the top K, its early-stop heuristic, -1e9 masking), so the
-same model gives the same ids.
+same model gives the same ids. The `lavis` modes follow the 4.x `BeamSearchScorer` LAVIS ran
+instead (config.py's docstring): lengths and scores count a prefix of `counted` tokens per row,
+the early stop looks at the best of all 2K candidates, and at max length every running beam is
+finalised.
 """
 from __future__ import annotations
 
@@ -32,12 +35,16 @@ class SearchOutput:
     scores: jax.Array  # (B, R) beam: sum log p / length ** length_penalty; else sum log p of the raw logits
 
 
-def _process(scores: jax.Array, history: jax.Array, i: jax.Array, cfg: GenerationConfig, eos: int) -> jax.Array:
-    """The processors `transformers` applies before choosing a token (repetition, min new tokens)."""
+def _process(scores: jax.Array, history: jax.Array, i: jax.Array, counted: jax.Array, cfg: GenerationConfig,
+             eos: int) -> jax.Array:
+    """The processors `transformers` applies before choosing a token (repetition, minimum length):
+    `counted` (N,) tokens before the generated ones count in LAVIS's min_length."""
     if cfg.repetition_penalty != 1.0:
         scores = lp.repetition_penalty(scores, history, cfg.repetition_penalty)
     if cfg.min_new_tokens > 0:
         scores = lp.forbid_eos(scores, eos, i < cfg.min_new_tokens)
+    if cfg.min_length > 0:
+        scores = lp.forbid_eos(scores, eos, counted + i < cfg.min_length)
     return scores
 
 
@@ -51,12 +58,13 @@ def _reorder(cache: Any, rows: jax.Array) -> Any:
     return jax.tree.map(lambda x: jnp.take(x, rows, axis=1), cache)
 
 
-def sample_search(step: StepFn, logits: jax.Array, cache: Any, prompt_ids: jax.Array, cfg: GenerationConfig, *,
-                  eos: int, pad: int, rng: jax.Array | None = None) -> SearchOutput:
+def sample_search(step: StepFn, logits: jax.Array, cache: Any, history: jax.Array, counted: jax.Array,
+                  cfg: GenerationConfig, *, eos: int, pad: int, rng: jax.Array | None = None) -> SearchOutput:
     """Greedy (argmax) or, with `cfg.do_sample`, temperature/top-k/top-p sampling, for N rows.
 
-    `logits` (N,V) predict the first new token; `prompt_ids` (N,P) are what the repetition penalty
-    sees before the generated ids. Returns (N, 1, L) tokens.
+    `logits` (N,V) predict the first new token; `history` (N,P) are the ids the repetition penalty
+    sees before the generated ids (negative: none); `counted` (N,) the tokens before the generated
+    ones that `cfg.min_length` counts. Returns (N, 1, L) tokens.
     """
     n, steps = logits.shape[0], cfg.max_new_tokens
     if cfg.do_sample and rng is None:
@@ -65,7 +73,7 @@ def sample_search(step: StepFn, logits: jax.Array, cache: Any, prompt_ids: jax.A
 
     def body(carry):
         i, tokens, done, logits, cache, rng, logp = carry
-        scores = _process(logits, jnp.concatenate([prompt_ids, tokens], axis=1), i, cfg, eos)
+        scores = _process(logits, jnp.concatenate([history, tokens], axis=1), i, counted, cfg, eos)
         if cfg.do_sample:
             rng, key = jax.random.split(rng)
             warped = lp.top_p(lp.top_k(scores / cfg.temperature, cfg.top_k), cfg.top_p)
@@ -94,30 +102,54 @@ def sample_search(step: StepFn, logits: jax.Array, cache: Any, prompt_ids: jax.A
                         scores=logp[:, None])
 
 
-def beam_search(step: StepFn, logits: jax.Array, cache: Any, prompt_ids: jax.Array, cfg: GenerationConfig, *,
-                eos: int, pad: int) -> SearchOutput:
+def _powers(top: int, exponent: float) -> jax.Array:
+    """n ** exponent for n = 0..top (0 ** x taken as 1: never used as a divisor), in float64 then
+    float32 as torch computes its length penalty."""
+    return jnp.asarray(np.maximum(np.arange(top + 1, dtype=np.float64), 1.0) ** exponent, jnp.float32)
+
+
+def _keep_best(fin: tuple[jax.Array, jax.Array, jax.Array], new: tuple[jax.Array, jax.Array, jax.Array],
+               k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The best k of the finished (seqs, scores, is_finished) and the new candidates; on equal
+    scores the finished ones stay (a hypothesis replaces one only when strictly better)."""
+    scores = jnp.concatenate([fin[1], new[1]], axis=1)
+    _, best = jax.lax.top_k(scores, k)
+    return (jnp.take_along_axis(jnp.concatenate([fin[0], new[0]], axis=1), best[:, :, None], axis=1),
+            jnp.take_along_axis(scores, best, axis=1),
+            jnp.take_along_axis(jnp.concatenate([fin[2], new[2]], axis=1), best, axis=1))
+
+
+def beam_search(step: StepFn, logits: jax.Array, cache: Any, history: jax.Array, counted: jax.Array,
+                cfg: GenerationConfig, *, eos: int, pad: int) -> SearchOutput:
     """Beam search over N = B*K rows (each batch row's K beams adjacent, all starting from the same
-    prompt, as `logits`, `cache` and `prompt_ids` are expanded by the caller). Returns the best
-    `num_return_sequences` finished hypotheses per batch row, best first: (B, R, L)."""
+    prompt, as `logits`, `cache`, `history` and `counted` are expanded by the caller). Returns the
+    best `num_return_sequences` finished hypotheses per batch row, best first: (B, R, L)."""
     k, steps = cfg.num_beams, cfg.max_new_tokens
     n, vocab = logits.shape
     b = n // k
     keep = 2 * k  # transformers: max(2, 1 + number of EOS ids) * num_beams
-    # Length-penalty denominators n ** length_penalty for n = 1..steps, in float64 then float32 as torch does.
-    denominators = jnp.asarray(np.arange(1, steps + 1, dtype=np.float64) ** cfg.length_penalty, jnp.float32)
+    v4 = cfg.semantics != "transformers"  # LAVIS's transformers 4.x BeamSearchScorer
+    prefix = counted.reshape(b, k)[:, :1] if v4 else jnp.zeros((b, 1), jnp.int32)
+    # Denominators length ** length_penalty, indexed by length: new tokens (+ the counted prefix).
+    denominators = _powers(history.shape[1] + steps + 1, cfg.length_penalty)
+    # 4.33 judges the early stop at the length after this step, 4.26 at the length before it.
+    heuristic_offset = 1 if cfg.semantics == "lavis" else 0
     optimistic = cfg.early_stopping == "never" and cfg.length_penalty > 0.0
     stop_when_full = cfg.early_stopping is True
 
     def body(carry):
         i, run_seqs, run_scores, fin_seqs, fin_scores, is_fin, open_rows, logits, cache, _ = carry
-        history = jnp.concatenate([prompt_ids, run_seqs.reshape(n, steps)], axis=1)
-        logp = _process(jax.nn.log_softmax(logits, axis=-1), history, i, cfg, eos)
+        seen = jnp.concatenate([history, run_seqs.reshape(n, steps)], axis=1)
+        logp = _process(jax.nn.log_softmax(logits, axis=-1), seen, i, counted, cfg, eos)
         total = (logp.reshape(b, k, vocab) + run_scores[:, :, None]).reshape(b, k * vocab)
         top_scores, top_index = jax.lax.top_k(total, keep)
         parent, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
         cand = jnp.take_along_axis(run_seqs, parent[:, :, None], axis=1)
         cand = jax.lax.dynamic_update_slice(cand, token[:, :, None], (0, 0, i))
-        hits = (token == eos) | (i + 1 >= steps)
+        last = i + 1 >= steps
+        hits = token == eos
+        if not v4:  # 4.x stops at max length outside its scorer (running beams are finalised below)
+            hits = hits | last
 
         # The best K candidates that did not stop keep running.
         run_candidates = top_scores + hits.astype(jnp.float32) * MASKED
@@ -126,24 +158,33 @@ def beam_search(step: StepFn, logits: jax.Array, cache: Any, prompt_ids: jax.Arr
         run_scores = jnp.take_along_axis(run_candidates, nxt, axis=1)
         parent = jnp.take_along_axis(parent, nxt, axis=1)
 
-        # Candidates among the top K that stopped compete with the finished set.
+        # Candidates among the top K that stopped compete with the finished set; an EOS-ended one
+        # is as long as the prefix and the tokens before its EOS (4.x) or its new tokens with EOS.
         just_finished = hits & (jnp.arange(keep) < k)[None, :]
-        scores = top_scores / denominators[i]
+        scores = top_scores / denominators[prefix + i + (0 if v4 else 1)]
         full = jnp.all(is_fin, axis=1, keepdims=True) & stop_when_full
         scores = scores + full.astype(jnp.float32) * MASKED
         scores = scores + (~open_rows).astype(jnp.float32) * MASKED
         scores = scores + (~just_finished).astype(jnp.float32) * MASKED
-        _, best = jax.lax.top_k(jnp.concatenate([fin_scores, scores], axis=1), k)
-        fin_seqs = jnp.take_along_axis(jnp.concatenate([fin_seqs, cand], axis=1), best[:, :, None], axis=1)
-        fin_scores = jnp.take_along_axis(jnp.concatenate([fin_scores, scores], axis=1), best, axis=1)
-        is_fin = jnp.take_along_axis(jnp.concatenate([is_fin, just_finished], axis=1), best, axis=1)
+        fin_seqs, fin_scores, is_fin = _keep_best((fin_seqs, fin_scores, is_fin), (cand, scores, just_finished), k)
 
-        # transformers' heuristic: can the best running beam still beat the worst finished one?
-        best_length = steps - 1 if optimistic else i
-        best_running = run_scores[:, :1] / denominators[best_length]
+        # The early-stop heuristic: can the best candidate still beat the worst finished one?
         worst = jnp.where(is_fin, jnp.min(fin_scores, axis=1, keepdims=True), MASKED)
-        open_rows = open_rows & jnp.any(best_running > worst, axis=1, keepdims=True)
-        go_on = jnp.any(open_rows) & ~(jnp.all(is_fin) & stop_when_full) & ~jnp.all(hits)
+        if v4:
+            length = prefix + steps if optimistic else prefix + i + heuristic_offset
+            attainable = top_scores[:, :1] / denominators[length]
+            done = jnp.all(is_fin, axis=1, keepdims=True) & (stop_when_full | (worst[:, :1] >= attainable))
+            open_rows = open_rows & ~done
+            # At max length 4.x's finalize adds every running beam of the rows not done.
+            final = (run_scores / denominators[prefix + steps]) + (~(open_rows & last)).astype(jnp.float32) * MASKED
+            fin_seqs, fin_scores, is_fin = _keep_best((fin_seqs, fin_scores, is_fin),
+                                                      (run_seqs, final, jnp.broadcast_to(open_rows & last, (b, k))), k)
+            go_on = jnp.any(open_rows) & ~last
+        else:
+            best_length = steps - 1 if optimistic else i
+            best_running = run_scores[:, :1] / denominators[best_length + 1]
+            open_rows = open_rows & jnp.any(best_running > worst, axis=1, keepdims=True)
+            go_on = jnp.any(open_rows) & ~(jnp.all(is_fin) & stop_when_full) & ~jnp.all(hits)
 
         def advance():
             rows = (jnp.arange(b)[:, None] * k + parent).reshape(n)

@@ -3,9 +3,14 @@
   blip2-jax eval --config configs/eval/caption.py:coco_opt2.7b --output /tmp/eval \\
       --config.data.annotations=coco_karpathy_test.json --config.data.image_root=/data/coco
 
-COCO-finetuned checkpoints at 364 px, prompt "a photo of", beam 5, 8-30 new tokens, repetition
-and length penalty 1.0 (spec §6.3: LAVIS@HEAD's CaptionTask defaults 1.15/0 do not reproduce the
-paper). Presets: coco_<model>, nocaps_<model> for model in opt2.7b, opt6.7b, flant5xl.
+COCO-finetuned checkpoints at 364 px, prompt "a photo of", beam 5, max_len 30, min_len 8,
+repetition and length penalty 1.0 (caption_coco_opt*.yaml), decoded with semantics "lavis_paper":
+the paper-era Blip2OPT.generate (LAVIS@85907dd, transformers 4.26) that produced Table 3 counts the
+prompt ids (BOS + "a photo of") in min_len and in the beam length normaliser, so OPT generates at
+least 4 new tokens (at most 30); FlanT5 counts its decoder start token (at least 7). LAVIS@HEAD
+decodes otherwise (`semantics="lavis"`: at most 29 new tokens for OPT, and its CaptionTask fills in
+repetition 1.15 / length 0); spec §6.3. Presets: coco_<model>, nocaps_<model> for model in
+opt2.7b, opt6.7b, flant5xl.
 """
 import ml_collections
 

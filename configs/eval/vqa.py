@@ -3,9 +3,12 @@
   blip2-jax eval --config configs/eval/vqa.py:vqav2_flant5xl --output /tmp/eval \\
       --config.data.annotations=vqa_val_eval.json --config.data.image_root=/data/coco
 
-Pretrained (not COCO-finetuned) checkpoints at 224 px; beam 5, 1-10 new tokens, length penalty -1
-(paper §4.1); prompts "Question: {} Answer:" (OPT) and "Question: {} Short answer:" (FlanT5).
-LAVIS's vqav2_zeroshot_opt_eval.yaml differs (FlanT5's prompt, length penalty 0; spec §6.4).
+Pretrained (not COCO-finetuned) checkpoints at 224 px; beam 5, max_len 10, min_len 1 (no minimum:
+LAVIS counts a start token in it, so an empty answer is allowed), length penalty -1 (paper §4.1);
+prompts "Question: {} Answer:" (OPT) and "Question: {} Short answer:" (FlanT5). Decoding modes:
+FlanT5 "lavis_paper" (the paper-era Blip2T5.predict_answers, LAVIS@85907dd); OPT "lavis" (the
+paper-era OPT had no VQA code; LAVIS@HEAD's Blip2OPT.predict_answers, transformers 4.33, is the public
+one). LAVIS's vqav2_zeroshot_opt_eval.yaml differs (FlanT5's prompt, length penalty 0; spec §6.4).
 Metrics: VQAv2 accuracy with the official answer normalisation (VQAv2, OK-VQA); exact match (GQA).
 Presets: <vqav2|okvqa|gqa>_<opt2.7b|opt6.7b|flant5xl|flant5xxl>, and easy_vqa (the demo's test split;
 checkpoint and tokenizer under the demo's default work directory).
