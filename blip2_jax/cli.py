@@ -51,7 +51,8 @@ _DTYPE = flags.DEFINE_string("dtype", None, "generate: parameter and compute dty
 # data build
 _ANNOTATIONS = flags.DEFINE_multi_string("annotations", [], "LAVIS-style JSON annotation file; repeat for several.")
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Directory the annotations' image paths are relative to.")
-_OUTPUT = flags.DEFINE_string("output", None, "Shard path prefix: writes PREFIX-00000-of-0000N.array_record, ...")
+_OUTPUT = flags.DEFINE_string("output", None, "Shard path prefix: writes PREFIX-<build>-00000-of-0000N.array_record, "
+                              "... and PREFIX.manifest.json, replacing an earlier set of PREFIX.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord files to write.")
 
 # convert
@@ -168,8 +169,8 @@ def data_build() -> None:
         raise app.UsageError("data build needs --annotations, --image_root and --output\n" + USAGE)
     source = sources.JsonSource(_ANNOTATIONS.value, _IMAGE_ROOT.value)
     paths, missing = sources.write_array_records(source, _OUTPUT.value, _NUM_SHARDS.value)
-    print(f"wrote {len(source) - len(missing)} records to {len(paths)} shards {_OUTPUT.value}-*-of-"
-          f"{len(paths):05d}.array_record; {len(missing)} left out (image file missing)")
+    print(f"wrote {len(source) - len(missing)} records to {len(paths)} shards listed in "
+          f"{sources.manifest_path(_OUTPUT.value)}; {len(missing)} left out (image file missing)")
 
 
 def plan() -> None:

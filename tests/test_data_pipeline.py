@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import easy_vqa
@@ -17,7 +18,8 @@ from PIL import Image
 
 from blip2_jax.data.loader import make_sources
 from blip2_jax.data.pipeline import BadRecordError, Mixture, make_pipeline
-from blip2_jax.data.sources import ArrayRecordSource, EasyVqaSource, JsonSource, TfdsSource, read_image
+from blip2_jax.data.sources import (ArrayRecordSource, EasyVqaSource, JsonSource, TfdsSource, manifest_path, read_image,
+                                    write_array_records)
 
 SIZE = 8
 NUM_JPEGS = 25
@@ -141,9 +143,10 @@ def test_hosts_read_disjoint_shards_covering_the_data(dataset):
 def test_data_build_writes_the_json_records_to_array_record(dataset, tmp_path):
     root = dataset["root"]
     prefix = tmp_path / "shards" / "captions"
-    subprocess.run([sys.executable, "-m", "blip2_jax", "data", "build", "--annotations", str(root / "captions.json"),
-                    "--image_root", str(root), "--output", str(prefix), "--num_shards", "3"], check=True)
+    result = _data_build(root / "captions.json", root, prefix, 3)
+    assert result.returncode == 0, result.stderr
     assert len(list(prefix.parent.glob("captions-*-of-00003.array_record"))) == 3
+    assert len(json.loads(manifest_path(prefix).read_text())["shards"]) == 3
     shards = ArrayRecordSource(prefix)
     json_records = [dataset["source"][i] for i in range(len(dataset["source"]))]
     json_records = [r for r in json_records if Path(r["image"]).exists()]  # the missing file can't be stored
@@ -155,6 +158,88 @@ def test_data_build_writes_the_json_records_to_array_record(dataset, tmp_path):
     assert sorted(_ids(it)) == dataset["good"]
     stored_ids = {r["id"] for r in json_records}
     assert sorted(it.stats["skipped_ids"]) == sorted(set(dataset["bad"]) & stored_ids)
+
+
+def _data_build(annotations: Path, image_root: Path, prefix: Path, num_shards: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blip2_jax", "data", "build", "--annotations", str(annotations),
+                           "--image_root", str(image_root), "--output", str(prefix), "--num_shards", str(num_shards)],
+                          capture_output=True, text=True, check=False)
+
+
+def test_every_record_bad_is_an_error_within_seconds(dataset, tmp_path):
+    """A wrong image root made every record a skip, and the pipeline looped over them for ever."""
+    wrong_root = JsonSource(dataset["root"] / "captions.json", tmp_path / "not_the_image_root")
+    start = time.perf_counter()
+    with pytest.raises(BadRecordError, match=r"none of the 32 records tried could be used; the first: "
+                                             r"captions.json:0: FileNotFoundError: image file .*not_the_image_root"):
+        make_pipeline(wrong_root, process=process, global_batch_size=4, seed=0)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_long_run_of_bad_records_stops_the_iteration(dataset):
+    """The first record reads (so the start-up check passes), then nothing does: e.g. a bucket unmounted."""
+    good = dataset["source"][0]
+    records = [good] + [{"id": f"gone{i}", "image": "/nonexistent.jpg", "caption": "x"} for i in range(99)]
+    it = make_pipeline(records, process=process, global_batch_size=4, seed=0, shuffle=False, max_bad_in_a_row=20)
+    with pytest.raises(BadRecordError, match=r"20 records in a row could not be used.*the first: gone0: "
+                                             r"FileNotFoundError.*; gone1: "):
+        next(it)
+    assert it.stats["skipped"] == 20
+
+
+def test_data_build_with_a_wrong_image_root_is_an_error_and_writes_nothing(dataset, tmp_path):
+    result = _data_build(dataset["root"] / "captions.json", tmp_path / "wrong", tmp_path / "out" / "captions", 2)
+    assert result.returncode != 0
+    assert f"none of the {len(dataset['source'])} records has a readable image file, nothing written" in result.stderr
+    assert "captions.json:0: " in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def _shards(records: int, prefix: Path, num_shards: int) -> list[str]:
+    source = [{"id": f"r{i}", "image": b"bytes", "caption": f"caption {i}"} for i in range(records)]
+    return write_array_records(source, prefix, num_shards)[0]
+
+
+def test_rebuild_with_other_num_shards_replaces_the_set(tmp_path):
+    """A rebuild used to leave the old shards next to the new: a prefix read them all (duplicates)."""
+    prefix = tmp_path / "caps"
+    (tmp_path / "caps-00000-of-00002.array_record").write_bytes(b"an unversioned shard of an earlier build")
+    (tmp_path / "caps-val-00000-of-00001.array_record").write_bytes(b"another prefix: kept")
+    _shards(12, prefix, 3)
+    paths = _shards(10, prefix, 2)
+    assert sorted(p.name for p in tmp_path.glob("caps-*.array_record")) == sorted(
+        [Path(p).name for p in paths] + ["caps-val-00000-of-00001.array_record"])
+    source = ArrayRecordSource(prefix)
+    assert sorted(source[i]["id"] for i in range(len(source))) == sorted(f"r{i}" for i in range(10))
+
+
+def test_interrupted_build_leaves_the_previous_set(tmp_path):
+    class Failing(list):
+        def __getitem__(self, index):
+            if index == 7:
+                raise KeyboardInterrupt  # as a Ctrl-C half-way through the second shard
+            return super().__getitem__(index)
+
+    prefix = tmp_path / "caps"
+    before = _shards(6, prefix, 2)
+    with pytest.raises(KeyboardInterrupt):
+        write_array_records(Failing({"id": f"n{i}", "image": b"x"} for i in range(10)), prefix, 2)
+    assert sorted(str(p) for p in tmp_path.iterdir()) == sorted(before + [str(manifest_path(prefix))])
+    assert len(ArrayRecordSource(prefix)) == 6
+
+
+def test_missing_or_changed_shards_are_refused(tmp_path):
+    prefix = tmp_path / "caps"
+    paths = _shards(9, prefix, 3)
+    Path(paths[1]).unlink()
+    with pytest.raises(ValueError, match=rf"caps does not match caps.manifest.json: {Path(paths[1]).name} missing"):
+        ArrayRecordSource(prefix)
+    paths = _shards(9, prefix, 3)
+    Path(paths[0]).write_bytes(Path(paths[0]).read_bytes()[:-40])  # cut off, as by a full disk
+    with pytest.raises(ValueError, match=rf"{Path(paths[0]).name} (unreadable|holds \d records, the manifest says 3)"):
+        ArrayRecordSource(prefix)
+    with pytest.raises(FileNotFoundError, match=r"no ArrayRecord set at .*other: .*other.manifest.json not found"):
+        ArrayRecordSource(tmp_path / "other")
 
 
 def test_easy_vqa_source():
@@ -205,5 +290,5 @@ def test_config_mixture_builds_weighted_sources():
     with pytest.raises(ValueError, match=r"data.mixture\[1\].weight must be a positive number, got 0"):
         make_sources(data)
     data.mixture = [dict(), dict(source="arrayrecord", path="/nonexistent/shards")]
-    with pytest.raises(FileNotFoundError, match=r"data.mixture\[1\]: no ArrayRecord shards /nonexistent/shards-"):
+    with pytest.raises(FileNotFoundError, match=r"data.mixture\[1\]: no ArrayRecord set at /nonexistent/shards"):
         make_sources(data)

@@ -12,7 +12,10 @@ plus the bad-record counters; `set_state` on a fresh pipeline yields exactly the
 uninterrupted one would have.
 
 A record whose reading or processing raises (missing or corrupt image, empty caption, ...) is
-skipped, counted and logged; `strict=True` raises `BadRecordError` on the first one instead.
+skipped, counted and logged; `strict=True` raises `BadRecordError` on the first one instead. A
+source none of whose records can be used (a wrong image root, an unmounted bucket) is an error, not
+an endless stream of skips: `make_pipeline` first reads records spread over each source until one
+works, and the iterator stops after `max_bad_in_a_row` consecutive skips, naming the first failures.
 """
 from __future__ import annotations
 
@@ -106,13 +109,35 @@ class _ReadAndProcess:
             return _Skipped(record_id, f"{cause}{where}")
 
 
+def _describe(skipped: Sequence[_Skipped]) -> str:
+    return "; ".join(f"{s.record_id}: {s.cause}" for s in skipped[:3])
+
+
+def check_readable(source: Source, source_number: int, process: Process, seed: int, tries: int = 32) -> None:
+    """Raise `BadRecordError` unless one of up to `tries` records spread evenly over `source` reads
+    and processes: a source whose every record fails (a wrong image root, say) would otherwise
+    skip forever. Costs one record when the first one works."""
+    read = _ReadAndProcess(source, process, seed, source_number, max(len(source), 1), strict=False)
+    failures = []
+    for index in sorted(set(np.linspace(0, len(source) - 1, min(tries, len(source))).astype(int).tolist())):
+        result = read(0, index)
+        if not isinstance(result, _Skipped):
+            return
+        failures.append(result)
+    if failures:
+        raise BadRecordError(f"source {source_number} ({type(source).__name__}, {len(source)} records): none of "
+                             f"the {len(failures)} records tried could be used; the first: {_describe(failures)}")
+
+
 class BatchIterator:
     """Fixed-shape numpy batches of this host's rows, with a saveable position and bad-record stats."""
 
-    def __init__(self, records: grain.IterDataset, batch_size: int, keep_skipped_ids: int):
+    def __init__(self, records: grain.IterDataset, batch_size: int, keep_skipped_ids: int, max_bad_in_a_row: int):
         self._iterator = iter(records)
         self.batch_size = batch_size
         self._keep = keep_skipped_ids
+        self._max_bad_in_a_row = max_bad_in_a_row
+        self._bad_run: list[_Skipped] = []  # the current streak of skips, for the error if it gets too long
         self.skipped = 0
         self.skipped_ids: collections.deque[str] = collections.deque(maxlen=keep_skipped_ids)
 
@@ -127,8 +152,13 @@ class BatchIterator:
                 self.skipped += 1
                 self.skipped_ids.append(item.record_id)
                 logging.log_first_n(logging.WARNING, "skipped bad record %s: %s", 100, item.record_id, item.cause)
+                self._bad_run.append(item)
+                if len(self._bad_run) >= self._max_bad_in_a_row:
+                    raise BadRecordError(f"{len(self._bad_run)} records in a row could not be used, the data is "
+                                         f"not readable; the first: {_describe(self._bad_run)}")
             else:
                 rows.append(item)
+                self._bad_run = []
         return _stack(rows)
 
     @property
@@ -177,20 +207,27 @@ def _host_records(source: Source, source_number: int, *, process: Process, seed:
 def make_pipeline(source: Source | Mixture, *, process: Process, global_batch_size: int, seed: int,
                   shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                   process_count: int = 1, worker_count: int = 0, strict: bool = False,
-                  keep_skipped_ids: int = 32, read_threads: int = 16, prefetch_batches: int = 2) -> BatchIterator:
+                  keep_skipped_ids: int = 32, read_threads: int = 16, prefetch_batches: int = 2,
+                  max_bad_in_a_row: int = 1000) -> BatchIterator:
     """This host's batches of `source` (or a `Mixture`), each `global_batch_size // process_count`
     rows of `process(record, rng)`. `num_epochs=None` repeats forever; with a mixture, iteration
     ends when the first source runs out. `worker_count > 0` reads and processes in that many
     worker processes (then `process` and the sources must pickle). `read_threads` threads read and
     process ahead of the consumer, at most `prefetch_batches` batches ahead: Grain's default of 500
-    records holds ~300 MB of 224 px float32 images and fills slowly, which looks like a leak."""
+    records holds ~300 MB of 224 px float32 images and fills slowly, which looks like a leak.
+    Each source must have a usable record (`check_readable`, before any thread starts), and
+    `max_bad_in_a_row` consecutive skipped records end the iteration with `BadRecordError`."""
     if global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if max_bad_in_a_row < 1:
+        raise ValueError(f"max_bad_in_a_row must be >= 1, got {max_bad_in_a_row}")
     mixture = source if isinstance(source, Mixture) else Mixture([source])
+    for i, s in enumerate(mixture.sources):
+        check_readable(s, i, process, seed)
     parts = [_host_records(s, i, process=process, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                            process_index=process_index, process_count=process_count, strict=strict)
              for i, s in enumerate(mixture.sources)]
@@ -200,4 +237,4 @@ def make_pipeline(source: Source | Mixture, *, process: Process, global_batch_si
                                                         prefetch_buffer_size=prefetch_batches * local))
     if worker_count > 0:
         records = records.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return BatchIterator(records, local, keep_skipped_ids)
+    return BatchIterator(records, local, keep_skipped_ids, max_bad_in_a_row)

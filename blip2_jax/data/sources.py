@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
@@ -80,56 +82,126 @@ class JsonSource:
         return dict(self._records[index])
 
 
-def shard_paths(prefix: str | os.PathLike, num_shards: int) -> list[str]:
-    """The file names of an ArrayRecord data set: `<prefix>-00000-of-00004.array_record`, ..."""
-    return [f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+def manifest_path(prefix: str | os.PathLike) -> Path:
+    """Where `write_array_records` lists the shards of `prefix`: `<prefix>.manifest.json`."""
+    return Path(f"{prefix}{MANIFEST_SUFFIX}")
+
+
+def _shard_pattern(name: str) -> re.Pattern:
+    """Shard file names of prefix `name`: this writer's `<name>-<build>-00000-of-00004.array_record` and
+    the unversioned `<name>-00000-of-00004.array_record` of earlier builds, nothing else (so that
+    prefixes like `coco` and `coco-val` in one directory never touch each other's files)."""
+    return re.compile(rf"{re.escape(name)}-(?:[0-9a-f]{{12}}-)?\d{{5}}-of-\d{{5}}\.array_record")
 
 
 def write_array_records(source: Source, prefix: str | os.PathLike, num_shards: int) -> tuple[list[str], list[str]]:
     """Write `source` as `num_shards` ArrayRecord files, each record a msgpack map with the image
     file's bytes as they are on disk (no re-encoding: the pixels the JSON source gives are kept).
     Records whose image file is missing cannot be stored and are left out (logged); unreadable
-    image bytes are stored, and skipped when read like any other bad record.
-    Returns (shard paths, ids left out)."""
+    image bytes are stored, and skipped when read like any other bad record. If no record can be
+    stored, nothing is written and a ValueError names the first missing images.
+
+    The set is committed by `<prefix>.manifest.json` (shard names, record counts, a build id),
+    replaced atomically after every shard is complete; the shard names carry the build id, so an
+    interrupted build leaves the previous set readable, and a rebuild (any `num_shards`) replaces it:
+    the previous shards are deleted once the new manifest is in place. Returns (shard paths, ids
+    left out)."""
     from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
 
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    paths = shard_paths(prefix, num_shards)
-    Path(paths[0]).parent.mkdir(parents=True, exist_ok=True)
-    missing = []
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    build_id = uuid.uuid4().hex[:12]
+    paths = [f"{prefix}-{build_id}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
+    missing: list[tuple[str, str]] = []  # (record id, why)
+    shards: list[dict[str, Any]] = []
+    staged = manifest_path(prefix).with_name(f".{prefix.name}.{build_id}{MANIFEST_SUFFIX}")
+    committed = False
     n = len(source)
-    for shard, path in enumerate(paths):
-        # group_size:1 keeps every record separately addressable, which random access needs.
-        writer = ArrayRecordWriter(path, "group_size:1")
-        for index in range(shard * n // num_shards, (shard + 1) * n // num_shards):
-            record = source[index]
-            if isinstance(record["image"], str):
-                try:
-                    record["image"] = Path(record["image"]).read_bytes()
-                except OSError as e:
-                    logging.warning("record %s: image %s left out: %s", record["id"], record["image"], e)
-                    missing.append(record["id"])
-                    continue
-            writer.write(msgpack.packb(record, use_bin_type=True))
-        writer.close()
-    return paths, missing
+    try:
+        for shard, path in enumerate(paths):
+            # group_size:1 keeps every record separately addressable, which random access needs.
+            writer = ArrayRecordWriter(path, "group_size:1")
+            count = 0
+            for index in range(shard * n // num_shards, (shard + 1) * n // num_shards):
+                record = source[index]
+                if isinstance(record["image"], str):
+                    try:
+                        record["image"] = Path(record["image"]).read_bytes()
+                    except OSError as e:
+                        logging.warning("record %s: image %s left out: %s", record["id"], record["image"], e)
+                        missing.append((record["id"], str(e)))
+                        continue
+                writer.write(msgpack.packb(record, use_bin_type=True))
+                count += 1
+            writer.close()
+            shards.append({"file": Path(path).name, "records": count})
+        if n and len(missing) == n:
+            raise ValueError(f"none of the {n} records has a readable image file, nothing written; the first: "
+                             f"{'; '.join(f'{i}: {e}' for i, e in missing[:3])}")
+        manifest = {"build_id": build_id, "num_records": n - len(missing), "shards": shards}
+        staged.write_text(json.dumps(manifest, indent=1))
+        os.replace(staged, manifest_path(prefix))
+        committed = True
+    finally:
+        # Not committed: this build's files go. Committed: every other build's shards of this prefix go.
+        staged.unlink(missing_ok=True)
+        keep = {Path(p).name for p in paths} if committed else set()
+        pattern = _shard_pattern(prefix.name)
+        for old in prefix.parent.iterdir():
+            if pattern.fullmatch(old.name) and old.name not in keep and (committed or build_id in old.name):
+                old.unlink(missing_ok=True)
+    return paths, [record_id for record_id, _ in missing]
 
 
 class ArrayRecordSource:
     """ArrayRecord shards written by `write_array_records` (or any msgpack-map records with an `id`).
-    `paths` is a list of files or a prefix as given to the writer."""
+    `paths` is the prefix given to the writer, whose manifest says which shards make the set and how
+    many records each holds (a missing, truncated or foreign shard is an error, not a smaller data
+    set), or an explicit list of files."""
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
         if isinstance(paths, (str, os.PathLike)):
-            prefix = Path(paths)
-            paths = sorted(prefix.parent.glob(f"{prefix.name}-*-of-*.array_record"))
-            if not paths:
-                raise FileNotFoundError(f"no ArrayRecord shards {prefix}-*-of-*.array_record")
+            paths = self._from_manifest(Path(paths))
         import grain  # pylint: disable=import-outside-toplevel  # grain pulls in its own deps
 
         self.paths = [str(p) for p in paths]
         self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+    @staticmethod
+    def _from_manifest(prefix: Path) -> list[Path]:
+        from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
+
+        manifest = manifest_path(prefix)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no ArrayRecord set at {prefix}: {manifest} not found (write the shards with "
+                                    "`blip2-jax data build`)")
+        try:
+            shards = json.loads(manifest.read_text())["shards"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{manifest} is not a shard manifest: {e}") from e
+        paths, problems = [], []
+        for shard in shards:
+            path = prefix.parent / shard["file"]
+            paths.append(path)
+            if not path.is_file():
+                problems.append(f"{path.name} missing")
+                continue
+            try:
+                found = ArrayRecordReader(str(path)).num_records()
+            except Exception as e:  # pylint: disable=broad-except  # the reader raises bare RuntimeErrors
+                problems.append(f"{path.name} unreadable ({e})")
+                continue
+            if found != shard["records"]:
+                problems.append(f"{path.name} holds {found} records, the manifest says {shard['records']}")
+        if problems:
+            raise ValueError(f"ArrayRecord set {prefix} does not match {manifest.name}: {'; '.join(problems[:3])}"
+                             + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+        return paths
 
     def __len__(self) -> int:
         return len(self._source)
@@ -143,8 +215,8 @@ class ArrayRecordSource:
 
 
 class TfdsSource:
-    """A TFDS data set read with `tfds.data_sources` (ArrayRecord-backed random access, no
-    TensorFlow input pipeline). `fields` maps our record keys to feature names, e.g.
+    """A TFDS data set read with `tfds.data_source(name, split=..., data_dir=...)`: random access to
+    a set prepared in the array_record file format, decoded with numpy and PIL (no TensorFlow). `fields` maps our record keys to feature names, e.g.
     {"image": "image", "caption": "captions/text"} (a '/' walks nested features)."""
 
     def __init__(self, name: str, split: str, data_dir: str | None = None, fields: dict[str, str] | None = None):
@@ -154,7 +226,7 @@ class TfdsSource:
             raise ImportError(f"TfdsSource({name!r}) needs tensorflow_datasets: pip install tensorflow-datasets") from e
         self.name, self.split = name, split
         self.fields = fields or {"image": "image", "caption": "caption"}
-        self._source = tfds.data_sources(name, data_dir=data_dir)[split]
+        self._source = tfds.data_source(name, split=split, data_dir=data_dir)
 
     def __len__(self) -> int:
         return len(self._source)
