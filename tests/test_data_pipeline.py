@@ -2,7 +2,6 @@
 records: skipping and strict mode, exact resume, host sharding, ArrayRecord round trip, mixtures."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from PIL import Image
 
 from blip2_jax.data.loader import make_sources
 from blip2_jax.data.pipeline import BadRecordError, Mixture, make_pipeline
-from blip2_jax.data.sources import (ArrayRecordSource, EasyVqaSource, JsonSource, TfdsSource, manifest_path, read_image,
+from blip2_jax.data.sources import (ArrayRecordSource, EasyVqaSource, JsonSource, manifest_path, read_image,
                                     write_array_records)
 
 SIZE = 8
@@ -250,13 +249,6 @@ def test_easy_vqa_source():
     assert record["question"] == "what is the blue shape?" and record["answer"] == ["rectangle"]
     assert all(a in easy_vqa.get_answers() for a in test[5]["answer"])
     assert read_image(record["image"]).mode == "RGB"
-
-
-def test_tfds_source_says_what_is_missing():
-    if importlib.util.find_spec("tensorflow_datasets") is not None:
-        pytest.skip("only the error without tensorflow_datasets is tested")
-    with pytest.raises(ImportError, match="coco_captions.*pip install tensorflow-datasets"):
-        TfdsSource("coco_captions", "train")
 
 
 def test_mixture_draws_in_proportion_to_weights():
