@@ -1,6 +1,6 @@
 """Captioning: COCO Karpathy test and NoCaps val (zero-shot), the paper's Table 3 setup.
 
-  blip2-jax eval --config configs/eval/caption.py:coco_opt2.7b --output /tmp/eval \\
+  blip2-jax eval --config configs/eval/caption.py:coco_opt2.7b --out /tmp/eval \\
       --config.data.annotations=coco_karpathy_test.json --config.data.image_root=/data/coco
 
 COCO-finetuned checkpoints at 364 px, prompt "a photo of", beam 5, max_len 30, min_len 8,

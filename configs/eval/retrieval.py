@@ -1,7 +1,7 @@
 """Image-text retrieval: COCO 5K test (fine-tuned) and Flickr30K 1K test (zero-shot transfer of the
 COCO-finetuned model), the paper's Table 5 setup; and easy-VQA zero-shot classification.
 
-  blip2-jax eval --config configs/eval/retrieval.py:coco --output /tmp/eval \\
+  blip2-jax eval --config configs/eval/retrieval.py:coco --out /tmp/eval \\
       --config.data.annotations=coco_karpathy_test.json --config.data.image_root=/data/coco
 
 ITC over all images x texts, each query's top 128 re-ranked by ITM + ITC (spec §8), 364 px

@@ -1,6 +1,6 @@
 """Zero-shot VQA: VQAv2 val, OK-VQA test, GQA test-dev; the paper's Table 2 setup; and easy-VQA.
 
-  blip2-jax eval --config configs/eval/vqa.py:vqav2_flant5xl --output /tmp/eval \\
+  blip2-jax eval --config configs/eval/vqa.py:vqav2_flant5xl --out /tmp/eval \\
       --config.data.annotations=vqa_val_eval.json --config.data.image_root=/data/coco
 
 Pretrained (not COCO-finetuned) checkpoints at 224 px; beam 5, max_len 10, min_len 1 (no minimum:
