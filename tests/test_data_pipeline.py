@@ -191,7 +191,7 @@ def test_data_build_with_a_wrong_image_root_is_an_error_and_writes_nothing(datas
     assert result.returncode != 0
     assert f"none of the {len(dataset['source'])} records has a readable image file, nothing written" in result.stderr
     assert "captions.json:0: " in result.stderr
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
 def _shards(records: int, prefix: Path, num_shards: int) -> list[str]:

@@ -8,6 +8,7 @@ pipeline can skip and count it (`pipeline.py`).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -114,6 +115,7 @@ def write_array_records(source: Source, prefix: str | os.PathLike, num_shards: i
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     prefix = Path(prefix)
+    new_dirs = [d for d in (prefix.parent, *prefix.parent.parents) if not d.exists()]  # removed on failure
     prefix.parent.mkdir(parents=True, exist_ok=True)
     build_id = uuid.uuid4().hex[:12]
     paths = [f"{prefix}-{build_id}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
@@ -155,6 +157,9 @@ def write_array_records(source: Source, prefix: str | os.PathLike, num_shards: i
         for old in prefix.parent.iterdir():
             if pattern.fullmatch(old.name) and old.name not in keep and (committed or build_id in old.name):
                 old.unlink(missing_ok=True)
+        for directory in [] if committed else new_dirs:
+            with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
+                directory.rmdir()
     return paths, [record_id for record_id, _ in missing]
 
 
@@ -192,7 +197,9 @@ class ArrayRecordSource:
                 problems.append(f"{path.name} missing")
                 continue
             try:
-                found = ArrayRecordReader(str(path)).num_records()
+                reader = ArrayRecordReader(str(path))
+                found = reader.num_records()
+                reader.close()
             except Exception as e:  # pylint: disable=broad-except  # the reader raises bare RuntimeErrors
                 problems.append(f"{path.name} unreadable ({e})")
                 continue
