@@ -186,25 +186,23 @@ class ArrayRecordSource:
             raise FileNotFoundError(f"no ArrayRecord set at {prefix}: {manifest} not found (write the shards with "
                                     "`blip2-jax data build`)")
         try:
-            shards = json.loads(manifest.read_text())["shards"]
+            shards = [(str(s["file"]), int(s["records"])) for s in json.loads(manifest.read_text())["shards"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{manifest} is not a shard manifest: {e}") from e
-        paths, problems = [], []
-        for shard in shards:
-            path = prefix.parent / shard["file"]
-            paths.append(path)
+        paths, problems = [prefix.parent / file for file, _ in shards], []
+        for path, (_, records) in zip(paths, shards):
             if not path.is_file():
                 problems.append(f"{path.name} missing")
                 continue
-            try:
+            try:  # a cut-off or foreign file raises, or reads as 0 records
                 reader = ArrayRecordReader(str(path))
                 found = reader.num_records()
                 reader.close()
-            except Exception as e:  # pylint: disable=broad-except  # the reader raises bare RuntimeErrors
+            except RuntimeError as e:
                 problems.append(f"{path.name} unreadable ({e})")
                 continue
-            if found != shard["records"]:
-                problems.append(f"{path.name} holds {found} records, the manifest says {shard['records']}")
+            if found != records:
+                problems.append(f"{path.name} holds {found} records, the manifest says {records}")
         if problems:
             raise ValueError(f"ArrayRecord set {prefix} does not match {manifest.name}: {'; '.join(problems[:3])}"
                              + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
