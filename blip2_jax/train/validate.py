@@ -19,6 +19,7 @@ from blip2_jax.data.loader import SOURCES
 from blip2_jax.errors import UserError
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.models import presets
+from blip2_jax.train.optim import learning_rate_schedule
 from blip2_jax.train.partition import PRESETS as TRAINABLE_PRESETS
 
 STAGES = ("stage1", "stage2", "lm")
@@ -100,6 +101,7 @@ def _check_optim(o: ml_collections.ConfigDict) -> None:
         _non_negative(f"optim.{field}", o[field])
     _at_least("optim.warmup_steps", o.warmup_steps, 0)
     _at_least("optim.grad_accum_steps", o.grad_accum_steps, 1)
+    learning_rate_schedule(o)  # its own checks: the schedule's name and the steps it needs
     if o.grad_clip_norm is not None and not o.grad_clip_norm > 0:
         raise UserError(f"config.optim.grad_clip_norm must be > 0 (or unset), got {o.grad_clip_norm!r}")
     for field in ("b1", "b2"):
@@ -124,7 +126,7 @@ def _mesh_shape(m: ml_collections.ConfigDict, available: int, prefix: str = "mes
     if m.num_devices != -1:
         _at_least(f"{prefix}num_devices (or -1: every device)", m.num_devices, 1)
         if m.num_devices > available:
-            raise UserError(f"config.{prefix}num_devices is {m.num_devices}, but {available} devices are visible")
+            raise UserError(f"config.{prefix}num_devices is {m.num_devices}, but only {available} are visible")
     devices = available if m.num_devices == -1 else m.num_devices
     if m.data == -1:
         if devices % (m.fsdp * m.tensor):
