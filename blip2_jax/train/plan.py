@@ -115,16 +115,16 @@ def make_plan(config, mesh_axes: dict[str, int]) -> Plan:
     devices = jax.devices()
     need = math.prod(mesh_axes.values())
     replicas = mesh_axes.get("data", 1)
-    if need > len(devices) and replicas > 1 and need // replicas <= len(devices):
-        check_batch_divides(config.batch_size, replicas, 1, "--mesh")
+    fold = need > len(devices) and replicas > 1 and need // replicas <= len(devices)
+    if need > len(devices) and not fold:
+        raise UserError(f"--mesh {mesh_axes} needs {need} devices, {len(devices)} are visible")
+    check_batch_divides(config.batch_size, replicas, mesh_axes.get("fsdp", 1), "--mesh")
+    if fold:
         one = config.copy_and_resolve_references()
         one.batch_size = config.batch_size // replicas
         plan = make_plan(one, {**mesh_axes, "data": 1})
         return dataclasses.replace(plan, mesh=dict(mesh_axes), batch_size=config.batch_size,
                                    flops_per_step=plan.flops_per_step * replicas, compiled_devices=need // replicas)
-    if need > len(devices):
-        raise UserError(f"--mesh {mesh_axes} needs {need} devices, {len(devices)} are visible")
-    check_batch_divides(config.batch_size, mesh_axes.get("data", 1), mesh_axes.get("fsdp", 1), "--mesh")
     mesh = mesh_lib.make_mesh(mesh_axes.get("data", 1), mesh_axes.get("fsdp", 1), mesh_axes.get("tensor", 1),
                               devices[:need])
     return compile_step(config, mesh).plan()
