@@ -150,6 +150,9 @@ def test_generate_input_errors_are_one_line(blip2_jax, hf_dir):
         (["--image", png, "--question", "what?", "--prompt", "a {} {}"], "must hold exactly one {}"),
         (["--image", png, "--max_new_tokens", "100000"], "max_new_tokens 100000 is too many"),
         (["--image", png, "--num_beams", "0"], "num_beams and num_return_sequences must be >= 1"),
+        (["--image", png, "--batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["--image", png, "--image", png, "--question", "a?", "--question", "b?", "--question", "c?"],
+         "got 3 questions for 2 images"),
     ]:
         code, _, err = blip2_jax("generate", "--checkpoint", str(hf_dir), *args)
         assert expected in user_error(code, err)

@@ -45,7 +45,7 @@ def _per_image(values: str | Sequence[str], n: int, what: str) -> list[str]:
         return [values] * n
     values = list(values)
     if len(values) != n:
-        raise ValueError(f"got {len(values)} {what} for {n} images: pass one for all or one per image")
+        raise UserError(f"got {len(values)} {what} for {n} images: pass one for all or one per image")
     return values
 
 
@@ -100,9 +100,9 @@ class Blip2Generator:
 
     def __init__(self, model: Blip2ForConditionalGeneration, params: Any, tokenizer: Any, *, batch_size: int = 8):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if model.config.text is None:
-            raise ValueError("this is a BLIP-2 retrieval model (no language model): it cannot generate text")
+            raise UserError("this is a BLIP-2 retrieval model (no language model): it cannot generate text")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.params = jax.device_put(params)  # once, not on every call
         self._compiled: dict[GenerationConfig, Callable[..., SearchOutput]] = {}
