@@ -23,12 +23,24 @@ Face directories or LAVIS `.pth` files, tensor by tensor (`convert/hf_export.py`
 `eval` runs a captioning, VQA or retrieval preset over a whole set on every device and host,
 writing results.json and metrics.json to `--out` (`evaluate/run.py`). `demo` trains and evaluates
 BLIP-2 end to end on the packaged easy-VQA set on 8 simulated CPU devices (`demo/run.py`).
+
+A user error (a bad flag, config value, path or input; `errors.UserError`) prints one or two lines,
+`blip2-jax: error: ...`, and exits with code 2; any other exception is a bug and keeps its traceback.
+Configs are checked before anything compiles (`train/validate.py`). SIGTERM before the training loop
+starts exits 0 at once (nothing is trained yet, so there is nothing to save).
 """
 import dataclasses
 import functools
+import os
+import signal
+import sys
+import threading
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from blip2_jax.errors import InputNotFound, UserError
 
 # train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: configs/<file>.py:<preset>.")
@@ -79,7 +91,8 @@ _VISION_OUT = flags.DEFINE_string("vision_out", None, "to-lavis: also write the 
 
 _SEARCH = {  # GenerationConfig fields settable from the command line; None keeps the preset's value
     "num_beams": flags.DEFINE_integer("num_beams", None, "Beams (1: greedy)."),
-    "max_new_tokens": flags.DEFINE_integer("max_new_tokens", None, "Most tokens generated."),
+    "max_new_tokens": flags.DEFINE_integer("max_new_tokens", None, "Most tokens generated; below the preset's "
+                                           "min_length (and without --min_length) it lowers min_length to it."),
     "min_new_tokens": flags.DEFINE_integer("min_new_tokens", None, "EOS is forbidden before this many tokens "
                                            "(--semantics transformers)."),
     "min_length": flags.DEFINE_integer("min_length", None, "LAVIS's min_len, counted as the --semantics counts it "
@@ -116,6 +129,26 @@ def _simulated_cpu_devices(count: int) -> None:
         jax.config.update("jax_platforms", "cpu")
 
 
+def _usage(command: str) -> str:
+    """The usage line of `command` ('train', 'convert to-hf', ...)."""
+    lines = [line.split("blip2-jax ", 1)[1] for line in USAGE.splitlines()]
+    return "usage: blip2-jax " + next(line for line in lines if line.startswith(f"{command} "))
+
+
+def _config(command: str):
+    """The parsed --config; a file that does not exist is a user error (ml_collections defers it to
+    the first field read, as an IOError from deep inside the config)."""
+    config = _CONFIG.value
+    if config is None:
+        return None
+    try:
+        config.get("")  # an unloadable config file raises on its first read
+    except IOError as e:
+        raise InputNotFound(f"--config {config_flags.get_config_filename(flags.FLAGS['config'])}: no such "
+                            f"config file ({command} takes configs/<file>.py:<preset>)") from e
+    return config
+
+
 def demo() -> None:
     _simulated_cpu_devices(8)
     # pylint: disable=import-outside-toplevel
@@ -128,36 +161,57 @@ def demo() -> None:
 
 
 def train() -> None:
-    from blip2_jax.train import loop  # pylint: disable=import-outside-toplevel  # keep --help fast
+    # pylint: disable=import-outside-toplevel  # keep --help fast
+    from blip2_jax.convert.model_checkpoint import absolute
+    from blip2_jax.train import loop
+    from blip2_jax.train.validate import check_train_config
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; steps print to stdout
-    config = _CONFIG.value
+    config = _config("train")
     if config is None or not _WORKDIR.value:
-        raise app.UsageError("train needs --config and --workdir\n" + USAGE)
+        raise app.UsageError(f"train needs --config and --workdir\n{_usage('train')}")
+    check_train_config(config)  # the device checks follow once JAX is up (loop.train)
     if _COORDINATOR.value:
         config.distributed.update(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                   process_id=_PROCESS_ID.value)
-    loop.train(config, _WORKDIR.value)
+    for field in ("hf", "checkpoint", "stage1"):  # Orbax reads these (hub ids and URLs stay as given)
+        if os.path.exists(config.init[field]):
+            config.init[field] = absolute(config.init[field])
+    loop.train(config, absolute(_WORKDIR.value))
+
+
+def _search_config(preset):
+    """`preset` with the search flags given; a --max_new_tokens below the preset's min_length lowers
+    min_length to it (else EOS stays forbidden to the end and every text runs to the maximum)."""
+    overrides = {k: f.value for k, f in _SEARCH.items() if f.value is not None}
+    if overrides.get("semantics") == "transformers":  # LAVIS's min_len has no meaning there
+        overrides.setdefault("min_length", 0)
+    if "max_new_tokens" in overrides:
+        overrides.setdefault("min_length", min(preset.min_length, overrides["max_new_tokens"]))
+    return dataclasses.replace(preset, **overrides)
 
 
 def generate() -> None:
     # pylint: disable=import-outside-toplevel  # keep --help fast
-    from blip2_jax.generation.api import Blip2Generator
+    from blip2_jax.data.images import check_image_file
+    from blip2_jax.generation.api import Blip2Generator, check_question_template
     from blip2_jax.generation.config import CAPTION, VQA_OPT, VQA_T5
     from blip2_jax.models.config import T5Config
 
     if not _CHECKPOINT.value or not _IMAGES.value:
-        raise app.UsageError("generate needs --checkpoint and at least one --image\n" + USAGE)
+        raise app.UsageError(f"generate needs --checkpoint and at least one --image\n{_usage('generate')}")
+    for image in _IMAGES.value:  # before the model loads
+        check_image_file(image)
+    if _QUESTIONS.value and _PROMPT.value is not None:
+        check_question_template(_PROMPT.value)
+    _search_config(CAPTION)  # the flags' own checks, before the model loads
     generator = Blip2Generator.from_pretrained(_CHECKPOINT.value, dtype=_DTYPE.value, batch_size=_BATCH_SIZE.value)
-    overrides = {k: f.value for k, f in _SEARCH.items() if f.value is not None}
-    if overrides.get("semantics") == "transformers":  # LAVIS's min_len has no meaning there
-        overrides.setdefault("min_length", 0)
     if _QUESTIONS.value:
         preset = VQA_T5 if isinstance(generator.config.text, T5Config) else VQA_OPT
         questions = _QUESTIONS.value[0] if len(_QUESTIONS.value) == 1 else _QUESTIONS.value
-        texts = generator.answer(_IMAGES.value, questions, _PROMPT.value, dataclasses.replace(preset, **overrides))
+        texts = generator.answer(_IMAGES.value, questions, _PROMPT.value, _search_config(preset))
     else:
-        texts = generator.caption(_IMAGES.value, _PROMPT.value or "", dataclasses.replace(CAPTION, **overrides))
+        texts = generator.caption(_IMAGES.value, _PROMPT.value or "", _search_config(CAPTION))
     for path, text in zip(_IMAGES.value, texts):
         print(f"{path}\t{text}")
 
@@ -166,7 +220,7 @@ def data_build() -> None:
     from blip2_jax.data import sources  # pylint: disable=import-outside-toplevel  # keep --help fast
 
     if not _ANNOTATIONS.value or not _IMAGE_ROOT.value or not _OUTPUT.value:
-        raise app.UsageError("data build needs --annotations, --image_root and --output\n" + USAGE)
+        raise app.UsageError(f"data build needs --annotations, --image_root and --output\n{_usage('data build')}")
     source = sources.JsonSource(_ANNOTATIONS.value, _IMAGE_ROOT.value)
     paths, missing = sources.write_array_records(source, _OUTPUT.value, _NUM_SHARDS.value)
     print(f"wrote {len(source) - len(missing)} records to {len(paths)} shards listed in "
@@ -176,16 +230,19 @@ def data_build() -> None:
 def plan() -> None:
     import math
 
-    from blip2_jax.train import plan as plan_lib  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from blip2_jax.train import plan as plan_lib
+    from blip2_jax.train.validate import check_train_config
 
-    config = _CONFIG.value
+    config = _config("plan")
     if config is None:
-        raise app.UsageError("plan needs --config\n" + USAGE)
+        raise app.UsageError(f"plan needs --config\n{_usage('plan')}")
+    if _BATCH.value is not None:
+        config.batch_size = _BATCH.value
+    check_train_config(config)  # --mesh replaces config.mesh: make_plan checks the batch against it
     mesh = plan_lib.parse_mesh(_MESH.value)
     need = math.prod(mesh.values())  # one simulated device per mesh position, up to a limit
     _simulated_cpu_devices(need if need <= plan_lib.MAX_SIMULATED_DEVICES else need // mesh["data"])
-    if _BATCH.value:
-        config.batch_size = _BATCH.value
     print(plan_lib.make_plan(config, mesh).report(config.stage, _DEVICE_KIND.value))
 
 
@@ -195,14 +252,14 @@ def evaluate() -> None:
     from blip2_jax.evaluate.run import evaluate as run_eval  # pylint: disable=import-outside-toplevel
 
     logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
+    config = _config("eval")
     if config is None or not _OUT.value:
-        raise app.UsageError("eval needs --config and --out\n" + USAGE)
+        raise app.UsageError(f"eval needs --config and --out\n{_usage('eval')}")
     if _CHECKPOINT.value:
         config.checkpoint = _CHECKPOINT.value
     if _STEP.value is not None:
         config.step = _STEP.value
-    scores = run_eval(config, _OUT.value)
+    scores = run_eval(config, _OUT.value)  # checks the config before it loads anything (train/validate.py)
     print(json.dumps(scores, indent=2))
     print(f"wrote {_OUT.value}/results.json and {_OUT.value}/metrics.json")
 
@@ -225,7 +282,7 @@ def convert(direction: str) -> None:
     given = {"src": _SRC.value, "out": _OUT.value, "checkpoint": _CHECKPOINT.value, "model": _MODEL.value}
     absent = [f"--{n}" for n in needs if not given[n]]
     if absent:
-        raise app.UsageError(f"convert {direction} needs {', '.join(absent)}\n" + USAGE)
+        raise app.UsageError(f"convert {direction} needs {', '.join(absent)}\n{_usage(f'convert {direction}')}")
     if direction == "from-hf":
         with _progress(0, "from-hf") as bar:
             out = hf_export.from_hf(_SRC.value, _OUT.value, dtype=_DTYPE.value, progress=bar.update)
@@ -256,17 +313,95 @@ def main(argv: list[str]) -> None:
                 **{("convert", d): functools.partial(convert, d) for d in ("from-hf", "to-hf", "from-lavis",
                                                                            "to-lavis")}}
     if tuple(argv[1:]) not in commands:
-        raise app.UsageError(USAGE)
+        given = " ".join(argv[1:])
+        raise app.UsageError(f"{f'unknown command {given!r}' if given else 'no command given'}\n{USAGE}")
     commands[tuple(argv[1:])]()
 
 
-def run() -> None:
-    import sys  # pylint: disable=import-outside-toplevel
+def _fail(message: str) -> None:
+    """A user error: its message on stderr, exit code 2 (as argparse does)."""
+    sys.stdout.flush()
+    sys.stderr.write(f"blip2-jax: error: {message}\n")
+    raise SystemExit(2)
 
+
+def _innermost_user_error(error: BaseException) -> UserError | None:
+    """The UserError that started `error`'s chain: ml_collections re-raises an error from a config
+    file's get_config with the traceback as its message, and absl wraps that once more."""
+    found = None
+    while error is not None:
+        if isinstance(error, UserError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def _unknown_config_field(error: BaseException, argv: list[str]) -> str | None:
+    """The `--config.x.y=v` whose field does not exist, when that is what `error` is (ml_collections
+    raises a raw AttributeError or KeyError from resolving the override's path)."""
+    if not isinstance(error, (AttributeError, KeyError)):
+        return None
+    if not any(frame.filename.endswith("config_path.py") for frame in traceback.extract_tb(error.__traceback__)):
+        return None
+    name = str(error).strip("\"'")
+    overrides = [a.lstrip("-") for a in argv if a.lstrip("-").startswith("config.")]
+    return next((a for a in overrides if name in a.split("=", 1)[0].split(".")), f"config.{name}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with a bad flag, flag value or config override reported as a user error.
+    A config file that fails to load for any other reason is a bug and keeps its traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # pylint: disable=broad-except  # classified below; the rest re-raised
+        user = _innermost_user_error(e)
+        if user is not None:
+            _fail(str(user))
+        field = _unknown_config_field(e, argv)
+        if field is not None:
+            _fail(f"--{field}: the config has no field {field.split('=', 1)[0].removeprefix('config.')!r}")
+        if isinstance(e, flags.Error) and "Error whilst parsing config file" not in str(e):
+            _fail(str(e))
+        raise
+
+
+def _run_main(argv: list[str]) -> None:
+    try:
+        main(argv)
+    except (UserError, app.UsageError) as e:
+        _fail(str(e))
+
+
+def exit_on_sigterm_until_replaced() -> None:
+    """SIGTERM exits 0 at once until something else (the training loop's preemption handler) takes
+    the signal over. A Python handler alone would wait for the main thread to leave a compile; the
+    signal's wakeup fd wakes a thread instead, which exits while the handler is still this one."""
+
+    def startup(signum, frame):  # noqa: ARG001  # the thread below does the work
+        del signum, frame
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def watch():
+        while True:
+            received = os.read(read_fd, 64)
+            if signal.SIGTERM in received and signal.getsignal(signal.SIGTERM) is startup:
+                sys.stdout.flush()
+                os._exit(0)  # pylint: disable=protected-access  # nothing trained yet: nothing to save
+
+    threading.Thread(target=watch, daemon=True, name="sigterm-at-startup").start()
+    signal.signal(signal.SIGTERM, startup)
+    signal.set_wakeup_fd(write_fd)
+
+
+def run() -> None:
     from blip2_jax.data.pipeline import limit_malloc_arenas  # pylint: disable=import-outside-toplevel
 
     # Before any thread allocates: keeps a long input pipeline's memory flat. Not for the demo: its
     # 64 px images need no cap, and 2 arenas slowed its 8-device CPU steps by half (0.21 s vs 0.14 s).
     if sys.argv[1:2] != ["demo"]:
         limit_malloc_arenas()
-    app.run(main)
+    if sys.argv[1:2] == ["train"]:
+        exit_on_sigterm_until_replaced()
+    app.run(_run_main, flags_parser=parse_flags)

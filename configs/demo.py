@@ -10,11 +10,12 @@ Presets: lm, stage1, stage2 (blip2_jax/demo/configs.py says what each trains).
 import ml_collections
 
 from blip2_jax.demo.configs import DEFAULT_WORKDIR, train_config
+from blip2_jax.errors import UnknownName
 
 _MODEL = {"lm": "demo", "stage1": "demo_itm", "stage2": "demo"}  # config preset -> model preset
 
 
 def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     if arg not in _MODEL:
-        raise KeyError(f"configs/demo.py presets: {sorted(_MODEL)}; got {arg!r}")
+        raise UnknownName(f"configs/demo.py presets: {sorted(_MODEL)}; got {arg!r}")
     return train_config(arg, DEFAULT_WORKDIR)

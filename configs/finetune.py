@@ -29,6 +29,7 @@ import math
 
 import ml_collections
 
+from blip2_jax.errors import UnknownName
 from blip2_jax.generation.config import PROMPTS
 from blip2_jax.models.presets import HUB_IDS
 from blip2_jax.train.config import base_config, stage1_config
@@ -50,7 +51,7 @@ _RUNS = {
 
 def get_config(arg: str = "caption_coco_opt2.7b") -> ml_collections.ConfigDict:
     if arg not in _RUNS:
-        raise KeyError(f"configs/finetune.py presets: {sorted(_RUNS)}; got {arg!r}")
+        raise UnknownName(f"configs/finetune.py presets: {sorted(_RUNS)}; got {arg!r}")
     model, image_size, batch, lr, beta2, decay, samples = _RUNS[arg]
     task = arg.split("_", 1)[0]
     if task == "retrieval":

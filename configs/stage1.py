@@ -12,6 +12,7 @@ COCO+VG with batch 1600 -- select it with --config.optim.schedule=lavis_epoch pl
 """
 import ml_collections
 
+from blip2_jax.errors import UnknownName
 from blip2_jax.train.config import make_tiny, stage1_config
 
 _MODEL = {"tiny": "tiny_itm", "vit_l": "itm_vit_l", "vit_g": "itm_vit_g"}
@@ -19,7 +20,7 @@ _MODEL = {"tiny": "tiny_itm", "vit_l": "itm_vit_l", "vit_g": "itm_vit_g"}
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg not in _MODEL:
-        raise KeyError(f"configs/stage1.py presets: {sorted(_MODEL)}; got {arg!r}")
+        raise UnknownName(f"configs/stage1.py presets: {sorted(_MODEL)}; got {arg!r}")
     c = stage1_config(_MODEL[arg])
     if arg == "tiny":
         return make_tiny(c)

@@ -85,7 +85,8 @@ def test_a_mesh_larger_than_the_devices_is_planned_by_folding_its_data_axis(stag
     assert "one data-parallel replica, 4 devices" in folded.report("stage2")
     odd = wide.copy_and_resolve_references()
     odd.batch_size = 72
-    with pytest.raises(ValueError, match="batch 72 does not divide over the mesh's 16 data replicas"):
+    with pytest.raises(ValueError, match=r"config.batch_size 72 must be a multiple of the 32 devices of --mesh's "
+                                         r"data x fsdp axes \(16 x 2\)"):
         plan_lib.make_plan(odd, {"data": 16, "fsdp": 2, "tensor": 2})
 
 

@@ -18,6 +18,7 @@ from absl import logging
 
 from blip2_jax.convert.hf import CheckpointMismatchError, from_hf
 from blip2_jax.convert.safetensors_io import SafetensorsFiles
+from blip2_jax.errors import InputNotFound
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
 from blip2_jax.models.interpolate import interpolate_position_embedding
@@ -35,7 +36,7 @@ def resolve(path_or_id: str | os.PathLike, *, extra_patterns: tuple[str, ...] = 
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; a Hugging Face checkpoint is a directory with config.json")
     if str(path_or_id).count("/") != 1 or str(path_or_id).startswith((".", "/")):
-        raise FileNotFoundError(f"no checkpoint directory at {path} (and it is not a hub id 'org/name')")
+        raise InputNotFound(f"no checkpoint directory at {path} (and it is not a hub id 'org/name')")
     from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
 
     patterns = ["config.json", "*.safetensors", SAFE_INDEX, *extra_patterns]
@@ -45,7 +46,7 @@ def resolve(path_or_id: str | os.PathLike, *, extra_patterns: tuple[str, ...] = 
 def read_config(directory: Path) -> dict[str, Any]:
     file = directory / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: a Hugging Face checkpoint needs its config.json")
+        raise InputNotFound(f"{file} not found: a Hugging Face checkpoint needs its config.json")
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -64,11 +65,11 @@ def read_tensors(directory: Path, extra_files: tuple[Path, ...] = ()) -> Safeten
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
-            raise FileNotFoundError(f"{index} lists shards that are not in {directory}: {missing}")
+            raise InputNotFound(f"{index} lists shards that are not in {directory}: {missing}")
         return SafetensorsFiles([directory / s for s in shards] + list(extra_files), expected=weight_map)
     single = directory / SAFE_WEIGHTS
     if not single.is_file():
-        raise FileNotFoundError(f"{directory} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}")
+        raise InputNotFound(f"{directory} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}")
     return SafetensorsFiles([single, *extra_files])
 
 

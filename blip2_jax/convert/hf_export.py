@@ -26,6 +26,7 @@ from blip2_jax.convert import hf as hf_names
 from blip2_jax.convert import model_checkpoint
 from blip2_jax.convert import safetensors_io
 from blip2_jax.convert.hf_checkpoint import SAFE_INDEX, SAFE_WEIGHTS, read_config, read_tensors, resolve
+from blip2_jax.errors import InputNotFound
 from blip2_jax.models import config as config_lib
 
 STAGE1_EXTRAS = "blip2_jax_stage1.safetensors"
@@ -176,7 +177,7 @@ def _write_processor(directory: Path, params: model_checkpoint.CheckpointParams,
                          f"the {'language model' if config.text is not None else 'Q-Former BERT'} tokenizer)")
     if not Path(tokenizer_source).exists() and (tokenizer_source.startswith(("/", ".", "~"))
                                                 or tokenizer_source.count("/") > 1):
-        raise FileNotFoundError(f"tokenizer directory {tokenizer_source} not found")
+        raise InputNotFound(f"tokenizer directory {tokenizer_source} not found")
     if config.text is None:
         from blip2_jax.data.tokenizers import qformer_tokenizer  # pylint: disable=import-outside-toplevel
 

@@ -27,6 +27,7 @@ from blip2_jax.convert import hf as hf_names
 from blip2_jax.convert import model_checkpoint
 from blip2_jax.convert.hf import CheckpointMismatchError, to_numpy
 from blip2_jax.convert.hf_checkpoint import read_tensors, resolve
+from blip2_jax.errors import InputNotFound
 from blip2_jax.models import config as config_lib
 
 # LAVIS name <-> HF name (spec §12); {placeholders} match the same text on both sides, and the first
@@ -96,7 +97,7 @@ def load_pth(path: str | os.PathLike, what: str = "LAVIS checkpoint") -> dict[st
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
+        raise InputNotFound(f"{what} {path} not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises pickle, zip and runtime errors here

@@ -28,6 +28,7 @@ from flax import traverse_util
 
 from blip2_jax.convert.hf import CheckpointMismatchError
 from blip2_jax.data.tokenizers import TOKENIZER_FILES
+from blip2_jax.errors import InputNotFound, OutputExists
 from blip2_jax.models import blip2, presets
 from blip2_jax.models import config as config_lib
 
@@ -39,6 +40,13 @@ PARAMS = "params"
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2Stage1")
 _TOKENIZER_MARKERS = TOKENIZER_FILES + ("vocab.txt",)  # an LLM's tokenizer, or the Q-Former's BERT vocabulary
 _GROUP_BYTES = 512 << 20  # leaves per Orbax partial save: bounds memory, keeps the number of saves small
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """`path` as Orbax needs it: a local path made absolute ("Checkpoint path should be absolute"
+    otherwise); a URL (gs://...) as given."""
+    path = os.fspath(path)
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def build_model(architecture: str, config: config_lib.Blip2Config) -> nn.Module:
@@ -109,7 +117,7 @@ class CheckpointParams:
     def open(cls, path: str | os.PathLike, step: int | None = None) -> CheckpointParams:
         """A model checkpoint directory, a training workdir (latest complete step, or `step`) or a
         workdir's `checkpoints/<step>` directory."""
-        path = epath.Path(path)
+        path = epath.Path(absolute(path))
         if (path / METADATA).exists():
             meta = json.loads((path / METADATA).read_text())
             try:
@@ -122,8 +130,8 @@ class CheckpointParams:
         if step is None and path.name.isdigit() and path.parent.name == "checkpoints":
             path, step = path.parent.parent, int(path.name)
         if not (path / "checkpoints").exists():
-            raise FileNotFoundError(f"{path} is neither a model checkpoint (no {METADATA}) nor a training workdir "
-                                    "(no checkpoints/)")
+            raise InputNotFound(f"{path} is neither a model checkpoint (no {METADATA}) nor a training workdir "
+                                "(no checkpoints/)")
         from blip2_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
         ckpt = Checkpointer(path, save_every=1, async_save=False)
@@ -131,8 +139,8 @@ class CheckpointParams:
             steps = ckpt.manager.all_steps()
             step = ckpt.latest_step() if step is None else step
             if step not in steps:
-                raise FileNotFoundError(f"no complete checkpoint{'' if step is None else f' at step {step}'} in "
-                                        f"{path / 'checkpoints'} (complete steps: {sorted(steps)})")
+                raise InputNotFound(f"no complete checkpoint{'' if step is None else f' at step {step}'} in "
+                                    f"{path / 'checkpoints'} (complete steps: {sorted(steps)})")
             meta = ckpt.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
             frozen_dir = ckpt.frozen_dir
         finally:
@@ -175,7 +183,7 @@ def cast_like(tree: Tree, abstract: Tree) -> Tree:
 def temporary_sibling(out: Path) -> Path:
     """An empty directory beside `out` to build it in (renamed to `out` when complete)."""
     if out.exists():
-        raise FileExistsError(f"{out} exists; choose another --out or remove it")
+        raise OutputExists(f"{out} exists; choose another --out or remove it")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -190,7 +198,7 @@ def write(out: str | os.PathLike, architecture: str, config: config_lib.Blip2Con
     is renamed to `out` only when complete: a failed conversion leaves nothing at `out`."""
     import orbax.checkpoint.experimental.v1 as ocp_v1  # pylint: disable=import-outside-toplevel
 
-    out = Path(out)
+    out = Path(absolute(out))
     tmp = temporary_sibling(out)
     try:
         group: dict[str, np.ndarray] = {}

@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from blip2_jax.errors import InputNotFound
+
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -51,7 +53,7 @@ def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], int]:
     """(name -> TensorInfo, data offset) of `file`, checked against its size."""
     file = Path(file)
     if not file.is_file():
-        raise FileNotFoundError(f"checkpoint shard {file} not found")
+        raise InputNotFound(f"checkpoint shard {file} not found")
     size = file.stat().st_size
     with open(file, "rb") as f:
         raw = f.read(8)

@@ -12,10 +12,20 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from blip2_jax.data.transforms import CLIP_MEAN, CLIP_STD, blip_image_eval, to_rgb
+from blip2_jax.errors import InputNotFound
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageInput", "load_image", "preprocess_images"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageInput", "check_image_file", "load_image", "preprocess_images"]
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray  # a file, a PIL image, or uint8 (H,W,3) / (H,W)
+
+
+def check_image_file(path: str | os.PathLike) -> None:
+    """An image path names a file (callers check every path before loading a model)."""
+    if os.path.isdir(path):
+        raise InputNotFound(f"image {os.fspath(path)} is a directory; give each image file (e.g. "
+                            f"{os.fspath(path)}/*.jpg)")
+    if not os.path.isfile(path):
+        raise InputNotFound(f"image file {os.fspath(path)} not found")
 
 
 def load_image(image: ImageInput) -> Image.Image:
@@ -28,8 +38,7 @@ def load_image(image: ImageInput) -> Image.Image:
         return Image.fromarray(image).convert("RGB")
     if not isinstance(image, (str, os.PathLike)):
         raise TypeError(f"an image is a file path, a PIL image or a uint8 array, got {type(image).__name__}")
-    if not os.path.isfile(image):
-        raise FileNotFoundError(f"image file {os.fspath(image)} not found")
+    check_image_file(image)
     try:
         with Image.open(image) as opened:
             return to_rgb(opened)

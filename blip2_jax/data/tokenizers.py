@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from blip2_jax.errors import InputNotFound
+
 DEC_TOKEN = "[DEC]"
 
 
@@ -39,7 +41,7 @@ def language_tokenizer(path_or_id: str | os.PathLike):
 
     directory = Path(path_or_id)
     if directory.is_dir() and not any((directory / f).is_file() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the language model's "
             "tokenizer there, e.g. Blip2Processor.from_pretrained(<hub id>).save_pretrained(<dir>)")
     return AutoTokenizer.from_pretrained(str(path_or_id))

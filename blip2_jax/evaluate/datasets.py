@@ -12,6 +12,7 @@ import ml_collections
 
 from blip2_jax.data import easy_vqa
 from blip2_jax.data.text import pre_caption
+from blip2_jax.errors import InputNotFound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ class RetrievalSet:
 def _read_json(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} not found")
+        raise InputNotFound(f"annotation file {path} not found")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:

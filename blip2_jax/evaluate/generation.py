@@ -13,7 +13,7 @@ import numpy as np
 from blip2_jax.data.images import ImageInput, preprocess_images
 from blip2_jax.evaluate.batches import EvalBatches, jit_replicated, to_global
 from blip2_jax.evaluate.model import EvalModel
-from blip2_jax.generation.api import prompt_arrays
+from blip2_jax.generation.api import check_lengths, prompt_arrays
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.decode import generate
 
@@ -38,7 +38,9 @@ def generate_texts(model: EvalModel, mesh, images: Sequence[ImageInput], prompts
         raise ValueError(f"evaluation takes one text per image; num_return_sequences is {config.num_return_sequences}")
     if not images:
         return []
-    ids, mask = prompt_arrays(tokenizer(list(prompts))["input_ids"], model.config)
+    token_lists = tokenizer(list(prompts))["input_ids"]
+    check_lengths(model.config, token_lists, config.max_new_tokens)
+    ids, mask = prompt_arrays(token_lists, model.config)
     fn = _compiled(model.module, mesh, config)
     batches, texts = EvalBatches.for_mesh(len(images), batch_size, mesh), []
     for valid, local in batches:

@@ -21,8 +21,8 @@ from blip2_jax.evaluate.model import EvalModel, load_model
 from blip2_jax.evaluate.retrieval import retrieval_scores
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.parallel import mesh as mesh_lib
+from blip2_jax.train.validate import check_eval_config
 
-TASKS = ("caption", "vqa", "retrieval")
 RANKS_KEPT = 10  # results.json keeps each query's top 10 (all R@k need)
 
 
@@ -85,11 +85,7 @@ def _retrieval(config, model, mesh, tokenizer) -> tuple[dict, dict[str, float]]:
 
 def evaluate(config: ml_collections.ConfigDict, output: str | Path | None = None) -> dict[str, float]:
     """Run `config.task` on `config.checkpoint`; write results.json and metrics.json to `output`."""
-    if config.task not in TASKS:
-        raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
-    if not config.checkpoint:
-        raise ValueError("set the checkpoint to evaluate: --checkpoint (a HF directory or hub id, a model "
-                         "checkpoint or a training workdir)")
+    check_eval_config(config, devices=jax.device_count())
     devices = jax.devices() if config.num_devices == -1 else jax.devices()[:config.num_devices]
     mesh = mesh_lib.make_mesh(-1, config.fsdp, 1, devices)
     model = load_model(config.checkpoint, mesh, step=config.step if config.step >= 0 else None,

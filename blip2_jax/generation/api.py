@@ -11,6 +11,7 @@ Outputs are decoded without special tokens and stripped, as LAVIS does.
 from __future__ import annotations
 
 import os
+import string
 from typing import Any, Callable, Sequence
 
 import jax
@@ -21,6 +22,7 @@ from PIL import Image
 from blip2_jax.convert.hf_checkpoint import load_pretrained, resolve
 from blip2_jax.data.images import ImageInput, preprocess_images
 from blip2_jax.data.tokenizers import language_tokenizer
+from blip2_jax.errors import UserError
 from blip2_jax.generation.config import CAPTION, PROMPTS, VQA_OPT, VQA_T5, GenerationConfig
 from blip2_jax.generation.decode import generate_fn
 from blip2_jax.generation.search import SearchOutput
@@ -43,8 +45,38 @@ def _per_image(values: str | Sequence[str], n: int, what: str) -> list[str]:
         return [values] * n
     values = list(values)
     if len(values) != n:
-        raise ValueError(f"got {len(values)} {what} for {n} images: pass one for all or one per image")
+        raise UserError(f"got {len(values)} {what} for {n} images: pass one for all or one per image")
     return values
+
+
+def check_question_template(prompt: str) -> None:
+    """A VQA prompt is `str.format`ted with the question: exactly one `{}` (a stray brace raised a
+    bare IndexError, a prompt without one silently dropped the question)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
+    except ValueError:  # an unmatched brace
+        fields = None
+    if fields not in ([""], ["0"]):
+        raise UserError(f"the VQA prompt {prompt!r} must hold exactly one {{}} where the question goes (write {{{{ "
+                        "and }} for literal braces)")
+
+
+def check_lengths(config: Blip2Config, token_lists: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """OPT's learned position table ends at `max_position_embeddings`: the image queries, the longest
+    prompt and every new token but the last (which is never fed back) must fit in it, the limit at
+    which `transformers` raises an IndexError (past it a Flax `Embed` returns NaN: an empty or
+    garbage caption and no error). T5's relative positions have no end."""
+    text = config.text
+    if not isinstance(text, OPTConfig):
+        return
+    longest = max((len(t) for t in token_lists), default=0)
+    need = config.num_query_tokens + longest + max_new_tokens - 1
+    if need > text.max_position_embeddings:
+        room = text.max_position_embeddings - config.num_query_tokens - longest + 1
+        raise UserError(f"max_new_tokens {max_new_tokens} is too many: {config.num_query_tokens} image queries + the "
+                        f"longest prompt ({longest} tokens) + {max_new_tokens - 1} new tokens fed back need {need} "
+                        f"positions, the language model has {text.max_position_embeddings}; pass max_new_tokens <= "
+                        f"{max(room, 0)}")
 
 
 def prompt_arrays(token_lists: Sequence[Sequence[int]], config: Blip2Config) -> tuple[np.ndarray, np.ndarray]:
@@ -68,9 +100,9 @@ class Blip2Generator:
 
     def __init__(self, model: Blip2ForConditionalGeneration, params: Any, tokenizer: Any, *, batch_size: int = 8):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if model.config.text is None:
-            raise ValueError("this is a BLIP-2 retrieval model (no language model): it cannot generate text")
+            raise UserError("this is a BLIP-2 retrieval model (no language model): it cannot generate text")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.params = jax.device_put(params)  # once, not on every call
         self._compiled: dict[GenerationConfig, Callable[..., SearchOutput]] = {}
@@ -105,6 +137,7 @@ class Blip2Generator:
         it does (VQA_OPT: LAVIS@HEAD, VQA_T5: the paper era; generation/config.py; spec §6.4, §7.3)."""
         t5 = isinstance(self.config.text, T5Config)
         prompt = PROMPTS["vqa_t5" if t5 else "vqa_opt"] if prompt is None else prompt
+        check_question_template(prompt)
         images = _image_list(images)
         prompts = [prompt.format(q) for q in _per_image(questions, len(images), "questions")]
         return self.generate(images, prompts, (VQA_T5 if t5 else VQA_OPT) if config is None else config, rng=rng)
@@ -123,6 +156,7 @@ class Blip2Generator:
         if not images:
             return []
         token_lists = self.tokenizer(prompts)["input_ids"]
+        check_lengths(self.config, token_lists, config.max_new_tokens)
         rows = min(self.batch_size, 1 << (len(images) - 1).bit_length())
         if config not in self._compiled:
             self._compiled[config] = generate_fn(self.model, config)

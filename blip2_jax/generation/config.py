@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from blip2_jax.errors import UserError
+
 SEMANTICS = ("transformers", "lavis", "lavis_paper")
 
 
@@ -51,32 +53,32 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.semantics not in SEMANTICS:
-            raise ValueError(f"semantics must be one of {SEMANTICS}, got {self.semantics!r}")
+            raise UserError(f"semantics must be one of {SEMANTICS}, got {self.semantics!r}")
         if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens or self.min_length < 0:
-            raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens, max_new_tokens >= 1 and min_length >= 0, "
+            raise UserError(f"need 0 <= min_new_tokens <= max_new_tokens, max_new_tokens >= 1 and min_length >= 0, "
                              f"got {self.min_new_tokens}, {self.max_new_tokens}, {self.min_length}")
         if self.semantics == "transformers" and self.min_length:
-            raise ValueError(f"min_length ({self.min_length}) is LAVIS's count (semantics 'lavis' or "
+            raise UserError(f"min_length ({self.min_length}) is LAVIS's count (semantics 'lavis' or "
                              f"'lavis_paper'); with semantics 'transformers' use min_new_tokens")
         if self.semantics != "transformers" and self.min_new_tokens:
-            raise ValueError(f"semantics {self.semantics!r} counts minimums as LAVIS does: set min_length "
+            raise UserError(f"semantics {self.semantics!r} counts minimums as LAVIS does: set min_length "
                              f"(LAVIS's min_len), not min_new_tokens ({self.min_new_tokens})")
         if self.num_beams < 1 or self.num_return_sequences < 1:
-            raise ValueError(f"num_beams and num_return_sequences must be >= 1, got {self.num_beams}, "
+            raise UserError(f"num_beams and num_return_sequences must be >= 1, got {self.num_beams}, "
                              f"{self.num_return_sequences}")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+            raise UserError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
                              f"({self.num_beams}) for beam search")
         if self.num_beams > 1 and self.do_sample:
-            raise ValueError("beam sampling (num_beams > 1 with do_sample) is not implemented; use num_beams=1 "
+            raise UserError("beam sampling (num_beams > 1 with do_sample) is not implemented; use num_beams=1 "
                              "to sample or do_sample=False for beam search")
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+            raise UserError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.semantics == "lavis_paper" and self.early_stopping == "never":
-            raise ValueError("early_stopping 'never' did not exist in the paper-era transformers (4.26); "
+            raise UserError("early_stopping 'never' did not exist in the paper-era transformers (4.26); "
                              "use True or False with semantics 'lavis_paper'")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ValueError(f"need temperature > 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0; got "
+            raise UserError(f"need temperature > 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0; got "
                              f"{self.temperature}, {self.top_p}, {self.top_k}, {self.repetition_penalty}")
 
 

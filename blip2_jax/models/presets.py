@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from blip2_jax.errors import UnknownName
 from blip2_jax.models.config import Blip2Config, OPTConfig, QFormerConfig, T5Config, VisionConfig
 
 EVA_G = VisionConfig()  # EVA ViT-g/14, 39 blocks, 224 px
@@ -111,7 +112,7 @@ def names() -> list[str]:
 
 def get(name: str) -> Blip2Config:
     if name not in _PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(names())}")
+        raise UnknownName(f"unknown model preset {name!r}; known: {', '.join(names())}")
     return _PRESETS[name]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from blip2_jax.errors import UnknownName
 from blip2_jax.models import presets
 from blip2_jax.train import optim
 
@@ -80,7 +81,7 @@ def stage2_config(arg: str, models: dict[str, str], paper_batch: int) -> ml_coll
     """Stage 2 for the LLM presets `models` (config preset -> model preset): the paper's recipe
     (80k steps, min LR 5e-5, 2k warmup, AdamW b2=0.98, frozen towers in bf16) or `tiny`."""
     if arg not in models:
-        raise KeyError(f"stage-2 presets: {sorted(models)}; got {arg!r}")
+        raise UnknownName(f"stage-2 presets: {sorted(models)}; got {arg!r}")
     c = base_config("stage2", models[arg])
     if arg == "tiny":
         return make_tiny(c)

@@ -35,6 +35,7 @@ from blip2_jax.train import metrics as metrics_lib
 from blip2_jax.train.flops import step_flops
 from blip2_jax.train.layout import build_layout, data_kind
 from blip2_jax.train.partition import merge, partition
+from blip2_jax.train.validate import check_train_config
 
 
 def _initial_params(config, model, model_cfg, patterns, shardings):
@@ -105,6 +106,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     """Run (or resume) the training described by `config` in `workdir`; returns the last metrics."""
     dist = config.distributed
     initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
+    check_train_config(config, devices=jax.device_count(), processes=jax.process_count())
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
     devices = jax.devices() if config.mesh.num_devices == -1 else jax.devices()[: config.mesh.num_devices]

@@ -42,6 +42,8 @@ import numpy as np
 import optax
 from ml_collections import config_dict
 
+from blip2_jax.errors import UserError
+
 PyTree = Any
 
 # Module names under which `layers.stack_layers` stacks blocks on a leading layer axis.
@@ -80,14 +82,14 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
         return optax.constant_schedule(lr)
     if config.schedule == "cosine":
         if config.total_steps is None or config.total_steps <= warmup_steps:
-            raise ValueError(f"schedule 'cosine' needs total_steps > warmup_steps={warmup_steps}, "
-                             f"got total_steps={config.total_steps}")
+            raise UserError(f"config.optim.schedule 'cosine' needs total_steps > warmup_steps={warmup_steps}, "
+                            f"got total_steps={config.total_steps}")
         return optax.warmup_cosine_decay_schedule(warmup_lr, lr, warmup_steps, config.total_steps, min_lr)
     if config.schedule == "lavis_epoch":
         steps_per_epoch, max_epoch = config.steps_per_epoch, config.max_epoch
         if steps_per_epoch is None or steps_per_epoch < 1 or max_epoch is None or max_epoch < 1:
-            raise ValueError("schedule 'lavis_epoch' needs steps_per_epoch >= 1 and max_epoch >= 1, got "
-                             f"steps_per_epoch={steps_per_epoch}, max_epoch={max_epoch}")
+            raise UserError("config.optim.schedule 'lavis_epoch' needs steps_per_epoch >= 1 and max_epoch >= 1, "
+                            f"got steps_per_epoch={steps_per_epoch}, max_epoch={max_epoch}")
 
         def schedule(step: jax.typing.ArrayLike) -> jax.Array:
             epoch, i = jnp.divmod(jnp.asarray(step), steps_per_epoch)
@@ -97,7 +99,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
             return jnp.where(epoch == 0, warmup, cosine)
 
         return schedule
-    raise ValueError(f"unknown schedule {config.schedule!r}; expected 'lavis_epoch', 'cosine' or 'constant'")
+    raise UserError(f"config.optim.schedule must be 'lavis_epoch', 'cosine' or 'constant', got {config.schedule!r}")
 
 
 def _names(path: tuple) -> tuple[str, ...]:

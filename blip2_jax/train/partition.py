@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 from flax import traverse_util
 
+from blip2_jax.errors import UnknownName
+
 Tree = Any
 
 # What trains in each stage (spec §3.6, §5, §9). `post_layernorm` is LAVIS's ln_vision: trainable
@@ -41,7 +43,7 @@ def patterns_for(spec: str | Sequence[str]) -> tuple[str, ...]:
     """A preset name or an explicit sequence of path regexes."""
     if isinstance(spec, str):
         if spec not in PRESETS:
-            raise KeyError(f"unknown trainable preset {spec!r}; known: {sorted(PRESETS)}")
+            raise UnknownName(f"unknown trainable preset {spec!r}; known: {sorted(PRESETS)}")
         return PRESETS[spec]
     return tuple(spec)
 

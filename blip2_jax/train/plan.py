@@ -19,10 +19,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from blip2_jax.errors import UserError
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train.flops import matmul_flops
 from blip2_jax.train.metrics import PEAK_FLOPS
 from blip2_jax.train.layout import Layout, build_layout
+from blip2_jax.train.validate import check_batch_divides
 
 GIB = 1 << 30
 MAX_SIMULATED_DEVICES = 64  # `blip2-jax plan` folds the data axis of larger meshes (`make_plan`)
@@ -113,16 +115,16 @@ def make_plan(config, mesh_axes: dict[str, int]) -> Plan:
     devices = jax.devices()
     need = math.prod(mesh_axes.values())
     replicas = mesh_axes.get("data", 1)
-    if need > len(devices) and replicas > 1 and need // replicas <= len(devices):
-        if config.batch_size % replicas:
-            raise ValueError(f"batch {config.batch_size} does not divide over the mesh's {replicas} data replicas")
+    fold = need > len(devices) and replicas > 1 and need // replicas <= len(devices)
+    if need > len(devices) and not fold:
+        raise UserError(f"--mesh {mesh_axes} needs {need} devices, {len(devices)} are visible")
+    check_batch_divides(config.batch_size, replicas, mesh_axes.get("fsdp", 1), "--mesh")
+    if fold:
         one = config.copy_and_resolve_references()
         one.batch_size = config.batch_size // replicas
         plan = make_plan(one, {**mesh_axes, "data": 1})
         return dataclasses.replace(plan, mesh=dict(mesh_axes), batch_size=config.batch_size,
                                    flops_per_step=plan.flops_per_step * replicas, compiled_devices=need // replicas)
-    if need > len(devices):
-        raise ValueError(f"mesh {mesh_axes} needs {need} devices, {len(devices)} are visible")
     mesh = mesh_lib.make_mesh(mesh_axes.get("data", 1), mesh_axes.get("fsdp", 1), mesh_axes.get("tensor", 1),
                               devices[:need])
     return compile_step(config, mesh).plan()
@@ -169,6 +171,6 @@ def parse_mesh(text: str) -> dict[str, int]:
     for part in filter(None, text.split(",")):
         name, _, value = part.partition("=")
         if name not in ("data", "fsdp", "tensor") or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"--mesh takes data=D,fsdp=F,tensor=T with positive sizes; got {part!r} in {text!r}")
+            raise UserError(f"--mesh takes data=D,fsdp=F,tensor=T with positive sizes; got {part!r} in {text!r}")
         out[name] = int(value)
     return {k: out.get(k, 1) for k in ("data", "fsdp", "tensor")}

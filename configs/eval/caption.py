@@ -14,6 +14,7 @@ opt2.7b, opt6.7b, flant5xl.
 """
 import ml_collections
 
+from blip2_jax.errors import UnknownName
 from blip2_jax.evaluate.config import base_config, set_generation
 from blip2_jax.generation.config import CAPTION, PROMPTS
 from blip2_jax.models.presets import HUB_IDS
@@ -29,7 +30,7 @@ _PUBLISHED = {
 
 def get_config(arg: str = "coco_opt2.7b") -> ml_collections.ConfigDict:
     if arg not in _PUBLISHED:
-        raise KeyError(f"configs/eval/caption.py presets: {sorted(_PUBLISHED)}; got {arg!r}")
+        raise UnknownName(f"configs/eval/caption.py presets: {sorted(_PUBLISHED)}; got {arg!r}")
     dataset, model = arg.split("_", 1)
     c = base_config("caption")
     c.checkpoint = HUB_IDS[f"{model}-coco"]

@@ -10,6 +10,7 @@ ITC over all images x texts, each query's top 128 re-ranked by ITM + ITC (spec Â
 import ml_collections
 
 from blip2_jax.demo.configs import DEFAULT_WORKDIR, eval_config
+from blip2_jax.errors import UnknownName
 from blip2_jax.evaluate.config import base_config
 from blip2_jax.models.presets import HUB_IDS
 
@@ -24,7 +25,7 @@ def get_config(arg: str = "coco") -> ml_collections.ConfigDict:
         return eval_config("classification", DEFAULT_WORKDIR)
     c = base_config("retrieval")
     if arg not in _PUBLISHED:
-        raise KeyError(f"configs/eval/retrieval.py presets: easy_vqa, {', '.join(_PUBLISHED)}; got {arg!r}")
+        raise UnknownName(f"configs/eval/retrieval.py presets: easy_vqa, {', '.join(_PUBLISHED)}; got {arg!r}")
     c.checkpoint = HUB_IDS["itm_vit_g-coco"]
     c.data.annotations = _ANNOTATIONS[arg]
     c.published = ml_collections.ConfigDict(_PUBLISHED[arg])

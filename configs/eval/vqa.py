@@ -16,6 +16,7 @@ checkpoint and tokenizer under the demo's default work directory).
 import ml_collections
 
 from blip2_jax.demo.configs import DEFAULT_WORKDIR, eval_config
+from blip2_jax.errors import UnknownName
 from blip2_jax.evaluate.config import base_config, set_generation
 from blip2_jax.generation.config import PROMPTS, VQA_OPT, VQA_T5
 from blip2_jax.models.presets import HUB_IDS
@@ -32,8 +33,8 @@ def get_config(arg: str = "vqav2_flant5xl") -> ml_collections.ConfigDict:
     c = base_config("vqa")
     dataset, _, model = arg.partition("_")
     if dataset not in _DATASETS or model not in _TABLE_2:
-        raise KeyError(f"configs/eval/vqa.py presets: easy_vqa or <{'|'.join(_DATASETS)}>_<{'|'.join(_TABLE_2)}>; "
-                       f"got {arg!r}")
+        raise UnknownName(f"configs/eval/vqa.py presets: easy_vqa or <{'|'.join(_DATASETS)}>_<{'|'.join(_TABLE_2)}>; "
+                          f"got {arg!r}")
     t5 = model.startswith("flant5")
     c.checkpoint = HUB_IDS[model]
     c.prompt = PROMPTS["vqa_t5" if t5 else "vqa_opt"]
