@@ -170,7 +170,7 @@ def test_every_record_bad_is_an_error_within_seconds(dataset, tmp_path):
     wrong_root = JsonSource(dataset["root"] / "captions.json", tmp_path / "not_the_image_root")
     start = time.perf_counter()
     with pytest.raises(BadRecordError, match=r"none of the 32 records tried could be used; the first: "
-                                             r"captions.json:0: FileNotFoundError: image file .*not_the_image_root"):
+                                             r"captions.json:0: InputNotFound: image file .*not_the_image_root"):
         make_pipeline(wrong_root, process=process, global_batch_size=4, seed=0)
     assert time.perf_counter() - start < 5
 

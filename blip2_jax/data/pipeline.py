@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from blip2_jax.data.sources import Record, Source
+from blip2_jax.errors import UserError
 
 Example = dict[str, np.ndarray]
 Process = Callable[[Record, np.random.Generator], Example]
@@ -52,7 +53,7 @@ def limit_malloc_arenas(count: int = 2) -> bool:
         return False
 
 
-class BadRecordError(ValueError):
+class BadRecordError(UserError):
     """A record that could not be read or processed (raised in strict mode)."""
 
 

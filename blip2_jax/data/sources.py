@@ -23,6 +23,7 @@ from absl import logging
 from PIL import Image
 
 from blip2_jax.data.images import load_image
+from blip2_jax.errors import InputNotFound, UserError
 
 Record = dict[str, Any]
 
@@ -63,12 +64,12 @@ class JsonSource:
         try:
             annotations = json.loads(file.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read annotation file {file}: {e}") from e
+            raise UserError(f"cannot read annotation file {file}: {e}") from e
         if not isinstance(annotations, list):
-            raise ValueError(f"annotation file {file} must hold a JSON list, got {type(annotations).__name__}")
+            raise UserError(f"annotation file {file} must hold a JSON list, got {type(annotations).__name__}")
         for i, ann in enumerate(annotations):
             if not isinstance(ann, dict) or not isinstance(ann.get("image"), str):
-                raise ValueError(f"{file} entry {i} needs an 'image' path: {str(ann)[:200]}")
+                raise UserError(f"{file} entry {i} needs an 'image' path: {str(ann)[:200]}")
             record = {**ann, "image": str(self.image_root / ann["image"])}
             if isinstance(ann.get("caption"), list):
                 for k, caption in enumerate(ann["caption"]):
@@ -113,7 +114,7 @@ def write_array_records(source: Source, prefix: str | os.PathLike, num_shards: i
     from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
 
     if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        raise UserError(f"num_shards must be >= 1, got {num_shards}")
     prefix = Path(prefix)
     new_dirs = [d for d in (prefix.parent, *prefix.parent.parents) if not d.exists()]  # removed on failure
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,7 @@ def write_array_records(source: Source, prefix: str | os.PathLike, num_shards: i
             writer.close()
             shards.append({"file": Path(path).name, "records": count})
         if n and len(missing) == n:
-            raise ValueError(f"none of the {n} records has a readable image file, nothing written; the first: "
+            raise UserError(f"none of the {n} records has a readable image file, nothing written; the first: "
                              f"{'; '.join(f'{i}: {e}' for i, e in missing[:3])}")
         manifest = {"build_id": build_id, "num_records": n - len(missing), "shards": shards}
         staged.write_text(json.dumps(manifest, indent=1))
@@ -183,12 +184,12 @@ class ArrayRecordSource:
 
         manifest = manifest_path(prefix)
         if not manifest.is_file():
-            raise FileNotFoundError(f"no ArrayRecord set at {prefix}: {manifest} not found (write the shards with "
+            raise InputNotFound(f"no ArrayRecord set at {prefix}: {manifest} not found (write the shards with "
                                     "`blip2-jax data build`)")
         try:
             shards = [(str(s["file"]), int(s["records"])) for s in json.loads(manifest.read_text())["shards"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{manifest} is not a shard manifest: {e}") from e
+            raise UserError(f"{manifest} is not a shard manifest: {e}") from e
         paths, problems = [prefix.parent / file for file, _ in shards], []
         for path, (_, records) in zip(paths, shards):
             if not path.is_file():
@@ -204,7 +205,7 @@ class ArrayRecordSource:
             if found != records:
                 problems.append(f"{path.name} holds {found} records, the manifest says {records}")
         if problems:
-            raise ValueError(f"ArrayRecord set {prefix} does not match {manifest.name}: {'; '.join(problems[:3])}"
+            raise UserError(f"ArrayRecord set {prefix} does not match {manifest.name}: {'; '.join(problems[:3])}"
                              + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
         return paths
 
@@ -255,7 +256,7 @@ class EasyVqaSource:
         import easy_vqa  # pylint: disable=import-outside-toplevel
 
         if split not in ("train", "test"):
-            raise ValueError(f"easy-vqa has splits 'train' and 'test', got {split!r}")
+            raise UserError(f"easy-vqa has splits 'train' and 'test', got {split!r}")
         self.split = split
         get_questions = easy_vqa.get_train_questions if split == "train" else easy_vqa.get_test_questions
         get_paths = easy_vqa.get_train_image_paths if split == "train" else easy_vqa.get_test_image_paths
