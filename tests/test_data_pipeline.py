@@ -181,7 +181,7 @@ def test_a_long_run_of_bad_records_stops_the_iteration(dataset):
     records = [good] + [{"id": f"gone{i}", "image": "/nonexistent.jpg", "caption": "x"} for i in range(99)]
     it = make_pipeline(records, process=process, global_batch_size=4, seed=0, shuffle=False, max_bad_in_a_row=20)
     with pytest.raises(BadRecordError, match=r"20 records in a row could not be used.*the first: gone0: "
-                                             r"FileNotFoundError.*; gone1: "):
+                                             r"InputNotFound.*; gone1: "):
         next(it)
     assert it.stats["skipped"] == 20
 
