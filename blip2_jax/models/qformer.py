@@ -2,9 +2,11 @@
 
 Self-attention is shared by the query and text rows; every `cross_attention_frequency`-th layer
 (0, 2, 4, ...) adds cross-attention to the image for the query rows only; query and text rows
-have separate feed-forwards. Layers are scanned in groups of `cross_attention_frequency` (the
-first of each group has cross-attention), so the parameter tree is
-`encoder/layers/layer_{j}/...` stacked over groups (HF layer index = group * f + j).
+have separate feed-forwards. Layers are scanned in groups of f = `cross_attention_frequency` (the
+first of each group has cross-attention), so the parameter tree is `encoder/layers/layer_{j}/...`
+stacked over the G full groups (HF layer index = group * f + j). A depth that is not a multiple
+of f (transformers builds e.g. 3 layers with f = 2) ends in one shorter group, not scanned:
+`encoder/remainder/layer_{j}/...` is HF layer G * f + j.
 An optional per-layer self-attention key/value prefix lets ITG attend to the query-only pass's
 keys/values without recomputing the queries (spec §5.3).
 """
@@ -172,9 +174,11 @@ class QFormerLayer(nn.Module):
 
 
 class QFormerLayerGroup(nn.Module):
-    """`cross_attention_frequency` consecutive layers; the first has cross-attention."""
+    """`size` consecutive layers starting at a multiple of `cross_attention_frequency`, so the
+    first has cross-attention."""
 
     config: QFormerConfig
+    size: int
     query_length: int
     deterministic: bool = True
     dtype: Dtype = jnp.float32
@@ -184,7 +188,7 @@ class QFormerLayerGroup(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None, image: jax.Array | None,
                  prefix: KV | None) -> tuple[jax.Array, KV]:
         kvs = []
-        for j in range(self.config.cross_attention_frequency):
+        for j in range(self.size):
             layer_prefix = None if prefix is None else (prefix[0][j], prefix[1][j])
             x, kv = QFormerLayer(self.config, j == 0, self.query_length, self.deterministic, self.dtype,
                                  self.param_dtype, name=f"layer_{j}")(x, mask, image, layer_prefix)
@@ -193,6 +197,8 @@ class QFormerLayerGroup(nn.Module):
 
 
 class QFormerEncoder(nn.Module):
+    """The full groups scanned, then the shorter last group (if the depth leaves one)."""
+
     config: QFormerConfig
     query_length: int
     deterministic: bool = True
@@ -201,13 +207,28 @@ class QFormerEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, image, prefix):
+    def __call__(self, x: jax.Array, mask: jax.Array | None, image: jax.Array | None,
+                 prefix: KV | None) -> tuple[jax.Array, KV]:
+        """prefix and the returned (K, V) are per layer: (layers, B, S, N, H)."""
         cfg = self.config
-        stack = layers.stack_layers(
-            QFormerLayerGroup, length=cfg.num_hidden_layers // cfg.cross_attention_frequency,
-            remat_policy=self.remat_policy, in_axes=(nn.broadcast, nn.broadcast, 0))
-        return stack(cfg, self.query_length, self.deterministic, self.dtype, self.param_dtype,
-                     name="layers")(x, mask, image, prefix)
+        groups, rest = cfg.layer_groups
+        f = cfg.cross_attention_frequency
+        kw = dict(config=cfg, query_length=self.query_length, deterministic=self.deterministic, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
+        kvs = []
+        if groups:
+            stack = layers.stack_layers(QFormerLayerGroup, length=groups, remat_policy=self.remat_policy,
+                                        in_axes=(nn.broadcast, nn.broadcast, 0))
+            head = None if prefix is None else tuple(p[:groups * f].reshape(groups, f, *p.shape[1:]) for p in prefix)
+            x, kv = stack(size=f, name="layers", **kw)(x, mask, image, head)
+            kvs.append(tuple(t.reshape(-1, *t.shape[2:]) for t in kv))
+        if rest:
+            tail = None if prefix is None else tuple(p[groups * f:] for p in prefix)
+            group = layers.remat(QFormerLayerGroup, remat_policy=self.remat_policy)
+            x, kv = group(size=rest, name="remainder", **kw)(x, mask, image, tail)
+            kvs.append(kv)
+        k, v = (jnp.concatenate(parts) for parts in zip(*kvs))
+        return x, (k, v)
 
 
 class QFormer(nn.Module):
@@ -236,11 +257,7 @@ class QFormer(nn.Module):
         x = nn.Dropout(cfg.hidden_dropout_prob)(x.astype(self.dtype), deterministic=deterministic)
         mask = padding_mask(attention_mask) if attention_mask is not None and attention_mask.ndim == 2 \
             else attention_mask
-        groups, f = cfg.num_hidden_layers // cfg.cross_attention_frequency, cfg.cross_attention_frequency
-        if prefix is not None:
-            prefix = tuple(p.reshape(groups, f, *p.shape[1:]) for p in prefix)
         if image_embeds is not None:
             image_embeds = image_embeds.astype(self.dtype)
-        x, (k, v) = QFormerEncoder(cfg, query_length, deterministic, self.remat_policy, self.dtype,
-                                   self.param_dtype, name="encoder")(x, mask, image_embeds, prefix)
-        return x, (k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]))
+        return QFormerEncoder(cfg, query_length, deterministic, self.remat_policy, self.dtype,
+                              self.param_dtype, name="encoder")(x, mask, image_embeds, prefix)
