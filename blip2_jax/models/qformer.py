@@ -9,6 +9,12 @@ of f (transformers builds e.g. 3 layers with f = 2) ends in one shorter group, n
 `encoder/remainder/layer_{j}/...` is HF layer G * f + j.
 An optional per-layer self-attention key/value prefix lets ITG attend to the query-only pass's
 keys/values without recomputing the queries (spec §5.3).
+
+Precision (design decision 6): the residual stream between layers — the input rows, every
+`LayerNorm(dense(x) + residual)` and so every LayerNorm input — is float32 whatever the compute
+dtype; the projections and feed-forwards compute in `dtype` (bf16 on accelerators) and their
+outputs are added to the float32 residual. This is what LAVIS's autocast training does (its
+LayerNorms return fp32 and a half-precision Linear output added to them gives fp32).
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ KV = tuple[jax.Array, jax.Array]
 class QFormerTextEmbeddings(nn.Module):
     """Word + absolute position embeddings of the Q-Former's text (no LayerNorm: that is the
     Q-Former's `layernorm`, shared with the queries). HF `Blip2TextEmbeddings`. The word table is
-    also the decoder of the stage-1 LM head (`attend`)."""
+    also the decoder of the stage-1 LM head (`attend`). The embeddings start the float32 residual
+    stream; `attend` computes in `dtype`."""
 
     config: QFormerConfig
     dtype: Dtype = jnp.float32
@@ -37,7 +44,7 @@ class QFormerTextEmbeddings(nn.Module):
 
     def setup(self):
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
         self.word_embeddings = layers.embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"),
                                             name="word_embeddings", **kw)
         self.position_embeddings = layers.embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"),
@@ -53,11 +60,12 @@ class QFormerTextEmbeddings(nn.Module):
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """hidden (B,L,D) -> scores against every word embedding (B,L,V) (the tied LM decoder)."""
-        return self.word_embeddings.attend(hidden)
+        table = self.word_embeddings.embedding.astype(self.dtype)
+        return jnp.dot(hidden.astype(self.dtype), table.T)
 
 
 class ResidualOutput(nn.Module):
-    """BERT's `*Output`: LayerNorm(dropout(dense(x)) + residual)."""
+    """BERT's `*Output`: LayerNorm(dropout(dense(x)) + residual), float32 (the residual stream)."""
 
     config: QFormerConfig
     deterministic: bool = True
@@ -72,7 +80,7 @@ class ResidualOutput(nn.Module):
                          param_dtype=self.param_dtype)(x)
         h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=self.deterministic)
         return layers.layer_norm(cfg.layer_norm_eps, param_dtype=self.param_dtype,
-                                 name="LayerNorm")(h + residual).astype(self.dtype)
+                                 name="LayerNorm")(h.astype(jnp.float32) + residual.astype(jnp.float32))
 
 
 class QFormerMultiHeadAttention(nn.Module):
@@ -254,7 +262,7 @@ class QFormer(nn.Module):
         """
         cfg = self.config
         x = layers.layer_norm(cfg.layer_norm_eps, param_dtype=self.param_dtype, name="layernorm")(embeds)
-        x = nn.Dropout(cfg.hidden_dropout_prob)(x.astype(self.dtype), deterministic=deterministic)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         mask = padding_mask(attention_mask) if attention_mask is not None and attention_mask.ndim == 2 \
             else attention_mask
         if image_embeds is not None:
