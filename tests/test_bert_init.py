@@ -31,19 +31,37 @@ def _bert(layers: int) -> transformers.BertForMaskedLM:
     return bert
 
 
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    bert = _bert(ref.QFORMER["num_hidden_layers"])
-    directory = tmp_path_factory.mktemp("bert")
+def _load(directory, layers: int = ref.QFORMER["num_hidden_layers"]):
+    """A `layers`-deep BERT saved at `directory` and loaded into a fresh stage-1 Q-Former as deep."""
+    bert = _bert(layers)
     bert.save_pretrained(directory)
-    cfg = config_lib.from_hf(ref.blip2_config(None, image_token_index=None, use_qformer_text_input=True).to_dict())
+    cfg = config_lib.from_hf(ref.blip2_config(None, image_token_index=None, use_qformer_text_input=True,
+                                              qformer_layers=layers).to_dict())
     model = blip2.Blip2Stage1(cfg)
     fresh = nn.unbox(jax.jit(lambda r: blip2.init(cfg, r, model))(jax.random.PRNGKey(0))["params"])
     params = init_from_bert(fresh, load_bert(directory), cfg.qformer)
     return bert, cfg, model, fresh, params
 
 
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return _load(tmp_path_factory.mktemp("bert"))
+
+
 def test_text_pass_and_lm_head_reproduce_bert(loaded):
+    _assert_reproduces_bert(loaded)
+
+
+def test_a_qformer_of_odd_depth_reproduces_bert(tmp_path):
+    """3 layers, cross-attention every 2nd: BERT's layer 2 lands in the last, single-layer group."""
+    loaded = _load(tmp_path, layers=3)
+    _assert_reproduces_bert(loaded)
+    remainder = loaded[4]["qformer"]["encoder"]["remainder"]["layer_0"]
+    np.testing.assert_array_equal(remainder["intermediate_query"]["dense"]["kernel"],
+                                  loaded[0].bert.encoder.layer[2].intermediate.dense.weight.detach().numpy().T)
+
+
+def _assert_reproduces_bert(loaded) -> None:
     bert, cfg, model, _, params = loaded
     ids, mask = ref.padded_text([9, 5, 7], 9, BERT_VOCAB, first=1)
     with torch.no_grad():

@@ -49,10 +49,23 @@ def _bert_vocab(directory: Path, qformer_vocab: int) -> Path:
     return directory
 
 
-def _hf_model(kind: str):
+def _hf_model(kind: str, qformer_layers: int = ref.QFORMER["num_hidden_layers"]):
     if kind == "itm":
-        return ref.retrieval_model(seed=2)
-    return ref.generation_model(ref.OPT if kind == "opt" else ref.T5, seed=2)
+        return ref.retrieval_model(seed=2, qformer_layers=qformer_layers)
+    return ref.generation_model(ref.OPT if kind == "opt" else ref.T5, seed=2, qformer_layers=qformer_layers)
+
+
+def _save_hf(kind: str, directory: Path, qformer_layers: int = ref.QFORMER["num_hidden_layers"]):
+    """A tiny Hugging Face model of `kind` saved with its tokenizer at `directory`; returns the model."""
+    model = _hf_model(kind, qformer_layers)
+    model.save_pretrained(directory)
+    if kind == "opt":
+        tiny_opt_tokenizer().save_pretrained(directory)
+    elif kind == "t5":
+        _t5_tokenizer().save_pretrained(directory)
+    else:
+        _bert_vocab(directory, ref.QFORMER["vocab_size"])
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +74,7 @@ def hf_dirs(tmp_path_factory):
     out = {}
     for kind in KINDS:
         directory = tmp_path_factory.mktemp(f"hf_{kind}")
-        model = _hf_model(kind)
-        model.save_pretrained(directory)
-        if kind == "opt":
-            tiny_opt_tokenizer().save_pretrained(directory)
-        elif kind == "t5":
-            _t5_tokenizer().save_pretrained(directory)
-        else:
-            _bert_vocab(directory, ref.QFORMER["vocab_size"])
-        out[kind] = (directory, model)
+        out[kind] = (directory, _save_hf(kind, directory))
     return out
 
 
@@ -97,7 +102,19 @@ def _no_partial_left(directory: Path) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_hf_to_orbax_to_hf_reproduces_every_tensor(hf_dirs, kind, tmp_path):
-    directory, hf = hf_dirs[kind]
+    _assert_round_trip(*hf_dirs[kind], kind, tmp_path)
+
+
+@pytest.mark.parametrize("kind,qformer_layers", [("opt", 3), ("t5", 5), ("itm", 3), ("itm", 5)])
+def test_any_qformer_depth_round_trips(kind, qformer_layers, tmp_path):
+    """Q-Formers of 3 and 5 layers (cross-attention every 2nd): the last group is a single layer."""
+    hf = _save_hf(kind, tmp_path / "hf", qformer_layers)
+    assert len(hf.qformer.encoder.layer) == qformer_layers
+    _assert_round_trip(tmp_path / "hf", hf, kind, tmp_path)
+
+
+def _assert_round_trip(directory: Path, hf: torch.nn.Module, kind: str, tmp_path: Path) -> None:
+    """HF directory -> our checkpoint -> HF shards: every tensor bit for bit, loadable, with processor."""
     ours = hf_export.from_hf(directory, tmp_path / "orbax")
     assert ours.architecture == ("Blip2ForImageTextRetrieval" if kind == "itm" else "Blip2ForConditionalGeneration")
     hf_export.to_hf(tmp_path / "orbax", tmp_path / "back", max_shard_size="20KB")  # the tokenizer travelled along

@@ -45,14 +45,17 @@ def _prompts(kind: str, lengths: list[int], seed: int = 2) -> tuple[np.ndarray, 
     return np.concatenate([image, ids], 1), np.concatenate([np.ones_like(image), mask], 1)
 
 
-@pytest.fixture(scope="module", params=["opt", "t5"])
-def lm(request):
-    kind = request.param
-    hf = ref.generation_model(ref.OPT if kind == "opt" else T5, seed=3)
+def _lm(kind: str, qformer_layers: int = ref.QFORMER["num_hidden_layers"]) -> dict:
+    hf = ref.generation_model(ref.OPT if kind == "opt" else T5, seed=3, qformer_layers=qformer_layers)
     cfg = config_lib.from_hf(hf.config.to_dict())
     ids, mask = _prompts(kind, [3, 1, 5])
     return dict(kind=kind, hf=hf, model=blip2.build(cfg), params=params_from_state_dict(ref.state_dict(hf), cfg),
                 pixels=ref.pixels(3, seed=1), ids=ids, mask=mask, eos=EOS[kind])
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def lm(request):
+    return _lm(request.param)
 
 
 def _cut(rows: np.ndarray, eos: int) -> list[list[int]]:
@@ -93,6 +96,15 @@ def test_token_ids_equal_transformers_generate(lm, name):
     assert lengths.tolist() == [len(seq) for seq in expected]
     if name == "beam3":  # the comparison covers beams that finished on EOS, not only at max length
         assert (lengths < MAX_NEW).any()
+
+
+@pytest.mark.parametrize("kind,qformer_layers", [("opt", 3), ("t5", 5)])
+def test_any_qformer_depth_generates_what_transformers_does(kind, qformer_layers):
+    """Q-Formers whose depth is not a multiple of the cross-attention frequency (2)."""
+    lm = _lm(kind, qformer_layers)
+    for name in ("greedy_repetition", "beam3"):
+        tokens, _ = _ours(lm, SETTINGS[name])
+        assert _cut(tokens, lm["eos"]) == _cut(_theirs(lm, SETTINGS[name]), lm["eos"]), name
 
 
 def test_each_sample_alone_equals_its_row_in_the_padded_batch(lm):

@@ -2,7 +2,7 @@
 
 Covers issue "model family" Done-when 2 and 3: vision hidden states, Q-Former outputs, ITM
 logits, ITC scores, OPT and T5 LM logits on padded batches, and position-embedding
-interpolation to a larger resolution.
+interpolation to a larger resolution; and Q-Formers of 3 and 5 layers (issue 17).
 """
 import jax.numpy as jnp
 import numpy as np
@@ -110,6 +110,42 @@ def test_t5_logits_match_on_real_tokens(t5):
     assert ours.logits.shape == tuple(out.logits.shape)
     assert _max_diff(ours.logits, out.logits, dec_mask.astype(bool)) <= TOL
     assert _max_diff(ours.query_output, out.qformer_outputs.last_hidden_state) <= TOL
+
+
+@pytest.fixture(scope="module", params=[3, 5])
+def odd_depth(request):
+    """Q-Formers of 3 and 5 layers with cross-attention every 2nd layer (layers 0, 2, 4): the
+    last group is a lone cross-attention layer. Retrieval (ITM, ITC) and OPT outputs."""
+    depth = request.param
+    px = ref.pixels(3, seed=6)
+    ids, mask = _prompt_batch(left=True)
+    text, text_mask = ref.padded_text([5, 3, 7], 7, ref.QFORMER["vocab_size"], first=1)
+    generation, retrieval = ref.generation_model(ref.OPT, qformer_layers=depth), ref.retrieval_model(qformer_layers=depth)
+    t = lambda x: torch.tensor(x)  # noqa: E731
+    with torch.no_grad():
+        out = generation(pixel_values=t(px), input_ids=t(ids), attention_mask=t(mask))
+        expected = dict(query=out.qformer_outputs.last_hidden_state.numpy(), logits=out.logits.numpy(),
+                        itm=retrieval(t(px), t(text), t(text_mask), use_image_text_matching_head=True
+                                      ).logits_per_image.numpy(),
+                        itc=retrieval(t(px), t(text), t(text_mask)).logits_per_image.numpy())
+    cfg, model, variables = _ours(generation)
+    assert len(generation.qformer.encoder.layer) == cfg.qformer.num_hidden_layers == depth
+    assert cfg.qformer.layer_groups == (depth // 2, 1)
+    ours = model.apply(variables, jnp.asarray(ref.nhwc(px)), jnp.asarray(ids), jnp.asarray(mask))
+    _, model, variables = _ours(retrieval)
+    args = (jnp.asarray(ref.nhwc(px)), jnp.asarray(text), jnp.asarray(text_mask))
+    got = dict(query=ours.query_output, logits=np.where(mask[..., None] == 1, ours.logits, 0),
+               itm=model.apply(variables, *args, use_image_text_matching_head=True).logits_per_image,
+               itc=model.apply(variables, *args).logits_per_image)
+    expected["logits"] = np.where(mask[..., None] == 1, expected["logits"], 0)
+    return expected, got
+
+
+@pytest.mark.parametrize("output", ["query", "logits", "itm", "itc"])
+def test_any_qformer_depth_matches_transformers(odd_depth, output):
+    expected, got = odd_depth
+    assert got[output].shape == expected[output].shape
+    assert _max_diff(got[output], expected[output]) <= TOL
 
 
 def test_legacy_prepend_path_equals_image_token_path(opt):

@@ -147,3 +147,10 @@ def test_finetune_presets_follow_the_paper_and_train_the_vit(arg):
 def test_unknown_preset_names_the_known_ones():
     with pytest.raises(KeyError, match="opt2.7b"):
         presets.get("opt-2.7b")
+
+
+def test_qformer_depth_and_frequency_must_be_positive():
+    assert config_lib.QFormerConfig(num_hidden_layers=5, cross_attention_frequency=2).layer_groups == (2, 1)
+    assert config_lib.QFormerConfig(num_hidden_layers=1, cross_attention_frequency=3).layer_groups == (0, 1)
+    with pytest.raises(ValueError, match=r"cross_attention_frequency \(0\) must both be at least 1"):
+        config_lib.QFormerConfig(cross_attention_frequency=0)

@@ -82,3 +82,39 @@ def test_itg_prefix_pass_equals_joint_multimodal_causal_pass(setup, itg):
 def test_itg_logits_match_pytorch_joint_pass(setup, itg, expected):
     mask = setup[6]
     assert float(np.abs(itg[0] - expected["itg_logits"])[mask.astype(bool)].max()) <= 1e-4
+
+
+def test_itg_prefix_and_remat_hold_for_a_qformer_of_odd_depth(setup):
+    """3 layers, cross-attention every 2nd: the query-pass prefix is split between the scanned
+    group and the single-layer last group; remat of both leaves values and gradients unchanged."""
+    *_, px, ids, mask, batch = setup
+    hf = ref.retrieval_model(seed=5, qformer_layers=3)
+    cfg = config_lib.from_hf(hf.config.to_dict())
+    model = blip2.Blip2Stage1(cfg)
+    params = stage1_params(hf, cfg, model)
+    dec = batch["text_ids"].at[:, 0].set(CONFIG.bos_token_id)
+
+    def logits(params, model):
+        v = {"params": params}
+        image_embeds = model.apply(v, batch["image"], method=model.encode_image)
+        _, kv = model.apply(v, image_embeds, method=model.query_pass)
+        assert kv[0].shape[0] == 3
+        prefix = model.apply(v, dec, batch["text_mask"], kv, method=model.itg_logits)
+        _, joint = model.apply(v, image_embeds, dec, batch["text_mask"], "multimodal_causal",
+                               method=model.joint_logits)
+        return prefix, joint
+
+    real = mask.astype(bool)
+
+    def loss(params, model):
+        prefix, joint = logits(params, model)
+        return jnp.sum(jnp.where(real[..., None], prefix, 0) ** 2), (prefix, joint)
+
+    remat = blip2.Blip2Stage1(cfg.replace(remat_policy="full"))
+    grad = lambda m: jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(params, m)  # noqa: E731
+    (plain, (prefix, joint)), (rematted, _) = grad(model), grad(remat)
+    assert float(np.abs(np.asarray(prefix) - np.asarray(joint))[real].max()) <= 1e-5
+    last = plain["qformer"]["encoder"]["remainder"]["layer_0"]  # its query keys are part of the prefix
+    assert float(np.abs(last["attention"]["attention"]["key"]["kernel"]).max()) > 0
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

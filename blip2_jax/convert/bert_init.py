@@ -24,7 +24,7 @@ _DISCARDED = re.compile(r"^(pooler\.|embeddings\.token_type_embeddings\.|embeddi
                         r"cls\.seq_relationship\.|cls\.predictions\.decoder\.)")
 
 
-def _target(name: str, group: int) -> tuple[tuple[str, ...], int | None] | None:
+def _target(name: str, config: QFormerConfig) -> tuple[tuple[str, ...], int | None] | None:
     """Our (path, stacked index) for a BERT tensor name (without the `bert.` prefix)."""
     leaf = {"weight": "kernel", "bias": "bias"}
     m = re.match(r"^embeddings\.(word|position)_embeddings\.weight$", name)
@@ -46,6 +46,9 @@ def _target(name: str, group: int) -> tuple[tuple[str, ...], int | None] | None:
         kind = ("scale" if kind == "weight" else "bias") if module == "LayerNorm" else leaf[kind]
         sub = {"attention.self": ("attention", "attention"), "attention.output": ("attention", "output"),
                "intermediate": ("intermediate",), "output": ("output",)}[block]
+        group, (groups, _) = config.cross_attention_frequency, config.layer_groups
+        if i >= groups * group:  # the last, shorter group: not stacked
+            return ("qformer", "encoder", "remainder", f"layer_{i - groups * group}", *sub, module, kind), None
         return ("qformer", "encoder", "layers", f"layer_{i % group}", *sub, module, kind), i // group
     return None
 
@@ -59,7 +62,6 @@ def init_from_bert(params: Any, bert: Mapping[str, Any], config: QFormerConfig) 
 
     Vocabulary-sized tensors keep their extra rows (the [DEC] token) from `params`.
     """
-    group = config.cross_attention_frequency
     flat = {k: np.array(v) for k, v in traverse_util.flatten_dict(params).items()}
     loaded: set[tuple[tuple[str, ...], int | None]] = set()
     unknown, bad_shape = [], []
@@ -67,14 +69,11 @@ def init_from_bert(params: Any, bert: Mapping[str, Any], config: QFormerConfig) 
         name = raw_name[len("bert."):] if raw_name.startswith("bert.") else raw_name
         if _DISCARDED.match(name):
             continue
-        target = _target(name, group)
-        if target is None or target[0] not in flat:
+        target = _target(name, config)
+        if target is None or target[0] not in flat:  # also a BERT layer past the Q-Former's depth
             unknown.append(raw_name)
             continue
         path, index = target
-        if index is not None and index >= flat[path].shape[0]:  # more BERT layers than Q-Former layers
-            unknown.append(raw_name)
-            continue
         value = _layout(path, to_numpy(tensor).astype(flat[path].dtype))
         slot = flat[path] if index is None else flat[path][index]  # a view: writes land in `flat`
         if path[-1] == "embedding" and path[1] == "word_embeddings" or path[-2:] == ("predictions", "bias"):
@@ -89,9 +88,10 @@ def init_from_bert(params: Any, bert: Mapping[str, Any], config: QFormerConfig) 
         else:
             slot[...] = value
         loaded.add((path, index))
-    layers = ("qformer", "encoder", "layers")
-    expected = {(p, None) for p in flat if p[0] in ("embeddings", "cls") or p[:2] == ("qformer", "layernorm")}
-    expected |= {(p, i) for p in flat if p[:3] == layers and p[4] in ("attention", "intermediate", "output")
+    stacked, remainder = ("qformer", "encoder", "layers"), ("qformer", "encoder", "remainder")
+    expected = {(p, None) for p in flat if p[0] in ("embeddings", "cls") or p[:2] == ("qformer", "layernorm")
+                or p[:3] == remainder and p[4] in ("attention", "intermediate", "output")}
+    expected |= {(p, i) for p in flat if p[:3] == stacked and p[4] in ("attention", "intermediate", "output")
                  for i in range(flat[p].shape[0])}
     missing = sorted("/".join(p) + ("" if i is None else f"[group {i}]") for p, i in expected - loaded)
     if unknown or bad_shape or missing:
@@ -100,7 +100,7 @@ def init_from_bert(params: Any, bert: Mapping[str, Any], config: QFormerConfig) 
         lines += [f"not found in the BERT checkpoint: {missing}"] if missing else []
         raise CheckpointMismatchError("BERT checkpoint does not fit the Q-Former:\n  " + "\n  ".join(lines))
     for path in list(flat):  # the query FFN starts as a copy of the text FFN (LAVIS `_query` params)
-        if path[:3] == layers and path[4] in ("intermediate", "output"):
+        if path[:3] in (stacked, remainder) and path[4] in ("intermediate", "output"):
             flat[path[:4] + (path[4] + "_query",) + path[5:]] = flat[path].copy()
     return traverse_util.unflatten_dict(flat)
 

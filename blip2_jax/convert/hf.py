@@ -66,12 +66,29 @@ _ALIASES = {
 _FALLBACKS = {"lm_head/weight": "shared/weight"}
 
 
+_QFORMER_GROUP = re.compile(r"^(.*?qformer/encoder)/(layers|remainder)/layer_(\d+)/(.*)$")
+
+
+def _qformer_groups(flat_shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """How many full Q-Former layer groups the tree stacks (0 when all its layers are in the remainder)."""
+    return next((shape[0] for path, shape in flat_shapes.items()
+                 if (m := _QFORMER_GROUP.match(path)) and m.group(2) == "layers"), 0)
+
+
+def _qformer_remainder(path: str, qformer_group: int, groups: int) -> str | None:
+    """The HF path of a leaf of the Q-Former's last, shorter group (not stacked): layer groups * f + j."""
+    m = _QFORMER_GROUP.match(path)
+    if m is None or m.group(2) != "remainder":
+        return None
+    return f"{m.group(1)}/layer/{groups * qformer_group + int(m.group(3))}/{m.group(4)}"
+
+
 def _split_stack(path: str, qformer_group: int) -> tuple[str, str, Callable[[int], int]] | None:
     """For a leaf inside a scanned stack: (stack prefix in HF form, rest, stacked index -> layer index)."""
-    m = re.match(r"^(.*?qformer/encoder)/layers/layer_(\d+)/(.*)$", path)
-    if m:
-        j = int(m.group(2))
-        return m.group(1) + "/layer", m.group(3), lambda g: g * qformer_group + j
+    m = _QFORMER_GROUP.match(path)
+    if m and m.group(2) == "layers":
+        j = int(m.group(3))
+        return m.group(1) + "/layer", m.group(4), lambda g: g * qformer_group + j
     m = re.match(r"^(.*?(?:^|/)(?:encoder|decoder)/block)/layer_(\d+)/(.*)$", path)
     if m:  # T5 block: layer_N child -> layer.N
         return m.group(1), f"layer/{m.group(2)}/{m.group(3)}", lambda i: i
@@ -105,8 +122,10 @@ def _leaf_name(rest: str, ndim: int) -> tuple[str, Callable, Callable]:
 
 
 def slots(flat_shapes: Mapping[str, tuple[int, ...]], *, qformer_group: int = 2) -> dict[str, Slot]:
-    """HF name -> Slot for every leaf of our tree (`flat_shapes`: '/'-joined path -> shape)."""
+    """HF name -> Slot for every leaf of our tree (`flat_shapes`: '/'-joined path -> shape);
+    `qformer_group` is the Q-Former's `cross_attention_frequency`."""
     out: dict[str, Slot] = {}
+    groups = _qformer_groups(flat_shapes)
     for path, shape in flat_shapes.items():
         special = next((v for k, v in _SPECIAL.items() if path.endswith(k)), None)
         if special is not None:
@@ -115,7 +134,7 @@ def slots(flat_shapes: Mapping[str, tuple[int, ...]], *, qformer_group: int = 2)
             continue
         stack = _split_stack(path, qformer_group)
         if stack is None:
-            name, to_flax, to_hf = _leaf_name(path, len(shape))
+            name, to_flax, to_hf = _leaf_name(_qformer_remainder(path, qformer_group, groups) or path, len(shape))
             out[name.replace("/", ".")] = Slot(path, None, to_flax, to_hf)
             continue
         prefix, rest, layer_of = stack

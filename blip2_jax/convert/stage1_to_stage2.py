@@ -3,7 +3,7 @@
 
 Stage 2 keeps what the query-only Q-Former pass reads: `query_tokens`, `ln_vision` (our
 `vision_model/post_layernorm`), the Q-Former's input LayerNorm (`qformer/layernorm`, HF's
-`embeddings.LayerNorm`) and, in every scanned layer group `qformer/encoder/layers/layer_{j}`,
+`embeddings.LayerNorm`) and, in every layer group `qformer/encoder/{layers,remainder}/layer_{j}`,
 self-attention, cross-attention and the query FFN (`intermediate_query`, `output_query`). It
 drops the text side (the top-level `embeddings`, each layer's `intermediate`/`output`, the LM
 head `cls`) and the retrieval heads (`vision_projection`, `text_projection`, `itm_head`,
@@ -26,7 +26,7 @@ Tree = Any
 
 # The leaves of a stage-2 tree that come from stage 1.
 _QUERY_PATH = re.compile(r"^(query_tokens|vision_model/post_layernorm/.+|qformer/layernorm/.+|"
-                         r"qformer/encoder/layers/layer_\d+/(attention|crossattention|intermediate_query|"
+                         r"qformer/encoder/(layers|remainder)/layer_\d+/(attention|crossattention|intermediate_query|"
                          r"output_query)/.+)$")
 
 

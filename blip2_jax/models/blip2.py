@@ -185,8 +185,7 @@ class Blip2ForImageTextRetrieval(Blip2Base):
         """ITM logits (B, 2): mean over query rows of `itm_head` after a joint bidirectional pass."""
         b, q = input_ids.shape[0], self.config.num_query_tokens
         queries = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:]))
-        rows = jnp.concatenate([queries.astype(self.config.compute_dtype),
-                                self.embeddings(input_ids).astype(self.config.compute_dtype)], axis=1)
+        rows = jnp.concatenate([queries.astype(jnp.float32), self.embeddings(input_ids)], axis=1)
         out, _ = self.qformer(rows, query_length=q, attention_mask=qformer_mask("bidirectional", q, attention_mask),
                               image_embeds=image_embeds, deterministic=deterministic)
         return jnp.mean(self.itm_head(out[:, :q]).astype(jnp.float32), axis=1)
@@ -294,8 +293,7 @@ class Blip2Stage1(Blip2ForImageTextRetrieval):
         """One pass over [queries ; text] under the `kind` mask: (query rows, LM logits of text rows)."""
         b, q = input_ids.shape[0], self.config.num_query_tokens
         queries = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:]))
-        rows = jnp.concatenate([queries.astype(self.config.compute_dtype),
-                                self.embeddings(input_ids).astype(self.config.compute_dtype)], axis=1)
+        rows = jnp.concatenate([queries.astype(jnp.float32), self.embeddings(input_ids)], axis=1)
         out, _ = self.qformer(rows, query_length=q, attention_mask=qformer_mask(kind, q, attention_mask),
                               image_embeds=image_embeds, deterministic=deterministic)
         return out[:, :q], self.cls(out[:, q:], self.embeddings)

@@ -80,10 +80,19 @@ class QFormerConfig:
     use_qformer_text_input: bool = False
 
     def __post_init__(self):
-        if self.num_hidden_layers % self.cross_attention_frequency:
+        if self.num_hidden_layers < 1 or self.cross_attention_frequency < 1:
             raise ValueError(
-                f"Q-Former num_hidden_layers ({self.num_hidden_layers}) must be a multiple of "
-                f"cross_attention_frequency ({self.cross_attention_frequency}): layers are scanned in groups")
+                f"Q-Former num_hidden_layers ({self.num_hidden_layers}) and cross_attention_frequency "
+                f"({self.cross_attention_frequency}) must both be at least 1")
+
+    @property
+    def layer_groups(self) -> tuple[int, int]:
+        """(full groups of `cross_attention_frequency` layers, layers in the last, shorter group).
+
+        Layer i has cross-attention when i % cross_attention_frequency == 0 (transformers'
+        `Blip2QFormerLayer`, LAVIS's `BertLayer`), so every group, the short one included, starts
+        with the one cross-attention layer it has."""
+        return divmod(self.num_hidden_layers, self.cross_attention_frequency)
 
 
 @dataclasses.dataclass(frozen=True)

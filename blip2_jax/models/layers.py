@@ -116,6 +116,18 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
+def remat(block: type[nn.Module], *, remat_policy: str, static_argnums: tuple[int, ...] = (),
+          prevent_cse: bool = True) -> type[nn.Module]:
+    """`block` rematerialised under the named policy (`none`: unchanged); see `stack_layers`.
+    Inside `nn.scan` pass `prevent_cse=False`: the scan already keeps XLA from undoing the remat."""
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+    if remat_policy == "none":
+        return block
+    return nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=prevent_cse,
+                    static_argnums=static_argnums)
+
+
 def stack_layers(block: type[nn.Module], *, length: int, remat_policy: str,
                  in_axes: Sequence[Any] = (), static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
     """`block` repeated `length` times with `nn.scan` (parameters stacked on a `layers` axis).
@@ -124,12 +136,8 @@ def stack_layers(block: type[nn.Module], *, length: int, remat_policy: str,
     scanned (0) or broadcast (`nn.broadcast`; broadcast Python values stay static). Python-valued
     arguments are listed in `static_argnums` (counting `self` as 0) for `nn.remat`.
     """
-    if remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
-    if remat_policy != "none":
-        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False, static_argnums=static_argnums)
     return nn.scan(
-        block,
+        remat(block, remat_policy=remat_policy, static_argnums=static_argnums, prevent_cse=False),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=tuple(in_axes),

@@ -2,11 +2,19 @@
 
 Self-attention is shared by the query and text rows; every `cross_attention_frequency`-th layer
 (0, 2, 4, ...) adds cross-attention to the image for the query rows only; query and text rows
-have separate feed-forwards. Layers are scanned in groups of `cross_attention_frequency` (the
-first of each group has cross-attention), so the parameter tree is
-`encoder/layers/layer_{j}/...` stacked over groups (HF layer index = group * f + j).
+have separate feed-forwards. Layers are scanned in groups of f = `cross_attention_frequency` (the
+first of each group has cross-attention), so the parameter tree is `encoder/layers/layer_{j}/...`
+stacked over the G full groups (HF layer index = group * f + j). A depth that is not a multiple
+of f (transformers builds e.g. 3 layers with f = 2) ends in one shorter group, not scanned:
+`encoder/remainder/layer_{j}/...` is HF layer G * f + j.
 An optional per-layer self-attention key/value prefix lets ITG attend to the query-only pass's
 keys/values without recomputing the queries (spec §5.3).
+
+Precision (design decision 6): the residual stream between layers — the input rows, every
+`LayerNorm(dense(x) + residual)` and so every LayerNorm input — is float32 whatever the compute
+dtype; the projections and feed-forwards compute in `dtype` (bf16 on accelerators) and their
+outputs are added to the float32 residual. This is what LAVIS's autocast training does (its
+LayerNorms return fp32 and a half-precision Linear output added to them gives fp32).
 """
 from __future__ import annotations
 
@@ -27,7 +35,8 @@ KV = tuple[jax.Array, jax.Array]
 class QFormerTextEmbeddings(nn.Module):
     """Word + absolute position embeddings of the Q-Former's text (no LayerNorm: that is the
     Q-Former's `layernorm`, shared with the queries). HF `Blip2TextEmbeddings`. The word table is
-    also the decoder of the stage-1 LM head (`attend`)."""
+    also the decoder of the stage-1 LM head (`attend`). The embeddings start the float32 residual
+    stream; `attend` computes in `dtype`."""
 
     config: QFormerConfig
     dtype: Dtype = jnp.float32
@@ -35,7 +44,7 @@ class QFormerTextEmbeddings(nn.Module):
 
     def setup(self):
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
         self.word_embeddings = layers.embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"),
                                             name="word_embeddings", **kw)
         self.position_embeddings = layers.embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"),
@@ -51,11 +60,12 @@ class QFormerTextEmbeddings(nn.Module):
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """hidden (B,L,D) -> scores against every word embedding (B,L,V) (the tied LM decoder)."""
-        return self.word_embeddings.attend(hidden)
+        table = self.word_embeddings.embedding.astype(self.dtype)
+        return jnp.dot(hidden.astype(self.dtype), table.T)
 
 
 class ResidualOutput(nn.Module):
-    """BERT's `*Output`: LayerNorm(dropout(dense(x)) + residual)."""
+    """BERT's `*Output`: LayerNorm(dropout(dense(x)) + residual), float32 (the residual stream)."""
 
     config: QFormerConfig
     deterministic: bool = True
@@ -70,7 +80,7 @@ class ResidualOutput(nn.Module):
                          param_dtype=self.param_dtype)(x)
         h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=self.deterministic)
         return layers.layer_norm(cfg.layer_norm_eps, param_dtype=self.param_dtype,
-                                 name="LayerNorm")(h + residual).astype(self.dtype)
+                                 name="LayerNorm")(h.astype(jnp.float32) + residual.astype(jnp.float32))
 
 
 class QFormerMultiHeadAttention(nn.Module):
@@ -172,9 +182,11 @@ class QFormerLayer(nn.Module):
 
 
 class QFormerLayerGroup(nn.Module):
-    """`cross_attention_frequency` consecutive layers; the first has cross-attention."""
+    """`size` consecutive layers starting at a multiple of `cross_attention_frequency`, so the
+    first has cross-attention."""
 
     config: QFormerConfig
+    size: int
     query_length: int
     deterministic: bool = True
     dtype: Dtype = jnp.float32
@@ -184,7 +196,7 @@ class QFormerLayerGroup(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None, image: jax.Array | None,
                  prefix: KV | None) -> tuple[jax.Array, KV]:
         kvs = []
-        for j in range(self.config.cross_attention_frequency):
+        for j in range(self.size):
             layer_prefix = None if prefix is None else (prefix[0][j], prefix[1][j])
             x, kv = QFormerLayer(self.config, j == 0, self.query_length, self.deterministic, self.dtype,
                                  self.param_dtype, name=f"layer_{j}")(x, mask, image, layer_prefix)
@@ -193,6 +205,8 @@ class QFormerLayerGroup(nn.Module):
 
 
 class QFormerEncoder(nn.Module):
+    """The full groups scanned, then the shorter last group (if the depth leaves one)."""
+
     config: QFormerConfig
     query_length: int
     deterministic: bool = True
@@ -201,13 +215,28 @@ class QFormerEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, image, prefix):
+    def __call__(self, x: jax.Array, mask: jax.Array | None, image: jax.Array | None,
+                 prefix: KV | None) -> tuple[jax.Array, KV]:
+        """prefix and the returned (K, V) are per layer: (layers, B, S, N, H)."""
         cfg = self.config
-        stack = layers.stack_layers(
-            QFormerLayerGroup, length=cfg.num_hidden_layers // cfg.cross_attention_frequency,
-            remat_policy=self.remat_policy, in_axes=(nn.broadcast, nn.broadcast, 0))
-        return stack(cfg, self.query_length, self.deterministic, self.dtype, self.param_dtype,
-                     name="layers")(x, mask, image, prefix)
+        groups, rest = cfg.layer_groups
+        f = cfg.cross_attention_frequency
+        kw = dict(config=cfg, query_length=self.query_length, deterministic=self.deterministic, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
+        kvs = []
+        if groups:
+            stack = layers.stack_layers(QFormerLayerGroup, length=groups, remat_policy=self.remat_policy,
+                                        in_axes=(nn.broadcast, nn.broadcast, 0))
+            head = None if prefix is None else tuple(p[:groups * f].reshape(groups, f, *p.shape[1:]) for p in prefix)
+            x, kv = stack(size=f, name="layers", **kw)(x, mask, image, head)
+            kvs.append(tuple(t.reshape(-1, *t.shape[2:]) for t in kv))
+        if rest:
+            tail = None if prefix is None else tuple(p[groups * f:] for p in prefix)
+            group = layers.remat(QFormerLayerGroup, remat_policy=self.remat_policy)
+            x, kv = group(size=rest, name="remainder", **kw)(x, mask, image, tail)
+            kvs.append(kv)
+        k, v = (jnp.concatenate(parts) for parts in zip(*kvs))
+        return x, (k, v)
 
 
 class QFormer(nn.Module):
@@ -233,14 +262,10 @@ class QFormer(nn.Module):
         """
         cfg = self.config
         x = layers.layer_norm(cfg.layer_norm_eps, param_dtype=self.param_dtype, name="layernorm")(embeds)
-        x = nn.Dropout(cfg.hidden_dropout_prob)(x.astype(self.dtype), deterministic=deterministic)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         mask = padding_mask(attention_mask) if attention_mask is not None and attention_mask.ndim == 2 \
             else attention_mask
-        groups, f = cfg.num_hidden_layers // cfg.cross_attention_frequency, cfg.cross_attention_frequency
-        if prefix is not None:
-            prefix = tuple(p.reshape(groups, f, *p.shape[1:]) for p in prefix)
         if image_embeds is not None:
             image_embeds = image_embeds.astype(self.dtype)
-        x, (k, v) = QFormerEncoder(cfg, query_length, deterministic, self.remat_policy, self.dtype,
-                                   self.param_dtype, name="encoder")(x, mask, image_embeds, prefix)
-        return x, (k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]))
+        return QFormerEncoder(cfg, query_length, deterministic, self.remat_policy, self.dtype,
+                              self.param_dtype, name="encoder")(x, mask, image_embeds, prefix)

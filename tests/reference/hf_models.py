@@ -1,7 +1,8 @@
 """Tiny random Hugging Face BLIP-2 models for parity tests (built in-process, nothing downloaded).
 
 Sizes follow the HF test suite (spec §11.5) with 4 Q-Former layers, so the scanned groups of
-(cross-attention layer, plain layer) stack more than one group. Every parameter is perturbed
+(cross-attention layer, plain layer) stack more than one group; `qformer_layers` 3 or 5 gives
+a Q-Former whose last group is a lone cross-attention layer (transformers builds those). Every parameter is perturbed
 away from its initialisation (LayerNorm weights off 1, biases off 0, zero-initialised tensors
 such as the query tokens made random) so that no mapping error can hide behind an init value.
 """
@@ -46,25 +47,29 @@ def untie_t5_head(model: torch.nn.Module, seed: int = 1) -> None:
 
 
 def blip2_config(text: dict | None, *, image_token_index: int | None = IMAGE_TOKEN_INDEX,
-                 use_qformer_text_input: bool = False, **vision_overrides) -> transformers.Blip2Config:
+                 use_qformer_text_input: bool = False, qformer_layers: int = QFORMER["num_hidden_layers"],
+                 **vision_overrides) -> transformers.Blip2Config:
     return transformers.Blip2Config(
         vision_config=dict(VISION, **vision_overrides),
-        qformer_config=dict(QFORMER, use_qformer_text_input=use_qformer_text_input),
+        qformer_config=dict(QFORMER, use_qformer_text_input=use_qformer_text_input, num_hidden_layers=qformer_layers),
         text_config=text, num_query_tokens=NUM_QUERY_TOKENS, image_text_hidden_size=24,
         image_token_index=image_token_index)
 
 
-def generation_model(text: dict, seed: int = 0) -> transformers.Blip2ForConditionalGeneration:
+def generation_model(text: dict, seed: int = 0, qformer_layers: int = QFORMER["num_hidden_layers"]
+                     ) -> transformers.Blip2ForConditionalGeneration:
     torch.manual_seed(seed)
-    model = transformers.Blip2ForConditionalGeneration(blip2_config(text))
+    model = transformers.Blip2ForConditionalGeneration(blip2_config(text, qformer_layers=qformer_layers))
     if text["model_type"] == "t5":
         untie_t5_head(model)
     return perturb(model, seed)
 
 
-def retrieval_model(seed: int = 0, **vision_overrides) -> transformers.Blip2ForImageTextRetrieval:
+def retrieval_model(seed: int = 0, qformer_layers: int = QFORMER["num_hidden_layers"],
+                    **vision_overrides) -> transformers.Blip2ForImageTextRetrieval:
     torch.manual_seed(seed)
-    cfg = blip2_config(None, image_token_index=None, use_qformer_text_input=True, **vision_overrides)
+    cfg = blip2_config(None, image_token_index=None, use_qformer_text_input=True, qformer_layers=qformer_layers,
+                       **vision_overrides)
     return perturb(transformers.Blip2ForImageTextRetrieval(cfg), seed)
 
 
