@@ -155,9 +155,6 @@ class Checkpointer:
                                   f"(stored -> this run): {'; '.join(differences(stored, fingerprint))}")
         return ocp.StandardCheckpointer().restore(self.frozen_dir, abstract_frozen)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         """Finish the save in flight, remove unfinished step directories, release Orbax's threads."""
         self.manager.wait_until_finished()

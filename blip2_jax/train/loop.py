@@ -14,6 +14,7 @@ non-finite loss or gradient norm is skipped and counted (`nonfinite_steps`), nev
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -40,8 +41,8 @@ from blip2_jax.train import metrics as metrics_lib
 from blip2_jax.train.flops import step_flops
 from blip2_jax.train.layout import build_layout, data_kind
 from blip2_jax.train.lock import WorkdirLock
-from blip2_jax.train.resume import frozen_fingerprint, refused_changes
 from blip2_jax.train.partition import merge, partition
+from blip2_jax.train.resume import frozen_fingerprint, refused_changes
 
 
 def _initial_params(config, model, model_cfg, patterns, shardings):
@@ -121,17 +122,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     dist = config.distributed
     initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
     workdir = Path(workdir)
-    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
-    try:
+    with contextlib.ExitStack() as on_exit:  # unwound on any exit, in reverse order
+        if jax.process_index() == 0:
+            on_exit.callback(WorkdirLock(workdir).acquire().release)
         ckpt = Checkpointer(workdir, save_every=config.checkpoint.every, keep=config.checkpoint.keep,
                             async_save=config.checkpoint.async_save)
-        try:
-            return _train(config, workdir, ckpt)
-        finally:  # on any exit: the save in flight completes, an unfinished one is removed
-            ckpt.close()
-    finally:
-        if lock is not None:
-            lock.release()
+        on_exit.callback(ckpt.close)  # the save in flight completes, an unfinished one is removed
+        return _train(config, workdir, ckpt)
 
 
 def _refuse_changed_config(workdir: Path, config: ml_collections.ConfigDict) -> Callable[[dict], None]:
@@ -221,7 +218,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: Checkpointer)
             ckpt.save(done, state, loader.get_state(), {**metadata, "nonfinite_steps": nonfinite_total},
                       force=preempted or done == config.total_steps)
         if preempted:
-            logging.warning("SIGTERM: saved a checkpoint at step %d; exiting", ckpt.latest_step() or 0)
+            logging.warning("SIGTERM at step %d; exiting with the checkpoint of step %s", done, ckpt.latest_step())
             break
     writer.close()
     return last
