@@ -38,11 +38,16 @@ class CheckpointError(ValueError):
 class Checkpointer:
     """Saves and restores a run's train state, data-iterator state and metadata."""
 
-    def __init__(self, workdir: str | Path, *, save_every: int, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str | Path, *, save_every: int, keep: int = 3, async_save: bool = True,
+                 owner: bool = False):
+        """`owner`: this is the run that writes `workdir` (it holds its lock, `train/lock.py`), so
+        unfinished step directories are its own to remove and unreadable steps its own to move.
+        A reader (export, evaluation, `init.*` from a live run's workdir) must not touch them."""
         self.workdir = epath.Path(workdir)
+        self.owner = owner
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                                enable_async_checkpointing=async_save, create=True,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=owner)
         self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options,
                                              item_names=("state", "data", "metadata"))
 
@@ -70,8 +75,8 @@ class Checkpointer:
                                 ) -> tuple[Any, dict, dict]:
         """Like `restore()` at the newest step that restores. `check(metadata)` runs on each step's
         metadata first and raises to refuse the workdir (a changed config is not a damaged step).
-        Steps that fail to read are logged, skipped and moved out of `checkpoints/` (process 0),
-        so the run rewrites them and keep-N counts only readable ones."""
+        Steps that fail to read are logged, skipped and (by the owner's process 0) moved out of
+        `checkpoints/`, so the run rewrites them and keep-N counts only readable ones."""
         skipped = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
@@ -94,16 +99,17 @@ class Checkpointer:
         for step, error in skipped:
             logging.warning("skipped checkpoint step %d in %s: %s: %s", step, self.workdir / "checkpoints",
                             type(error).__name__, str(error)[:500])
-        if skipped and jax.process_index() == 0:
+        if not (skipped and self.owner):
+            return
+        if jax.process_index() == 0:
             aside = Path(self.workdir / "checkpoints_unreadable")
             aside.mkdir(exist_ok=True)
             for step, _ in skipped:
                 target = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
                 os.replace(Path(self.workdir / "checkpoints" / str(step)), target)
                 logging.warning("moved the unreadable step %d to %s", step, target)
-        if skipped:
-            multihost_utils.sync_global_devices("unreadable steps set aside")
-            self.manager.reload()
+        multihost_utils.sync_global_devices("unreadable steps set aside")
+        self.manager.reload()
 
     def restore_arrays(self, step: int | None = None) -> Any:
         """The saved train state as host arrays, without a target tree (inspection, export)."""
@@ -156,9 +162,9 @@ class Checkpointer:
         return ocp.StandardCheckpointer().restore(self.frozen_dir, abstract_frozen)
 
     def close(self) -> None:
-        """Finish the save in flight, remove unfinished step directories, release Orbax's threads."""
+        """Finish the save in flight, remove unfinished step directories (owner), release Orbax's threads."""
         self.manager.wait_until_finished()
-        if jax.process_index() == 0:
+        if self.owner and jax.process_index() == 0:
             for tmp in Path(self.workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
                 shutil.rmtree(tmp, ignore_errors=True)
         self.manager.close()

@@ -126,7 +126,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
         if jax.process_index() == 0:
             on_exit.callback(WorkdirLock(workdir).acquire().release)
         ckpt = Checkpointer(workdir, save_every=config.checkpoint.every, keep=config.checkpoint.keep,
-                            async_save=config.checkpoint.async_save)
+                            async_save=config.checkpoint.async_save, owner=True)
         on_exit.callback(ckpt.close)  # the save in flight completes, an unfinished one is removed
         return _train(config, workdir, ckpt)
 
