@@ -138,9 +138,9 @@ class Checkpointer:
                 return  # the same towers: an earlier attempt died before its first checkpoint
             logging.warning("replacing %s: it holds frozen towers from other weights or init", self.frozen_dir)
         tmp = self.workdir / "frozen.tmp"  # one name: every process of a multi-host run writes its shards there
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp, frozen, force=True)
-        checkpointer.wait_until_finished()
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp, frozen, force=True)
+            checkpointer.wait_until_finished()
         if jax.process_index() == 0:
             (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
             if self.frozen_dir.exists():
@@ -159,7 +159,8 @@ class Checkpointer:
         elif stored != fingerprint:
             raise CheckpointError(f"{self.frozen_dir} holds frozen towers from other weights than this run's "
                                   f"(stored -> this run): {'; '.join(differences(stored, fingerprint))}")
-        return ocp.StandardCheckpointer().restore(self.frozen_dir, abstract_frozen)
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(self.frozen_dir, abstract_frozen)
 
     def close(self) -> None:
         """Finish the save in flight, remove unfinished step directories (owner), release Orbax's threads."""
