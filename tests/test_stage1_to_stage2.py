@@ -16,6 +16,7 @@ from blip2_jax.models import blip2, presets
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train import layout, loop
 from blip2_jax.train.partition import merge, partition, patterns_for
+from blip2_jax.train.resume import frozen_fingerprint
 from tests.test_train import load_config, train_tiny_stage1
 
 STAGE1, STAGE2 = presets.get("tiny_itm"), presets.get("tiny")
@@ -102,7 +103,7 @@ def test_stage2_starts_from_the_stage1_runs_checkpoint(tmp_path):
     _, frozen = partition(blip2.abstract_params(cfg, model=model), patterns_for(config.trainable))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     frozen = ckpt.restore_frozen(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                                              frozen))
+                                              frozen), frozen_fingerprint(config))
     ckpt.close()
     for step, loaded in ((2, load_stage1(tmp_path)), (1, load_stage1(tmp_path / "checkpoints" / "1"))):
         expected = _flat(jax.device_get(merge(saved[step], frozen)))

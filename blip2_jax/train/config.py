@@ -51,6 +51,8 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     # (convert/stage1_to_stage2.py)
     c.init = ml_collections.ConfigDict(dict(hf="", checkpoint="", bert="", stage1=""))
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+    # a step with a non-finite loss or gradient norm is skipped (train/step.py); this many in a row stop the run
+    c.nonfinite = ml_collections.ConfigDict(dict(max_consecutive=10))
     c.log = ml_collections.ConfigDict(dict(every=50, tensorboard=True,
                                            peak_flops_per_device=config_dict.placeholder(float)))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))

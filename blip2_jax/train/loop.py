@@ -6,13 +6,19 @@ or another run's workdir) > `config.init.bert` (stage 1 from BERT) > random init
 fresh stage 2 then takes its Q-Former query path from `config.init.stage1` (a stage-1 workdir).
 A run that is killed resumes from its last complete checkpoint and continues the exact loss
 curve; SIGTERM (preemption) saves a checkpoint before exiting. Only process 0 writes logs.
+
+Reliability: a resume restores the newest readable checkpoint, refuses a config that changes the
+model or the batch stream (`train/resume.py`) and frozen towers from other weights; a step with a
+non-finite loss or gradient norm is skipped and counted (`nonfinite_steps`), never checkpointed, and
+`nonfinite.max_consecutive` of them in a row stop the run with `TrainingDiverged`.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +34,16 @@ from blip2_jax.convert.hf_checkpoint import config_differences, load_pretrained
 from blip2_jax.convert.model_checkpoint import CheckpointParams, cast_like
 from blip2_jax.convert.stage1_to_stage2 import load_stage1, stage2_from_stage1
 from blip2_jax.data.loader import make_loader
+from blip2_jax.errors import UserError
 from blip2_jax.models import blip2
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.parallel.distributed import initialize
 from blip2_jax.train import metrics as metrics_lib
 from blip2_jax.train.flops import step_flops
 from blip2_jax.train.layout import build_layout, data_kind
+from blip2_jax.train.lock import WorkdirLock
 from blip2_jax.train.partition import merge, partition
+from blip2_jax.train.resume import frozen_fingerprint, refused_changes
 from blip2_jax.train.validate import check_train_config
 
 
@@ -102,34 +111,64 @@ class _Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
+class TrainingDiverged(UserError):
+    """The loss or gradient norm stayed non-finite for `nonfinite.max_consecutive` steps: a setting
+    (usually the LR) or the data needs changing, so the CLI reports it as a user error."""
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Run (or resume) the training described by `config` in `workdir`; returns the last metrics."""
+    """Run (or resume) the training described by `config` in `workdir`; returns the last metrics.
+    Process 0 holds the workdir's lock for the whole run (`train/lock.py`)."""
+    if config.nonfinite.max_consecutive < 1:
+        raise UserError(f"config.nonfinite.max_consecutive must be >= 1, got {config.nonfinite.max_consecutive}")
     dist = config.distributed
     initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
     check_train_config(config, devices=jax.device_count(), processes=jax.process_count())
     workdir = Path(workdir)
+    with contextlib.ExitStack() as on_exit:  # unwound on any exit, in reverse order
+        if jax.process_index() == 0:
+            on_exit.callback(WorkdirLock(workdir).acquire().release)
+        ckpt = Checkpointer(workdir, save_every=config.checkpoint.every, keep=config.checkpoint.keep,
+                            async_save=config.checkpoint.async_save, owner=True)
+        on_exit.callback(ckpt.close)  # the save in flight completes, an unfinished one is removed
+        return _train(config, workdir, ckpt)
+
+
+def _refuse_changed_config(workdir: Path, config: ml_collections.ConfigDict) -> Callable[[dict], None]:
+    """The check a resume runs on a checkpoint's metadata before restoring it."""
+    def check(metadata: dict) -> None:
+        refused = refused_changes(metadata["config"], config)
+        if refused:
+            raise UserError(f"workdir {workdir} holds a run with another model, data or batch; a resume cannot "
+                             f"change (stored -> now): {'; '.join(refused)}. Use a new --workdir (with "
+                             f"--config.init.checkpoint={workdir} to start from its weights)")
+    return check
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: Checkpointer) -> dict[str, float]:
     is_main = jax.process_index() == 0
     devices = jax.devices() if config.mesh.num_devices == -1 else jax.devices()[: config.mesh.num_devices]
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
     layout = build_layout(config, mesh)
     model, model_cfg = layout.model, layout.model_cfg
 
-    ckpt = Checkpointer(workdir, save_every=config.checkpoint.every, keep=config.checkpoint.keep,
-                        async_save=config.checkpoint.async_save)
     frozen_dtype = jnp.dtype(config.frozen_dtype)
+    fingerprint = frozen_fingerprint(config)
     metadata = {"config": config.to_json(), "frozen_dtype": str(frozen_dtype),
                 "frozen_source": config.init.hf or config.init.checkpoint or f"seed {config.seed}"}
     if ckpt.latest_step() is not None:
-        frozen = ckpt.restore_frozen(layout.frozen_abstract)
-        state, data_state, _ = ckpt.restore(layout.state_abstract)
+        state, data_state, stored = ckpt.restore_newest_readable(layout.state_abstract,
+                                                                 _refuse_changed_config(workdir, config))
+        frozen = ckpt.restore_frozen(layout.frozen_abstract, fingerprint)
+        nonfinite_total = stored.get("nonfinite_steps", 0)
         logging.info("resumed from %s at step %d", ckpt.workdir, int(state.step))
     else:
         trainable, frozen = _initial_params(config, model, model_cfg, layout.patterns,
                                             (layout.trainable_shardings, layout.frozen_shardings))
         frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
         state = jax.jit(layout.create_state, out_shardings=layout.state_shardings)(trainable)
-        ckpt.save_frozen(frozen)
-        data_state = {"next_step": 0}
+        ckpt.save_frozen(frozen, fingerprint)
+        data_state, nonfinite_total = {"next_step": 0}, 0
 
     loader = make_loader(config, model_cfg, data_kind(config, model_cfg))
     if data_state.get("next_step", 0):
@@ -150,27 +189,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     flops = step_flops(step_fn, state, frozen, global_batch(first))
     preemption = _Preemption()
     last: dict[str, float] = {}
-    tick, since = time.perf_counter(), 0
+    tick, since, streak = time.perf_counter(), 0, 0
     for step in range(start, config.total_steps):
         batch = global_batch(first if step == start else loader.next())
         state, metrics = step_fn(state, frozen, batch)
         done, since = step + 1, since + 1
+        # one scalar read per step (it waits for the step): a skipped update is known before any save
+        streak = streak + 1 if int(metrics.pop("nonfinite")) else 0
+        if streak:
+            nonfinite_total += 1
+            logging.warning("step %d: loss or gradient norm not finite; update skipped (%d in a row)", done, streak)
         if done % config.log.every == 0 or done == config.total_steps:
             metrics = jax.device_get(metrics)  # waits for the step: the timing below is real
             step_time = (time.perf_counter() - tick) / since
             skipped = loader.stats.get("skipped")
-            extra = {} if skipped is None else {"data_skipped": float(skipped)}
+            extra = {"nonfinite_steps": float(nonfinite_total)}
+            if skipped is not None:
+                extra["data_skipped"] = float(skipped)
             last = writer.write(done, {**metrics, **extra}, step_time=step_time, batch_size=config.batch_size,
                                 tokens=int(batch_tokens(batch)), flops=flops, num_devices=mesh.size,
                                 peak_flops=config.log.peak_flops_per_device)
             tick, since = time.perf_counter(), 0
+        if streak >= config.nonfinite.max_consecutive:
+            raise TrainingDiverged(
+                f"loss or gradient norm not finite for {streak} steps in a row (steps {done - streak + 1}-{done}, "
+                f"nonfinite.max_consecutive={config.nonfinite.max_consecutive}); their updates were skipped and "
+                f"not checkpointed, the last checkpoint is step {ckpt.latest_step()} in {workdir}; lower optim.lr "
+                "or check the data")
         preempted = preemption.agreed()
-        ckpt.save(done, state, loader.get_state(), metadata, force=preempted or done == config.total_steps)
+        if streak == 0:  # a state reached through skipped updates is never saved, so it rotates nothing out
+            ckpt.save(done, state, loader.get_state(), {**metadata, "nonfinite_steps": nonfinite_total},
+                      force=preempted or done == config.total_steps)
         if preempted:
-            logging.warning("SIGTERM: saved a checkpoint at step %d; exiting", done)
+            logging.warning("SIGTERM at step %d; exiting with the checkpoint of step %s", done, ckpt.latest_step())
             break
-    ckpt.wait()
-    ckpt.close()
     writer.close()
     return last
 

@@ -7,12 +7,20 @@ under `stage1`/`stage2`) is not differentiated at all: no backward pass, as a st
 it would give. A trainable one (the ViT under `finetune_*`) gets its whole gradient. The partition
 alone decides; no flag in the objectives can disagree with it. The step's RNG is the state's key
 folded with the step number, so a resumed run draws the same dropout masks and hard negatives.
+
+A step whose loss or gradient norm is not finite is not applied: parameters and optimizer state
+(including the optimizer's own update count, hence its schedule position) stay as they were, and
+`metrics["nonfinite"]` is 1. The state's `step` still advances, because it counts the batches
+consumed: the data position and the RNG stream stay aligned with it, so the next step sees the
+next batch rather than retrying the one that diverged. The check is two scalar `isfinite`s on
+device; the trainer (`loop.py`) counts skipped steps and stops a run that keeps producing them.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from blip2_jax.train.partition import merge
@@ -30,10 +38,14 @@ def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *
     def loss_of_trainable(trainable):
         return loss_fn(merge(trainable, frozen), batch, rng)
 
-    (_, metrics), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(state.params)
+    (loss, metrics), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    metrics = dict(metrics, grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
