@@ -172,10 +172,6 @@ class RecordProcessor:
                                                      self.text_length)}
 
 
-# every data.source make_loader reads ("synthetic" needs no files)
-SOURCES = ("synthetic", "json", "arrayrecord", "tfds", "easy_vqa", "easy_vqa_captions", "easy_vqa_text")
-
-
 def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:
     """The configured real source (`data.source` other than 'synthetic')."""
     if d.source == "json":
@@ -190,7 +186,7 @@ def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:
         return easy_vqa.ListSource(easy_vqa.caption_records(d.split))
     if d.source == "easy_vqa_text":
         return easy_vqa.ListSource(easy_vqa.lm_records(d.split))
-    raise ValueError(f"data.source must be one of {', '.join(SOURCES[1:])}; got {d.source!r}")
+    raise ValueError(f"data.source must be one of {', '.join(sources_lib.SOURCES[1:])}; got {d.source!r}")
 
 
 SOURCE_FIELDS = ("source", "annotations", "image_root", "path", "tfds_name", "split")

@@ -28,6 +28,10 @@ from blip2_jax.errors import InputNotFound, UserError
 Record = dict[str, Any]
 
 
+# Every data.source the loader reads ("synthetic" needs no files). Here, not in loader.py, so that
+# config validation (and with it `plan`) does not import the Grain pipeline.
+SOURCES = ("synthetic", "json", "arrayrecord", "tfds", "easy_vqa", "easy_vqa_captions", "easy_vqa_text")
+
 class Source(Protocol):
     def __len__(self) -> int: ...
 

@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from blip2_jax.data.loader import SOURCES
+from blip2_jax.data.sources import SOURCES
 from blip2_jax.errors import UserError
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.models import presets
