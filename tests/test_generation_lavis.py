@@ -67,16 +67,17 @@ def test_token_ids_equal_lavis(lm, era, case):
     assert _generate(lm, ours(era, lm["kind"], case), expected["prompts"]) == expected["ids"]
 
 
-def test_the_modes_differ_from_transformers_on_these_cases(lm):
-    """LAVIS@HEAD's numbers read with `transformers`' rules (min_len as min_new_tokens, its beam
+@pytest.mark.parametrize("era", ["head", "paper"])
+def test_the_modes_differ_from_transformers_on_these_cases(lm, era):
+    """LAVIS's numbers read with `transformers`' rules (min_len as min_new_tokens, its beam
     normaliser and stopping, its penalty scope) give other ids in every case, OPT and T5, caption
     included: the fixtures' EOS comes right where the two count the minimum differently, and caption
-    beams ending on EOS compete with cut-off ones, so they would catch a mode that fell back to those
-    rules."""
-    results = IDS["head"]["results"][lm["kind"]]["cases"]
+    beams ending on EOS compete closely with cut-off ones, so they would catch a mode that fell back to
+    those rules."""
+    results = IDS[era]["results"][lm["kind"]]["cases"]
     differ = []
     for case, expected in results.items():
-        setting = ours("head", lm["kind"], case)
+        setting = ours(era, lm["kind"], case)
         plain = GenerationConfig(**{**setting.__dict__, "semantics": "transformers", "min_length": 0,
                                     "min_new_tokens": setting.min_length})
         if _generate(lm, plain, expected["prompts"]) != expected["ids"]:

@@ -75,11 +75,12 @@ WORDS = ["a", "photo", "of", "Question:", "Answer:", "Short", "answer:", "what",
 T5_END = 1  # the `</s>` T5's tokenizer appends to prompts (generation's EOS is EOS below)
 # Each LM's EOS for generation: a word id and a factor on its LM-head row (OPT's row is also its input
 # embedding), so that EOS is likely where its logit is positive and comes at varied steps. Picked by
-# trying every word id with factors 1-4 on LAVIS@HEAD: with these, LAVIS's own ids change in every
-# case when min_length is one higher (the minimum binds exactly where LAVIS and `transformers` count
-# differently), and some caption beams end on EOS (after 8, 11, 14 or 19 tokens) while others run to
-# max length, so EOS-ended and cut-off beams compete.
-EOS = {"opt": (35, 2.0), "t5": (26, 3.0)}
+# trying every word id with factors 1-4 on LAVIS@HEAD: with these, LAVIS's own ids change when
+# min_length is one higher in the VQA, greedy and repetition cases (the minimum binds exactly where
+# LAVIS and `transformers` count differently), and in the caption case beams that end on EOS (OPT after
+# 24 and 27 tokens, T5 after 15) compete with beams cut at max length so closely that the cut-off
+# beams' normaliser (prefix + n tokens, not n) decides which wins.
+EOS = {"opt": (11, 4.0), "t5": (26, 2.0)}
 FIRST_WORD_ID = 5  # word i gets id FIRST_WORD_ID + i; lower ids are the special tokens
 QUESTIONS = ["what is the man holding?", "what color is the sky?", "how many", "what is a photo of the man holding?"]
 # Each case: which LAVIS method and its arguments (tests/test_generation_lavis.py maps them to ours).
