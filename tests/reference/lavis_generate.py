@@ -257,9 +257,10 @@ def head(clone: str, out: pathlib.Path, scratch: pathlib.Path) -> None:
         torch.manual_seed(SEED)
         eos, boost = EOS[lm]
         config = transformers.Blip2Config(vision_config=VISION, qformer_config=QFORMER,
-                                          text_config=dict(TEXT[lm], eos_token_id=eos), num_query_tokens=NUM_QUERY_TOKENS)
+                                          text_config=dict(TEXT[lm], eos_token_id=eos),
+                                          num_query_tokens=NUM_QUERY_TOKENS)
         hf = perturb(transformers.Blip2ForConditionalGeneration(config), seed=SEED, scale=0.5)
-        with torch.no_grad():  # a louder visual prompt: the images, not only the text, steer the tiny LM
+        with torch.no_grad():  # a louder visual prompt (the images, not only the text, steer the tiny LM) and EOS
             hf.language_projection.weight.mul_(5.0)
             hf.language_model.lm_head.weight[eos].mul_(boost)
         towers = dict(visual_encoder=VisualEncoder(hf.vision_model), qformer=hf.qformer,
