@@ -6,6 +6,9 @@ only what generation does not touch is stubbed (the model registry, download/dis
 the EVA/CLIP ViT factories). The towers are Hugging Face's Blip2 vision model and Q-Former (4.33),
 wired in as LAVIS's `visual_encoder`/`Qformer.bert`, so that the weights load into blip2_jax with its
 Hugging Face converter; a word-level stub tokenizer gives fixed ids and records the ids LAVIS decodes.
+Each LM's EOS row is made louder (`EOS`) so that sequences end at varied steps, right where LAVIS's
+and `transformers`' minimum lengths differ, and some caption beams end on EOS while others are cut
+off: the `transformers` rules give other ids than LAVIS in every case, OPT and T5.
 
 - `head`: LAVIS@HEAD (506965b9c4a18c1e565bd32acaccabe0198433f7, requirements pin transformers==4.33.2):
   builds the models (fixed seeds), writes weights, config, images and the Q-Former outputs, and runs
@@ -69,7 +72,15 @@ TEXT = {
 NUM_QUERY_TOKENS, IMAGES, SEED = 6, 4, 0
 WORDS = ["a", "photo", "of", "Question:", "Answer:", "Short", "answer:", "what", "is", "the", "man", "holding?",
          "color", "sky?", "how", "many"]
-T5_END = 1  # the `</s>` T5's tokenizer appends to prompts (generation's EOS is chosen below)
+T5_END = 1  # the `</s>` T5's tokenizer appends to prompts (generation's EOS is EOS below)
+# Each LM's EOS for generation: a word id and a factor on its LM-head row (OPT's row is also its input
+# embedding), so that EOS is likely where its logit is positive and comes at varied steps. Picked by
+# trying every word id with factors 1-4 on LAVIS@HEAD: with these, LAVIS's own ids change when
+# min_length is one higher in the VQA, greedy and repetition cases (the minimum binds exactly where
+# LAVIS and `transformers` count differently), and in the caption case beams that end on EOS (OPT after
+# 24 and 27 tokens, T5 after 15) compete with beams cut at max length so closely that the cut-off
+# beams' normaliser (prefix + n tokens, not n) decides which wins.
+EOS = {"opt": (11, 4.0), "t5": (26, 2.0)}
 FIRST_WORD_ID = 5  # word i gets id FIRST_WORD_ID + i; lower ids are the special tokens
 QUESTIONS = ["what is the man holding?", "what color is the sky?", "how many", "what is a photo of the man holding?"]
 # Each case: which LAVIS method and its arguments (tests/test_generation_lavis.py maps them to ours).
@@ -238,45 +249,25 @@ def run_case(model: torch.nn.Module, case: dict, lm: str, images: torch.Tensor, 
     return [tokenizer.ids(p) for p in prompts], out
 
 
-def choose_eos(lm: str, model: torch.nn.Module, images: torch.Tensor) -> int:
-    """An EOS the random LM emits at varied points (the fixtures need sequences that end at different
-    lengths, or not at all, and minimums that bind): of the ids greedy decoding produces, the one
-    first produced at the most distinct steps across the images (then the latest on average)."""
-    model.eos_token_id = -1
-    if lm == "t5":
-        model.t5_model.config.eos_token_id = model.t5_model.generation_config.eos_token_id = None
-    tokenizer = model.opt_tokenizer if lm == "opt" else model.t5_tokenizer
-    with torch.no_grad():
-        model.generate({"image": images, "prompt": "a photo of"}, num_beams=1, max_length=20, min_length=1)
-    rows = [row[1:] for row in tokenizer.decoded.pop()]
-
-    def spread(token: int) -> tuple[int, float]:
-        first = [row.index(token) if token in row else len(row) for row in rows]
-        return len(set(first)), float(np.mean(first))
-
-    return max(sorted({t for row in rows for t in row} - set(range(FIRST_WORD_ID))), key=spread)
-
-
 def head(clone: str, out: pathlib.Path, scratch: pathlib.Path) -> None:
     blip2_models = import_lavis(clone, COMMITS["head"], scratch)
     images = torch.tensor(np.random.default_rng(SEED).standard_normal((IMAGES, 3, 16, 16)), dtype=torch.float32)
     results, replay = {}, {"images": images.numpy()}
     for lm in ("opt", "t5"):
         torch.manual_seed(SEED)
-        config = transformers.Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT[lm],
+        eos, boost = EOS[lm]
+        config = transformers.Blip2Config(vision_config=VISION, qformer_config=QFORMER,
+                                          text_config=dict(TEXT[lm], eos_token_id=eos),
                                           num_query_tokens=NUM_QUERY_TOKENS)
         hf = perturb(transformers.Blip2ForConditionalGeneration(config), seed=SEED, scale=0.5)
-        with torch.no_grad():  # a louder visual prompt: the images, not only the text, steer the tiny LM
+        with torch.no_grad():  # a louder visual prompt (the images, not only the text, steer the tiny LM) and EOS
             hf.language_projection.weight.mul_(5.0)
+            hf.language_model.lm_head.weight[eos].mul_(boost)
         towers = dict(visual_encoder=VisualEncoder(hf.vision_model), qformer=hf.qformer,
                       query_tokens=hf.query_tokens, projection=hf.language_projection)
         language_model = hf.language_model if lm == "opt" else vendored_t5(
             blip2_models, hf.config.text_config, hf.language_model.state_dict())
-        model = lavis_model(blip2_models, lm, towers, language_model, eos=-1)
-        eos = choose_eos(lm, model, images)
-        model.eos_token_id = eos
-        if lm == "t5":
-            model.t5_model.config.eos_token_id = model.t5_model.generation_config.eos_token_id = eos
+        model = lavis_model(blip2_models, lm, towers, language_model, eos=eos)
         with torch.no_grad():
             replay[f"{lm}_qformer"] = hf.qformer(query_embeds=hf.query_tokens.expand(IMAGES, -1, -1),
                                                  encoder_hidden_states=towers["visual_encoder"](images)
@@ -284,7 +275,8 @@ def head(clone: str, out: pathlib.Path, scratch: pathlib.Path) -> None:
         weights = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
         save_file(weights, str(out / f"{lm}.safetensors"))
         saved = hf.config.to_dict()
-        saved["text_config"].update(eos_token_id=eos, **({"dense_act_fn": "gelu"} if lm == "t5" else {}))
+        if lm == "t5":
+            saved["text_config"]["dense_act_fn"] = "gelu"
         (out / f"{lm}_config.json").write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
         results[lm] = {"eos": eos, "cases": {}}
         for case in CASES:
