@@ -16,7 +16,12 @@ import transformers
 from absl.testing import flagsaver
 from PIL import Image
 
+from flax import traverse_util
+
 from blip2_jax import cli
+from blip2_jax.convert import model_checkpoint
+from blip2_jax.convert.hf import CheckpointMismatchError
+from blip2_jax.convert.hf_checkpoint import load_pretrained
 from blip2_jax.errors import UserError
 from blip2_jax.generation.api import Blip2Generator
 from blip2_jax.generation.config import CAPTION, GenerationConfig
@@ -216,3 +221,31 @@ def test_sigterm_during_startup_exits_0_at_once(tmp_path):
     assert proc.returncode == 0, err.decode()  # was -15
     assert time.monotonic() - sent < 10
     assert not [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]  # stopped before the loop
+
+
+def test_weights_with_nan_are_refused_on_load_and_convert(blip2_jax, tmp_path):
+    """A diverged run's NaN weights used to convert, load and caption (an empty caption, exit 0)."""
+    model = ref.generation_model(ref.OPT, seed=3)
+    with torch.no_grad():
+        model.qformer.encoder.layer[1].output_query.dense.weight[2, 5] = float("nan")
+    model.save_pretrained(tmp_path / "hf")
+    name = "qformer.encoder.layer.1.output_query.dense.weight"
+    with pytest.raises(CheckpointMismatchError, match=rf"{name} holds 1 NaN or Inf values"):
+        load_pretrained(tmp_path / "hf")
+    code, _, err = blip2_jax("convert", "from-hf", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "ours"))
+    # The tensor is found while converting, after the progress bar started: the error is its last line.
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("blip2-jax: error: ") and name in last and "Traceback" not in err
+    assert not (tmp_path / "ours").exists()
+
+    # An Orbax model checkpoint holding Inf is refused when read (export, init.checkpoint, eval).
+    with torch.no_grad():
+        model.qformer.encoder.layer[1].output_query.dense.weight[2, 5] = 0.0
+    model.save_pretrained(tmp_path / "finite")
+    cfg, params = load_pretrained(tmp_path / "finite")
+    leaves = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    leaves["query_tokens"] = np.full_like(leaves["query_tokens"], np.inf)
+    out = model_checkpoint.write(tmp_path / "inf", "Blip2ForConditionalGeneration", cfg, iter(leaves.items()),
+                                 source="test")
+    with pytest.raises(CheckpointMismatchError, match=r"query_tokens holds \d+ NaN or Inf values"):
+        model_checkpoint.CheckpointParams.open(out).tree()

@@ -16,11 +16,23 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 from flax import traverse_util
 
+from blip2_jax.errors import UserError
+
 Tree = Any
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint does not match the model; the message lists every offending tensor."""
+
+
+def finite(name: str, value: np.ndarray, source: str) -> np.ndarray:
+    """`value`, refused if it holds NaN or Inf: the weights of a diverged run would otherwise convert,
+    load and caption (an empty caption, exit 0) as if nothing were wrong."""
+    bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+    if bad:
+        raise CheckpointMismatchError(f"{source}: {name} holds {bad} NaN or Inf values of {value.size}; a model's "
+                                      "weights must be finite (was it saved from a diverged run?)")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,11 +240,11 @@ def iter_from_hf(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: i
         target = dtype if dtype is not None else dtypes[path]
         if entries[0][1].index is None:
             (name, slot), = entries
-            yield path, slot.to_flax(to_numpy(tensors[source_for(name)])).astype(target)
+            yield path, finite(name, slot.to_flax(to_numpy(tensors[source_for(name)])).astype(target), source)
             continue
         out = np.empty(shapes[path], target)  # filled layer by layer: no list of copies to stack
         for name, slot in entries:
-            out[slot.index] = slot.to_flax(to_numpy(tensors[source_for(name)]))
+            out[slot.index] = finite(name, slot.to_flax(to_numpy(tensors[source_for(name)])), source)
         yield path, out
 
 

@@ -26,7 +26,7 @@ from etils import epath
 from flax import linen as nn
 from flax import traverse_util
 
-from blip2_jax.convert.hf import CheckpointMismatchError
+from blip2_jax.convert.hf import CheckpointMismatchError, finite
 from blip2_jax.data.tokenizers import TOKENIZER_FILES
 from blip2_jax.errors import InputNotFound, OutputExists
 from blip2_jax.models import blip2, presets
@@ -162,7 +162,8 @@ class CheckpointParams:
             by_tree.setdefault(self._where[p], []).append(p)
         out = {}
         for (directory, inner), group in by_tree.items():
-            out.update({k[len(inner):]: v for k, v in _restore(directory, [inner + p for p in group]).items()})
+            out.update({k[len(inner):]: finite(k[len(inner):], np.asarray(v), str(directory))
+                        for k, v in _restore(directory, [inner + p for p in group]).items()})
         return out
 
     def tree(self) -> Tree:
