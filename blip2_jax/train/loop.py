@@ -56,10 +56,10 @@ def _initial_params(config, model, model_cfg, patterns, shardings):
         return jax.device_put(trainable, trainable_sh), jax.device_put(frozen, frozen_sh)
 
     if config.init.stage1 and config.stage != "stage2":
-        raise ValueError("init.stage1 starts stage 2 from a stage-1 run; a stage-1 Q-Former starts from init.bert")
+        raise UserError("init.stage1 starts stage 2 from a stage-1 run; a stage-1 Q-Former starts from init.bert")
     given = [k for k in ("hf", "checkpoint", "bert") if config.init[k]]
     if len(given) > 1:
-        raise ValueError(f"init.{' and init.'.join(given)} each name the starting weights; set one")
+        raise UserError(f"init.{' and init.'.join(given)} each name the starting weights; set one")
     if config.init.hf:
         _, params = load_pretrained(config.init.hf, config=model_cfg)
         trainable, frozen = place(params)
@@ -71,7 +71,7 @@ def _initial_params(config, model, model_cfg, patterns, shardings):
         trainable, frozen = init_fn(jax.random.PRNGKey(config.seed))
         if config.init.bert:
             if config.stage != "stage1":
-                raise ValueError("init.bert initialises a stage-1 Q-Former; stage 2 starts from init.stage1")
+                raise UserError("init.bert initialises a stage-1 Q-Former; stage 2 starts from init.stage1")
             trainable, frozen = place(init_from_bert(jax.device_get(merge(trainable, frozen)),
                                                      load_bert(config.init.bert), model_cfg.qformer))
     if config.init.stage1:  # only the query path moves to the host; the towers stay where they are
@@ -85,11 +85,11 @@ def _checkpoint_params(config, model, model_cfg) -> Any:
     source = CheckpointParams.open(config.init.checkpoint)
     want = type(model).__name__
     if source.architecture != want:
-        raise ValueError(f"init.checkpoint {source.source} holds a {source.architecture}; {config.stage} trains a "
+        raise UserError(f"init.checkpoint {source.source} holds a {source.architecture}; {config.stage} trains a "
                          f"{want}")
     diffs = config_differences(model_cfg, source.config)
     if diffs:
-        raise ValueError(f"init.checkpoint {source.source} does not match config.model (ours vs checkpoint):\n  "
+        raise UserError(f"init.checkpoint {source.source} does not match config.model (ours vs checkpoint):\n  "
                          + "\n  ".join(diffs))
     # the frozen towers are cast on to config.frozen_dtype by the caller
     return cast_like(source.tree(), blip2.abstract_params(model_cfg, model=model))
