@@ -74,12 +74,13 @@ def run_jax(weights: str, images: np.ndarray, args: argparse.Namespace) -> dict:
 
     from blip2_jax.convert.hf_checkpoint import load_pretrained
     from blip2_jax.generation.config import GenerationConfig
-    from blip2_jax.generation.decode import generate_fn
+    from blip2_jax.generation.decode import decoding_params, generate_fn
     from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
     from blip2_jax.train.flops import step_flops
 
     cfg, params = load_pretrained(weights)
     model = Blip2ForConditionalGeneration(cfg)
+    params = decoding_params(model, params)  # on the device, in the decoding layout, as `Blip2Generator` holds them
     ids = jnp.asarray(_prompt(len(images), cfg.text.bos_token_id))
     mask, pixels = jnp.ones_like(ids), jnp.asarray(images)
     fn = generate_fn(model, GenerationConfig(num_beams=args.beams, max_new_tokens=args.new_tokens))
@@ -103,8 +104,11 @@ def _work_flops(model, params, pixels, ids, args, step_flops) -> dict[str, float
     """Matrix FLOPs of the necessary work, from the jaxprs of the model's pieces."""
     import jax.numpy as jnp
 
+    from blip2_jax.models.attention import cache_shape
+
     b, t = ids.shape
     n = b * args.beams
+    model = model.clone(scan_lm_layers=False)  # the layout of `params` (decoding_params)
     variables = {"params": params}
 
     def visual(p, x):
@@ -112,7 +116,7 @@ def _work_flops(model, params, pixels, ids, args, step_flops) -> dict[str, float
             m.encode_image(x))))
 
     def llm(p, embeds, cache, index):
-        return model.apply({"params": p}, embeds, jnp.ones(cache["k"].shape[1:3], jnp.int32),
+        return model.apply({"params": p}, embeds, jnp.ones(cache_shape(cache), jnp.int32),
                            position_ids=jnp.zeros(embeds.shape[:2], jnp.int32) + index, cache=cache,
                            cache_index=index, logits_from=embeds.shape[1] - 1,
                            method=lambda m, *a, **k: m.language_model(*a, **k))

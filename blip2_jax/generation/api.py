@@ -24,7 +24,7 @@ from blip2_jax.data.images import ImageInput, preprocess_images
 from blip2_jax.data.tokenizers import language_tokenizer
 from blip2_jax.errors import UserError
 from blip2_jax.generation.config import CAPTION, PROMPTS, VQA_OPT, VQA_T5, GenerationConfig
-from blip2_jax.generation.decode import generate_fn
+from blip2_jax.generation.decode import decoding_params, generate_fn
 from blip2_jax.generation.search import SearchOutput
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
 from blip2_jax.models.config import Blip2Config, OPTConfig, T5Config
@@ -104,7 +104,7 @@ class Blip2Generator:
         if model.config.text is None:
             raise UserError("this is a BLIP-2 retrieval model (no language model): it cannot generate text")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.params = jax.device_put(params)  # once, not on every call
+        self.params = decoding_params(model, params)  # on the device and split per layer once, not per call
         self._compiled: dict[GenerationConfig, Callable[..., SearchOutput]] = {}
 
     @classmethod

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.search import SearchOutput, beam_search, sample_search
-from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
+from blip2_jax.models.attention import CACHE_ROWS_AXIS, cache_shape
+from blip2_jax.models.blip2 import Blip2ForConditionalGeneration, unscan_language_model
 from blip2_jax.models.config import Blip2Config, OPTConfig
 from blip2_jax.models.opt import position_ids_from_mask
 
@@ -43,7 +44,7 @@ def _opt_prefill(module: Blip2ForConditionalGeneration, pixel_values, input_ids,
 
 def _opt_step(module: Blip2ForConditionalGeneration, token, cache, i, rows, shared):
     lm = module.language_model
-    own_mask = jnp.ones(cache["k"].shape[1:3], jnp.int32)  # the causal mask hides the slots not written yet
+    own_mask = jnp.ones(cache_shape(cache), jnp.int32)  # the causal mask hides the slots not written yet
     logits, cache = lm(lm.embed(token[:, None]), own_mask, position_ids=(rows["next_position"] + i)[:, None],
                        cache=cache, cache_index=i, prefix=shared["prefix"], prefix_mask=shared["prefix_mask"])
     return logits[:, 0], cache
@@ -58,7 +59,7 @@ def _t5_prefill(module: Blip2ForConditionalGeneration, pixel_values, input_ids, 
     logits, cache = lm.decode(start, encoded, mask, cache=lm.init_cache(mask.shape[0], max_new_tokens),
                               cache_index=0)
     # The decoder start token is in every row's cache: repeat it for the beams.
-    return logits[:, 0], jax.tree.map(lambda x: jnp.repeat(x, copies, axis=1), cache), \
+    return logits[:, 0], jax.tree.map(lambda x: jnp.repeat(x, copies, axis=CACHE_ROWS_AXIS), cache), \
         {"encoded": encoded, "mask": mask}, {}
 
 
@@ -104,7 +105,10 @@ def generate(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attenti
     text = model.config.text
     eos = text.eos_token_id if config.eos_token_id is None else config.eos_token_id
     pad = text.pad_token_id if config.pad_token_id is None else config.pad_token_id
-    variables = {"params": params}
+    # Decoding reads each LLM layer's weights in place: split here (a copy per call) unless the
+    # caller holds `decoding_params`.
+    model = model.clone(scan_lm_layers=False)
+    variables = {"params": unscan_language_model(model.config, params)}
     decoder_only = isinstance(text, OPTConfig)
     prefill, step_method = (_opt_prefill, _opt_step) if decoder_only else (_t5_prefill, _t5_step)
     copies = config.num_beams if config.num_beams > 1 else config.num_return_sequences
@@ -123,6 +127,12 @@ def generate(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attenti
     out = sample_search(step, logits, cache, history, counted, config, eos=eos, pad=pad, rng=rng)
     b, r = input_ids.shape[0], config.num_return_sequences
     return jax.tree.map(lambda x: x.reshape(b, r, *x.shape[2:]), out)
+
+
+def decoding_params(model: Blip2ForConditionalGeneration, params: Any) -> Any:
+    """`params` on the device in the layout decoding reads (`unscan_language_model`): hold these
+    when generating many batches, so no call copies the LLM's layers out of their stack."""
+    return jax.jit(functools.partial(unscan_language_model, model.config))(params)
 
 
 def generate_fn(model: Blip2ForConditionalGeneration, config: GenerationConfig) -> Callable[..., SearchOutput]:

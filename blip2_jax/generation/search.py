@@ -2,8 +2,8 @@
 
 Each is one `lax.while_loop` with static shapes (max_new_tokens slots), stopping as soon as every
 sequence is done. The model is reached through `step(tokens (N,), cache, i) -> (logits (N,V), cache)`,
-which feeds the i-th generated token; every cache leaf has the batch on axis 1 (the layer stacks'
-(layers, N, S, heads, head_dim)), so beams are reordered by one gather per leaf.
+which feeds the i-th generated token; every cache leaf ends in (N, S, heads, head_dim) (stacked over
+layers or one per layer, `attention.CACHE_ROWS_AXIS`), so beams are reordered by one gather per leaf.
 
 Beam search follows `transformers`' vectorised `_beam_search` step for step (top 2K candidates,
 finished hypotheses admitted only from the top K, its early-stop heuristic, -1e9 masking), so the
@@ -23,6 +23,7 @@ from flax import struct
 
 from blip2_jax.generation import logits as lp
 from blip2_jax.generation.config import GenerationConfig
+from blip2_jax.models.attention import CACHE_ROWS_AXIS
 
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 MASKED = -1.0e9  # transformers' "very negative" beam score
@@ -55,7 +56,7 @@ def _finish(tokens: jax.Array, lengths: jax.Array, pad: int) -> jax.Array:
 
 
 def _reorder(cache: Any, rows: jax.Array) -> Any:
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=1), cache)
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=CACHE_ROWS_AXIS), cache)
 
 
 def sample_search(step: StepFn, logits: jax.Array, cache: Any, history: jax.Array, counted: jax.Array,

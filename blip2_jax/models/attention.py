@@ -7,6 +7,8 @@ needs the probabilities, so that case is computed explicitly here and nowhere el
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -73,6 +75,17 @@ def prefixed_attention(query: jax.Array, key: jax.Array, value: jax.Array, prefi
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     out = jnp.einsum("bgntp,bpnh->bgtnh", probs[..., :p].reshape(b, g, heads, t, p), prefix_value)
     return out.reshape(n, t, heads, dim) + jnp.einsum("bnts,bsnh->btnh", probs[..., p:], value)
+
+
+# Every K/V cache leaf ends in (rows, slots, heads, head_dim): stacked over layers (L, B, S, N, H)
+# for a scanned stack, one (B, S, N, H) array per layer for an unrolled one (`layers.stack_layers`).
+CACHE_ROWS_AXIS = -4
+
+
+def cache_shape(cache: Any) -> tuple[int, int]:
+    """(rows, slots) of a K/V cache in either layout."""
+    rows, slots = jax.tree.leaves(cache)[0].shape[CACHE_ROWS_AXIS:CACHE_ROWS_AXIS + 2]
+    return rows, slots
 
 
 def _as_4d(x: jax.Array) -> jax.Array:

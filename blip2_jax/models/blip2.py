@@ -81,7 +81,14 @@ def merge_image_tokens(inputs_embeds: jax.Array, input_ids: jax.Array, image_tok
 
 
 class Blip2ForConditionalGeneration(Blip2Base):
-    """BLIP-2 with a frozen OPT (decoder-only) or T5 (encoder-decoder) language model."""
+    """BLIP-2 with a frozen OPT (decoder-only) or T5 (encoder-decoder) language model.
+
+    `scan_lm_layers=False` is the decoding layout: the LLM's decoder layers are separate
+    parameters (`unscan_language_model` turns the scanned tree into it), so a decoding step reads
+    the weights in place instead of slicing each layer out of the stack.
+    """
+
+    scan_lm_layers: bool = True
 
     def setup(self):
         super().setup()
@@ -90,9 +97,10 @@ class Blip2ForConditionalGeneration(Blip2Base):
         self.language_projection = layers.dense(cfg.text.hidden_size, ("embed", "mlp"), name="language_projection",
                                                 **kw)
         if isinstance(cfg.text, OPTConfig):
-            self.language_model = OPTForCausalLM(cfg.text, cfg.remat_policy, **kw)
+            self.language_model = OPTForCausalLM(cfg.text, cfg.remat_policy, **kw, scan_layers=self.scan_lm_layers)
         elif isinstance(cfg.text, T5Config):
-            self.language_model = T5ForConditionalGeneration(cfg.text, remat_policy=cfg.remat_policy, **kw)
+            self.language_model = T5ForConditionalGeneration(cfg.text, remat_policy=cfg.remat_policy, **kw,
+                                                             scan_layers=self.scan_lm_layers)
         else:
             raise ValueError(f"Blip2ForConditionalGeneration needs an OPT or T5 text config, got {cfg.text!r}")
 
@@ -135,6 +143,22 @@ class Blip2ForConditionalGeneration(Blip2Base):
                                          deterministic=deterministic)
         return Blip2Output(logits=logits, image_embeds=image_embeds, query_output=query_output,
                            language_inputs=image_inputs)
+
+
+def unscan_language_model(config: Blip2Config, params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters of `Blip2ForConditionalGeneration(config)` in the layout of the same model with
+    `scan_lm_layers=False`: the LLM decoder's stacked layers split into one tree per layer
+    (parameters already in that layout come back as they are)."""
+    lm = OPTForCausalLM if isinstance(config.text, OPTConfig) else T5ForConditionalGeneration
+    *parents, leaf = lm.DECODER_LAYERS
+    out = dict(params)
+    node = out["language_model"] = dict(out["language_model"])
+    for key in parents:
+        node[key] = dict(node[key])
+        node = node[key]
+    if "0" not in node[leaf]:
+        node[leaf] = layers.unstack_layers(node[leaf])
+    return out
 
 
 def _normalize(x: jax.Array) -> jax.Array:

@@ -129,13 +129,24 @@ def remat(block: type[nn.Module], *, remat_policy: str, static_argnums: tuple[in
 
 
 def stack_layers(block: type[nn.Module], *, length: int, remat_policy: str,
-                 in_axes: Sequence[Any] = (), static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+                 in_axes: Sequence[Any] = (), static_argnums: tuple[int, ...] = (),
+                 scan: bool = True) -> Callable[..., nn.Module]:
     """`block` repeated `length` times with `nn.scan` (parameters stacked on a `layers` axis).
 
     `block.__call__(carry, *args) -> (carry, out)`; `in_axes` says per extra argument whether it is
     scanned (0) or broadcast (`nn.broadcast`; broadcast Python values stay static). Python-valued
     arguments are listed in `static_argnums` (counting `self` as 0) for `nn.remat`.
+
+    `scan=False` builds the same computation as a Python loop over `length` separate blocks named
+    "0", "1", ... (parameters from `unstack_layers`): inference inside a decoding loop then reads
+    each layer's weights where they lie, where a scan slices (copies) every layer out of the stack
+    at every step. A scanned argument's leaves are then either stacked arrays or lists of per-layer
+    arrays, and the outputs come back as lists: a decoding cache stays one buffer per layer.
     """
+    if not scan:
+        def unrolled(*args: Any, name: str | None = None, **kwargs: Any) -> nn.Module:
+            return _Unrolled(block, length, tuple(in_axes), args, tuple(kwargs.items()), name=name)
+        return unrolled
     return nn.scan(
         remat(block, remat_policy=remat_policy, static_argnums=static_argnums, prevent_cse=False),
         variable_axes={"params": 0},
@@ -144,3 +155,43 @@ def stack_layers(block: type[nn.Module], *, length: int, remat_policy: str,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+
+
+class _Unrolled(nn.Module):
+    """`length` blocks called in turn; built by `stack_layers(..., scan=False)`."""
+
+    block: type[nn.Module]
+    length: int
+    in_axes: tuple[Any, ...]
+    block_args: tuple[Any, ...]
+    block_kwargs: tuple[tuple[str, Any], ...]
+
+    @nn.compact
+    def __call__(self, carry: Any, *args: Any) -> tuple[Any, Any]:
+        axes = self.in_axes + (nn.broadcast,) * (len(args) - len(self.in_axes))
+        outs = []
+        for i in range(self.length):
+            layer_args = [a if axis is nn.broadcast else jax.tree.map(lambda x: x[i], a, is_leaf=_is_list)
+                          for a, axis in zip(args, axes)]
+            carry, out = self.block(*self.block_args, **dict(self.block_kwargs), name=str(i))(carry, *layer_args)
+            outs.append(out)
+        return carry, jax.tree.map(lambda *xs: list(xs), *outs)
+
+
+def _is_list(x: Any) -> bool:
+    return isinstance(x, list)
+
+
+def zero_cache(length: int, shape: tuple[int, ...], dtype: Dtype, *, stacked: bool) -> dict[str, Any]:
+    """A zero K/V cache for `length` layers of `shape` each: stacked for a scanned stack, a list of
+    per-layer buffers for an unrolled one (`stack_layers(..., scan=False)`)."""
+    if stacked:
+        return {"k": jnp.zeros((length, *shape), dtype), "v": jnp.zeros((length, *shape), dtype)}
+    return {"k": [jnp.zeros(shape, dtype) for _ in range(length)], "v": [jnp.zeros(shape, dtype) for _ in range(length)]}
+
+
+def unstack_layers(stacked: Any) -> dict[str, Any]:
+    """A scanned stack's parameters (leaves with a leading layers axis) as the per-layer trees
+    `stack_layers(..., scan=False)` reads: {"0": layer 0, "1": layer 1, ...}."""
+    length = jax.tree.leaves(stacked)[0].shape[0]
+    return {str(i): jax.tree.map(lambda x: x[i], stacked) for i in range(length)}

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from blip2_jax.models import layers
-from blip2_jax.models.attention import (causal_mask, combine_masks, dot_product_attention, padding_mask,
-                                        prefixed_attention)
+from blip2_jax.models.attention import (cache_shape, causal_mask, combine_masks, dot_product_attention,
+                                        padding_mask, prefixed_attention)
 from blip2_jax.models.config import OPTConfig
 
 Dtype = Any
@@ -100,6 +100,7 @@ class OPTDecoder(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = True
 
     def setup(self):
         cfg = self.config
@@ -111,7 +112,7 @@ class OPTDecoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         stack = layers.stack_layers(OPTDecoderLayer, length=cfg.num_hidden_layers, remat_policy=self.remat_policy,
                                     in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast),
-                                    static_argnums=(7,))
+                                    static_argnums=(7,), scan=self.scan_layers)
         self.layers = stack(cfg, self.dtype, self.param_dtype)
         if cfg.embed_dim != cfg.hidden_size:
             self.project_in = layers.dense(cfg.hidden_size, ("embed", "mlp"), use_bias=False, name="project_in", **kw)
@@ -148,32 +149,40 @@ class _OPTModel(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = True
 
     def setup(self):
-        self.decoder = OPTDecoder(self.config, self.remat_policy, self.dtype, self.param_dtype)
+        self.decoder = OPTDecoder(self.config, self.remat_policy, self.dtype, self.param_dtype, self.scan_layers)
 
 
 class OPTForCausalLM(nn.Module):
-    """Decoder-only LM; the head is `embed_tokens` transposed (tied)."""
+    """Decoder-only LM; the head is `embed_tokens` transposed (tied).
+
+    `scan_layers=False` (decoding) reads the layers as separate parameters, `DECODER_LAYERS`
+    holding `layers.unstack_layers` of the scanned stack.
+    """
 
     config: OPTConfig
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = True
+    DECODER_LAYERS = ("model", "decoder", "layers")  # where the decoding steps' layer stack lies
 
     def setup(self):
-        self.model = _OPTModel(self.config, self.remat_policy, self.dtype, self.param_dtype)
+        self.model = _OPTModel(self.config, self.remat_policy, self.dtype, self.param_dtype, self.scan_layers)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids (B,T) -> (B,T,word_embed_proj_dim)."""
         return self.model.decoder.embed_tokens(input_ids)
 
     def init_cache(self, batch_size: int, max_length: int) -> Cache:
-        """Zero K/V buffers (layers, B, max_length, heads, head_dim)."""
+        """Zero K/V buffers (layers, B, max_length, heads, head_dim); with `scan_layers=False` a list
+        of one (B, max_length, heads, head_dim) buffer per layer."""
         cfg = self.config
-        shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.num_attention_heads,
-                 cfg.hidden_size // cfg.num_attention_heads)
-        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+        return layers.zero_cache(cfg.num_hidden_layers, (batch_size, max_length, cfg.num_attention_heads,
+                                                          cfg.hidden_size // cfg.num_attention_heads),
+                                 self.dtype, stacked=self.scan_layers)
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array, *,
                  position_ids: jax.Array | None = None, cache: Cache | None = None,
@@ -199,7 +208,7 @@ class OPTForCausalLM(nn.Module):
         else:
             if position_ids is None or cache_index is None:
                 raise ValueError("decoding with a cache needs position_ids and cache_index")
-            s = cache["k"].shape[2]
+            s = cache_shape(cache)[1]
             mask = combine_masks(causal_mask(t, s, offset=cache_index), padding_mask(attention_mask))
         return self.model.decoder(inputs_embeds, mask, position_ids, cache, cache_index, deterministic, logits_from,
                                   prefix, prefix_mask)

@@ -196,6 +196,7 @@ class T5Stack(nn.Module):
     dtype: Dtype
     param_dtype: Dtype
     remat_policy: str = "none"
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, attention_mask: jax.Array | None,
@@ -208,7 +209,7 @@ class T5Stack(nn.Module):
         """
         cfg = self.config
         length = x.shape[1]
-        key_length = length if cache is None else cache["k"].shape[2]
+        key_length = length if cache is None else attention.cache_shape(cache)[1]
         offset = 0 if cache is None else cache_index
         # Relative position bias for query positions offset+t, shared by every layer: (1,N,T,S).
         relative = jnp.arange(key_length)[None, :] - (jnp.arange(length)[:, None] + offset)
@@ -228,7 +229,7 @@ class T5Stack(nn.Module):
             args += (encoder_hidden_states, _key_mask(encoder_attention_mask), cache, cache_index)
             in_axes += (nn.broadcast, nn.broadcast, 0, nn.broadcast)
         blocks = layers.stack_layers(T5Block, length=cfg.decoder_layers if self.is_decoder else cfg.num_layers,
-                                     remat_policy=self.remat_policy, in_axes=in_axes)
+                                     remat_policy=self.remat_policy, in_axes=in_axes, scan=self.scan_layers)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x, cache = blocks(cfg, deterministic, self.dtype, self.param_dtype, is_decoder=self.is_decoder,
                           name="block")(x, *args)
@@ -238,12 +239,19 @@ class T5Stack(nn.Module):
 
 
 class T5ForConditionalGeneration(nn.Module):
-    """T5 encoder-decoder with an untied `lm_head` (HF `T5ForConditionalGeneration`)."""
+    """T5 encoder-decoder with an untied `lm_head` (HF `T5ForConditionalGeneration`).
+
+    `scan_layers=False` (decoding) reads the decoder's blocks as separate parameters,
+    `DECODER_LAYERS` holding `layers.unstack_layers` of the scanned stack; the encoder, run once,
+    stays scanned.
+    """
 
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = True
+    DECODER_LAYERS = ("decoder", "block")  # where the decoding steps' layer stack lies
 
     def setup(self) -> None:
         cfg = self.config
@@ -251,7 +259,7 @@ class T5ForConditionalGeneration(nn.Module):
         self.shared = layers.embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), init=_normal(1), name="shared",
                                    **kw)
         self.encoder = T5Stack(cfg, False, remat_policy=self.remat_policy, **kw)
-        self.decoder = T5Stack(cfg, True, remat_policy=self.remat_policy, **kw)
+        self.decoder = T5Stack(cfg, True, remat_policy=self.remat_policy, scan_layers=self.scan_layers, **kw)
         self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, kernel_init=_normal(1),
                                     name="lm_head", **kw)
 
@@ -284,10 +292,11 @@ class T5ForConditionalGeneration(nn.Module):
         return self.lm_head(x).astype(jnp.float32), cache
 
     def init_cache(self, batch_size: int, max_length: int) -> Cache:
-        """Zero self-attention K/V cache: {'k','v'}: (num_decoder_layers, B, max_length, N, H)."""
+        """Zero self-attention K/V cache: {'k','v'}: (num_decoder_layers, B, max_length, N, H); with
+        `scan_layers=False` a list of one (B, max_length, N, H) buffer per layer."""
         cfg = self.config
-        shape = (cfg.decoder_layers, batch_size, max_length, cfg.num_heads, cfg.d_kv)
-        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+        return layers.zero_cache(cfg.decoder_layers, (batch_size, max_length, cfg.num_heads, cfg.d_kv), self.dtype,
+                                 stacked=self.scan_layers)
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None,
                  decoder_input_ids: jax.Array, decoder_attention_mask: jax.Array | None = None, *,
