@@ -12,9 +12,11 @@ import transformers.generation.logits_process as hf_lp
 from blip2_jax.convert.hf_checkpoint import params_from_state_dict
 from blip2_jax.generation import logits as lp
 from blip2_jax.generation.config import GenerationConfig
-from blip2_jax.generation.decode import generate_fn
+from blip2_jax.generation.decode import decoding_params, generate_fn
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
+from blip2_jax.models.opt import OPTForCausalLM
+from blip2_jax.models.t5 import T5ForConditionalGeneration
 from tests.reference import hf_models as ref
 
 Q, IMAGE = ref.NUM_QUERY_TOKENS, ref.IMAGE_TOKEN_INDEX
@@ -135,6 +137,27 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(lm):
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_id=lm["eos"], do_sample=True, top_k=1)
     got = generate_fn(lm["model"], cfg)(*args, jax.random.PRNGKey(0)).tokens
     np.testing.assert_array_equal(np.asarray(got)[:, 0], greedy)
+
+
+def test_decoding_layout_computes_what_the_scanned_model_does(lm):
+    """The decoding layout (LLM layers unrolled, `decoding_params`) gives the scanned model's logits,
+    and `generate` returns the same from either layout."""
+    model, params = lm["model"], lm["params"]
+    unrolled = decoding_params(model, params)
+    node = unrolled["language_model"]
+    for key in (OPTForCausalLM if lm["kind"] == "opt" else T5ForConditionalGeneration).DECODER_LAYERS:
+        node = node[key]
+    depth = ref.OPT["num_hidden_layers"] if lm["kind"] == "opt" else T5["num_decoder_layers"]
+    assert sorted(node) == [str(i) for i in range(depth)]
+    args = (jnp.asarray(ref.nhwc(lm["pixels"])), jnp.asarray(lm["ids"]), jnp.asarray(lm["mask"]))
+    extra = {} if lm["kind"] == "opt" else dict(decoder_input_ids=jnp.asarray(lm["ids"][:, -4:] % 50))
+    scanned = model.apply({"params": params}, *args, **extra).logits
+    flat = model.clone(scan_lm_layers=False).apply({"params": unrolled}, *args, **extra).logits
+    np.testing.assert_allclose(np.asarray(flat), np.asarray(scanned), rtol=0, atol=1e-5)  # fp32 fusion order
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_id=lm["eos"], num_beams=3)
+    a, b = (generate_fn(model, cfg)(p, *args) for p in (params, unrolled))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.scores), np.asarray(b.scores), rtol=0, atol=1e-6)
 
 
 def _scores(seed: int, ties: bool = False) -> np.ndarray:
