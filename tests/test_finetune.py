@@ -19,7 +19,7 @@ from blip2_jax.convert import model_checkpoint
 from blip2_jax.convert.hf_checkpoint import params_from_state_dict
 from blip2_jax.models import blip2, presets
 from blip2_jax.models import config as config_lib
-from blip2_jax.objectives.stage2 import opt_labels
+from blip2_jax.data.tokenizers import opt_labels
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train import layout as layout_lib
 from blip2_jax.train import loop

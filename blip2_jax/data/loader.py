@@ -28,7 +28,6 @@ from blip2_jax.data.pipeline import Mixture, make_pipeline
 from blip2_jax.data.synthetic import SyntheticData
 from blip2_jax.data.text import pre_caption, pre_question, split_prefix
 from blip2_jax.models.config import Blip2Config
-from blip2_jax.objectives.stage2 import opt_labels
 
 TRANSFORMS = {"blip2_image_train": transforms.blip2_image_train, "blip_image_train": transforms.blip_image_train,
               "blip_image_eval": transforms.blip_image_eval}
@@ -144,9 +143,9 @@ class RecordProcessor:
                                f"{sorted(record)})")
             prompt = record.get("prompt", "")  # the part of the text that is no target
             out = tokenizers.opt_text(self.tokenizer, record["text"], prompt=prompt, max_length=self.text_length)
-            labels = opt_labels(out["text_ids"][None], out["text_mask"][None], int(out.pop("prompt_length")))
+            labels = tokenizers.opt_labels(out["text_ids"][None], out["text_mask"][None], out.pop("prompt_length"))
             if prompt:
-                out["labels"] = np.asarray(labels[0], np.int32)
+                out["labels"] = labels[0]
             if "context" in record or self.context_length:  # every row of a batch has the same keys
                 if "context" not in record or not self.context_length:
                     raise KeyError(f"record {record.get('id')!r}: a 'context' needs data.context_length > 0 and "
@@ -166,8 +165,8 @@ class RecordProcessor:
             return out
         if self.kind == "stage2_opt":
             out = tokenizers.opt_text(self.tokenizer, joined, prompt=text_input, max_length=self.text_length)
-            labels = opt_labels(out["text_ids"][None], out["text_mask"][None], int(out.pop("prompt_length")))
-            return {"image": image, **out, "labels": np.asarray(labels[0], np.int32)}
+            labels = tokenizers.opt_labels(out["text_ids"][None], out["text_mask"][None], out.pop("prompt_length"))
+            return {"image": image, **out, "labels": labels[0]}
         return {"image": image, **tokenizers.t5_text(self.tokenizer, text_input, text_output, self.text_length,
                                                      self.text_length)}
 

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from blip2_jax.objectives.stage2 import opt_labels
+from blip2_jax.data.tokenizers import opt_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +47,8 @@ class SyntheticData:
             out = dict(text_ids=ids, text_mask=mask)
         elif self.kind == "stage2_opt":
             ids[0] = self.bos_token_id
-            labels = np.asarray(opt_labels(ids[None], mask[None], self.prompt_length))[0]
-            out.update(text_ids=ids, text_mask=mask, labels=labels.astype(np.int32))
+            labels = opt_labels(ids[None], mask[None], self.prompt_length)[0]
+            out.update(text_ids=ids, text_mask=mask, labels=labels)
         else:
             m = int(rng.integers(1, length + 1))
             out_ids = np.zeros(length, np.int32)

@@ -18,6 +18,8 @@ import numpy as np
 
 from blip2_jax.errors import InputNotFound
 
+IGNORE = -100  # the label every loss skips (torch's cross-entropy ignore_index, as LAVIS uses it)
+
 DEC_TOKEN = "[DEC]"
 
 
@@ -88,9 +90,18 @@ def qformer_text(tokenizer: Any, text: str, max_length: int = 32) -> dict[str, n
     return {"text_ids": ids, "text_mask": mask}
 
 
+def opt_labels(text_ids: np.ndarray, text_mask: np.ndarray, prompt_length: np.ndarray | int) -> np.ndarray:
+    """LAVIS OPT targets (B,L): padding and the first `prompt_length` tokens (BOS + prompt; an
+    int or per-sample (B,)) become IGNORE. With prompt_length 0, BOS stays a target. NumPy: it
+    runs per record in the input pipeline's threads, where a jnp call would dispatch to the device."""
+    positions = np.arange(np.shape(text_ids)[1])[None, :]
+    in_prompt = positions < np.reshape(np.asarray(prompt_length), (-1, 1))
+    return np.where((np.asarray(text_mask) == 0) | in_prompt, IGNORE, np.asarray(text_ids)).astype(np.int32)
+
+
 def opt_text(tokenizer: Any, text: str, prompt: str = "", max_length: int = 32) -> dict[str, np.ndarray]:
     """Stage-2 OPT text: BOS + `text` + "\\n", right-padded (spec §6.2), and `prompt_length`, the
-    tokens of BOS + `prompt` that `objectives.stage2.opt_labels` masks out of the loss (0 for no
+    tokens of BOS + `prompt` that `opt_labels` masks out of the loss (0 for no
     prompt: BOS stays a target). `text` already starts with the prompt (the caption processor adds it).
     A text cut at `max_length` loses its "\\n", as in LAVIS.
     """

@@ -2,7 +2,7 @@
 language model that BLIP-2 then freezes (the published models start from a pretrained OPT).
 
 Batch: `text_ids`/`text_mask` (B,L), BOS + text + "\\n", right-padded (`tokenizers.opt_text`), and
-optionally `labels` (B,L) from `stage2.opt_labels`: the loss then covers only the text after a
+optionally `labels` (B,L) from `data.tokenizers.opt_labels`: the loss then covers only the text after a
 record's prompt (the demo's answers after "question: <q> answer:"; a loss over every token is
 dominated by the unpredictable questions, and the answers, 1 token in 12, are learnt far more
 slowly). Optional `context_ids`/`context_mask` (B,C), left-padded, come before BOS, where stage 2

@@ -16,9 +16,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from blip2_jax.data.tokenizers import IGNORE
 from blip2_jax.models.blip2 import Blip2Stage1
-
-IGNORE = -100
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,14 +30,6 @@ class Stage2Config:
     label_smoothing: float = 0.0  # LAVIS's OPT and T5 LM losses use none
 
 
-def opt_labels(text_ids: jax.Array, text_mask: jax.Array, prompt_length: jax.Array | int) -> jax.Array:
-    """LAVIS OPT targets (B,L): padding and the first `prompt_length` tokens (BOS + prompt; an
-    int or per-sample (B,)) become -100. With prompt_length 0, BOS stays a target."""
-    positions = jnp.arange(text_ids.shape[1])[None, :]
-    in_prompt = positions < jnp.reshape(jnp.asarray(prompt_length), (-1, 1))
-    return jnp.where((text_mask == 0) | in_prompt, IGNORE, text_ids)
-
-
 def _visual_prompt(module: Blip2ForConditionalGeneration, image: jax.Array, deterministic: bool) -> jax.Array:
     """Image (B,H,W,3) -> projected query outputs (B,Q,D_llm). The ViT runs deterministic: BLIP-2's
     ViTs have no dropout (attention dropout 0, LAVIS's drop path 0), frozen or fine-tuned."""
@@ -77,7 +69,7 @@ def stage2_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
     """Image-conditioned LM loss on one global batch (a pure function to `jax.jit` over a mesh).
 
     OPT batch: `image` (B,H,W,3), `text_ids`/`text_mask` (B,L) (BOS + prompt + text + "\\n",
-    right-padded), `labels` (B,L) from `opt_labels`. T5 batch: `image`, `input_ids`/`input_mask`
+    right-padded), `labels` (B,L) from `data.tokenizers.opt_labels`. T5 batch: `image`, `input_ids`/`input_mask`
     (prefix ending in </s>), `output_ids`/`output_mask` (target ending in </s>).
     `rng` drives the Q-Former's and the LLM's dropout (unused when `deterministic`).
     Returns the mean token cross-entropy and the metrics `loss`, `loss_lm`.

@@ -190,9 +190,18 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: Checkpointer)
     preemption = _Preemption()
     last: dict[str, float] = {}
     tick, since, streak = time.perf_counter(), 0, 0
+    batch, data_state = global_batch(first), loader.get_state()
     for step in range(start, config.total_steps):
-        batch = global_batch(first if step == start else loader.next())
-        state, metrics = step_fn(state, frozen, batch)
+        stepped = batch
+        state, metrics = step_fn(state, frozen, stepped)
+        saved_data_state = data_state  # where a resume after this step reads on
+        data_error = None
+        if step + 1 < config.total_steps:  # the next batch is read and placed while the step runs
+            try:
+                batch = global_batch(loader.next())
+                data_state = loader.get_state()
+            except Exception as e:  # pylint: disable=broad-exception-caught  # raised once this step is saved
+                data_error = e
         done, since = step + 1, since + 1
         # one scalar read per step (it waits for the step): a skipped update is known before any save
         streak = streak + 1 if int(metrics.pop("nonfinite")) else 0
@@ -207,7 +216,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: Checkpointer)
             if skipped is not None:
                 extra["data_skipped"] = float(skipped)
             last = writer.write(done, {**metrics, **extra}, step_time=step_time, batch_size=config.batch_size,
-                                tokens=int(batch_tokens(batch)), flops=flops, num_devices=mesh.size,
+                                tokens=int(batch_tokens(stepped)), flops=flops, num_devices=mesh.size,
                                 peak_flops=config.log.peak_flops_per_device)
             tick, since = time.perf_counter(), 0
         if streak >= config.nonfinite.max_consecutive:
@@ -218,11 +227,13 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: Checkpointer)
                 "or check the data")
         preempted = preemption.agreed()
         if streak == 0:  # a state reached through skipped updates is never saved, so it rotates nothing out
-            ckpt.save(done, state, loader.get_state(), {**metadata, "nonfinite_steps": nonfinite_total},
+            ckpt.save(done, state, saved_data_state, {**metadata, "nonfinite_steps": nonfinite_total},
                       force=preempted or done == config.total_steps)
         if preempted:
             logging.warning("SIGTERM at step %d; exiting with the checkpoint of step %s", done, ckpt.latest_step())
             break
+        if data_error is not None:
+            raise data_error
     writer.close()
     return last
 
