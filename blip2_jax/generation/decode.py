@@ -4,8 +4,8 @@ The prompt is prefilled once per image, so the vision tower, the Q-Former and th
 times, not B*K. Decoder-only (OPT) prompts are left-padded and positions follow the attention-mask
 cumsum (spec §13.14); the prompt's K/V stay one copy per sample (a prefix every beam attends to)
 and only the new tokens' cache is per beam, so reordering beams moves max_new_tokens slots, not
-the whole prompt. Encoder-decoder (T5) runs the encoder once and decodes from
-`decoder_start_token_id`.
+the whole prompt. Encoder-decoder (T5) runs the encoder once, projects every layer's cross-attention
+K/V of it once per sample (not per beam and step), and decodes from `decoder_start_token_id`.
 """
 from __future__ import annotations
 
@@ -52,21 +52,22 @@ def _opt_step(module: Blip2ForConditionalGeneration, token, cache, i, rows, shar
 
 def _t5_prefill(module: Blip2ForConditionalGeneration, pixel_values, input_ids, attention_mask, max_new_tokens,
                 copies):
+    """The encoder runs once and its cross-attention K/V are projected once per sample (shared by
+    the beams); the decoder start token's self-attention cache is repeated per row."""
     embeds, mask = _llm_inputs(module, pixel_values, input_ids, attention_mask)
     lm = module.language_model
-    encoded = lm.encode(embeds, mask)
+    memory = lm.cross_memory(lm.encode(embeds, mask))
     start = jnp.full((mask.shape[0], 1), module.config.text.decoder_start_token_id, jnp.int32)
-    logits, cache = lm.decode(start, encoded, mask, cache=lm.init_cache(mask.shape[0], max_new_tokens),
-                              cache_index=0)
-    # The decoder start token is in every row's cache: repeat it for the beams.
-    return logits[:, 0], jax.tree.map(lambda x: jnp.repeat(x, copies, axis=CACHE_ROWS_AXIS), cache), \
-        {"encoded": encoded, "mask": mask}, {}
+    logits, cache = lm.decode(start, None, mask, cache=lm.init_cache(mask.shape[0], max_new_tokens), cache_index=0,
+                              memory=memory)
+    return logits[:, 0], jax.tree.map(lambda x: jnp.repeat(x, copies, axis=CACHE_ROWS_AXIS), cache), {}, \
+        {"memory": memory, "mask": mask}
 
 
 def _t5_step(module: Blip2ForConditionalGeneration, token, cache, i, rows, shared):
-    del shared
-    logits, cache = module.language_model.decode(token[:, None], rows["encoded"], rows["mask"], cache=cache,
-                                                 cache_index=i + 1)
+    del rows
+    logits, cache = module.language_model.decode(token[:, None], None, shared["mask"], cache=cache,
+                                                 cache_index=i + 1, memory=shared["memory"])
     return logits[:, 0], cache
 
 

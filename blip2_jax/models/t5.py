@@ -74,7 +74,12 @@ class T5Attention(nn.Module):
     def __call__(self, x: jax.Array, kv: jax.Array, bias: jax.Array | None, mask: jax.Array | None,
                  cache: Cache | None = None, cache_index: jax.Array | None = None
                  ) -> tuple[jax.Array, Cache | None]:
-        """x (B,T,D), kv (B,S,D) -> (B,T,D); with `cache` ({'k','v'}: (B,L,N,H)) also the updated cache."""
+        """x (B,T,D), kv (B,S,D) -> (B,T,D); with `cache` ({'k','v'}: (B,L,N,H)) also the updated cache.
+
+        `kv` may instead be cross-attention memory ({'k','v'}: (B',S,N,H) from
+        `T5ForConditionalGeneration.cross_memory`) shared by groups of B/B' consecutive rows (the
+        beams of one sample): no K/V projection then, and no copy of it per beam.
+        """
         cfg = self.config
         inner = cfg.num_heads * cfg.d_kv
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
@@ -83,7 +88,20 @@ class T5Attention(nn.Module):
             out = layers.dense(inner, ("embed", "heads"), name=name, kernel_init=_normal(std_fan), **kw)(inputs)
             return out.reshape(out.shape[:-1] + (cfg.num_heads, cfg.d_kv))
 
+        def output(out: jax.Array) -> jax.Array:
+            out = out.reshape(out.shape[:-2] + (inner,))
+            return layers.dense(cfg.d_model, ("heads", "embed"), name="o", kernel_init=_normal(inner), **kw)(out)
+
         q = heads("q", x, cfg.d_model * cfg.d_kv)
+        rng = None if self.deterministic or cfg.dropout_rate == 0.0 else self.make_rng("dropout")
+        if isinstance(kv, dict):  # cross-attention memory: each sample's rows attend to it as one query block
+            b, t = x.shape[:2]
+            samples = kv["k"].shape[0]
+            grouped = q.reshape(samples, (b // samples) * t, *q.shape[2:])
+            out = attention.dot_product_attention(grouped, kv["k"], kv["v"], mask=mask, scale=1.0,
+                                                  dropout_rate=cfg.dropout_rate, dropout_rng=rng,
+                                                  deterministic=self.deterministic).reshape(q.shape)
+            return output(out), cache
         k = heads("k", kv, cfg.d_model)
         v = heads("v", kv, cfg.d_model)
         if cache is not None:
@@ -91,13 +109,10 @@ class T5Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
-        rng = None if self.deterministic or cfg.dropout_rate == 0.0 else self.make_rng("dropout")
         out = attention.dot_product_attention(q, k, v, mask=mask, bias=bias, scale=1.0,
                                               dropout_rate=cfg.dropout_rate, dropout_rng=rng,
                                               deterministic=self.deterministic)
-        out = out.reshape(out.shape[:-2] + (inner,))
-        out = layers.dense(cfg.d_model, ("heads", "embed"), name="o", kernel_init=_normal(inner), **kw)(out)
-        return out, cache
+        return output(out), cache
 
 
 class T5LayerAttention(nn.Module):
@@ -176,14 +191,16 @@ class T5Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array | None,
                  encoder_hidden_states: jax.Array | None = None, encoder_mask: jax.Array | None = None,
-                 cache: Cache | None = None, cache_index: jax.Array | None = None
+                 cache: Cache | None = None, cache_index: jax.Array | None = None, memory: Cache | None = None
                  ) -> tuple[jax.Array, Cache | None]:
-        """x (B,T,D) -> (x, this layer's updated cache or None)."""
+        """x (B,T,D) -> (x, this layer's updated cache or None); cross-attention reads this layer's
+        `memory` when given, else projects `encoder_hidden_states`."""
         kw = dict(config=self.config, deterministic=self.deterministic, dtype=self.dtype,
                   param_dtype=self.param_dtype)
         x, cache = T5LayerAttention(**kw, name="layer_0")(x, None, bias, mask, cache, cache_index)
         if self.is_decoder:
-            x, _ = T5LayerAttention(**kw, cross=True, name="layer_1")(x, encoder_hidden_states, None, encoder_mask)
+            x, _ = T5LayerAttention(**kw, cross=True, name="layer_1")(
+                x, encoder_hidden_states if memory is None else memory, None, encoder_mask)
         x = T5LayerFF(**kw, name=f"layer_{2 if self.is_decoder else 1}")(x)
         return x, cache
 
@@ -201,11 +218,13 @@ class T5Stack(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, attention_mask: jax.Array | None,
                  encoder_hidden_states: jax.Array | None = None, encoder_attention_mask: jax.Array | None = None,
-                 cache: Cache | None = None, cache_index: jax.Array | None = None, *, deterministic: bool
-                 ) -> tuple[jax.Array, Cache | None]:
+                 cache: Cache | None = None, cache_index: jax.Array | None = None, memory: Cache | None = None,
+                 *, deterministic: bool) -> tuple[jax.Array, Cache | None]:
         """x (B,T,D) embeddings -> (B,T,D) hidden states and the updated cache (decoder only).
 
         `attention_mask` (B,T) 1/0 key padding, or (B,L) over the cache slots when `cache` is given.
+        `memory` (decoder, from `T5ForConditionalGeneration.cross_memory`) replaces
+        `encoder_hidden_states` in every layer's cross-attention.
         """
         cfg = self.config
         length = x.shape[1]
@@ -226,8 +245,8 @@ class T5Stack(nn.Module):
         args: tuple = (bias, mask)
         in_axes: tuple = (nn.broadcast, nn.broadcast)
         if self.is_decoder:
-            args += (encoder_hidden_states, _key_mask(encoder_attention_mask), cache, cache_index)
-            in_axes += (nn.broadcast, nn.broadcast, 0, nn.broadcast)
+            args += (encoder_hidden_states, _key_mask(encoder_attention_mask), cache, cache_index, memory)
+            in_axes += (nn.broadcast, nn.broadcast, 0, nn.broadcast, 0)
         blocks = layers.stack_layers(T5Block, length=cfg.decoder_layers if self.is_decoder else cfg.num_layers,
                                      remat_policy=self.remat_policy, in_axes=in_axes, scan=self.scan_layers)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
@@ -272,24 +291,45 @@ class T5ForConditionalGeneration(nn.Module):
         """inputs_embeds (B,S,D), attention_mask (B,S) 1/0 -> encoder hidden states (B,S,D)."""
         return self.encoder(inputs_embeds.astype(self.dtype), attention_mask, deterministic=deterministic)[0]
 
-    def decode(self, decoder_input_ids: jax.Array, encoder_hidden_states: jax.Array,
+    def decode(self, decoder_input_ids: jax.Array, encoder_hidden_states: jax.Array | None,
                encoder_attention_mask: jax.Array, *, decoder_attention_mask: jax.Array | None = None,
                cache: Cache | None = None, cache_index: jax.Array | int | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, Cache | None]:
+               memory: Cache | None = None, deterministic: bool = True) -> tuple[jax.Array, Cache | None]:
         """decoder_input_ids (B,T), encoder states (B,S,D) and mask (B,S) -> (logits (B,T,V) f32, cache).
 
         Self-attention is causal. With `cache` (from `init_cache`, max length L) the T tokens sit at
         absolute positions cache_index+t, their K/V are written there and `decoder_attention_mask`,
         if given, is (B,L) over the cache slots; without it, (B,T). The cache comes back updated
-        (None when none was given).
+        (None when none was given). With `memory` (`cross_memory` of B' = B/G samples; the encoder
+        states are then not needed) each group of G consecutive rows reads its sample's memory and
+        `encoder_attention_mask` is (B',S).
         """
         if cache is not None and cache_index is None:
             raise ValueError("decode with a cache needs cache_index (the position of the first new token)")
         x, cache = self.decoder(self.shared(decoder_input_ids), decoder_attention_mask, encoder_hidden_states,
-                                encoder_attention_mask, cache, cache_index, deterministic=deterministic)
+                                encoder_attention_mask, cache, cache_index, memory, deterministic=deterministic)
         if self.config.scale_decoder_outputs:  # original T5 rescales before its (tied) head
             x = x * self.config.d_model ** -0.5
         return self.lm_head(x).astype(jnp.float32), cache
+
+    def cross_memory(self, encoder_hidden_states: jax.Array) -> Cache:
+        """Every decoder layer's cross-attention K and V of the encoder states, {'k','v'}: (layers, B,
+        S, N, H), or per-layer lists with `scan_layers=False`. They depend on the encoder alone:
+        generation computes them once, not at every step for every beam (`decode(memory=...)`)."""
+        cfg = self.config
+        blocks = self.decoder.variables["params"]["block"]
+        x = encoder_hidden_states.astype(self.dtype)
+
+        def project(kernel: jax.Array) -> jax.Array:  # what EncDecAttention's k/v Dense computes
+            out = jnp.einsum("bsd,...di->...bsi", x, kernel.astype(self.dtype))
+            return out.reshape(out.shape[:-1] + (cfg.num_heads, cfg.d_kv))
+
+        def kernels(name: str) -> Any:
+            if self.scan_layers:
+                return blocks["layer_1"]["EncDecAttention"][name]["kernel"]
+            return [blocks[str(i)]["layer_1"]["EncDecAttention"][name]["kernel"] for i in range(cfg.decoder_layers)]
+
+        return {name: jax.tree.map(project, kernels(name)) for name in ("k", "v")}
 
     def init_cache(self, batch_size: int, max_length: int) -> Cache:
         """Zero self-attention K/V cache: {'k','v'}: (num_decoder_layers, B, max_length, N, H); with
