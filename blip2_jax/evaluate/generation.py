@@ -15,7 +15,7 @@ from blip2_jax.evaluate.batches import EvalBatches, jit_replicated, to_global
 from blip2_jax.evaluate.model import EvalModel
 from blip2_jax.generation.api import check_lengths, prompt_arrays
 from blip2_jax.generation.config import GenerationConfig
-from blip2_jax.generation.decode import generate
+from blip2_jax.generation.decode import decoding_params, generate
 
 
 @functools.lru_cache(maxsize=16)
@@ -42,11 +42,12 @@ def generate_texts(model: EvalModel, mesh, images: Sequence[ImageInput], prompts
     check_lengths(model.config, token_lists, config.max_new_tokens)
     ids, mask = prompt_arrays(token_lists, model.config)
     fn = _compiled(model.module, mesh, config)
+    params = decoding_params(model.module, model.params)  # the LLM's layers split once, not per batch
     batches, texts = EvalBatches.for_mesh(len(images), batch_size, mesh), []
     for valid, local in batches:
         pixels = preprocess_images([images[i] for i in local], model.config.vision.image_size)
         g = to_global(mesh, {"x": pixels, "ids": ids[local], "mask": mask[local]}, batches.global_batch)
-        out = fn(model.params, g["x"], g["ids"], g["mask"])
+        out = fn(params, g["x"], g["ids"], g["mask"])
         tokens, lengths = np.asarray(out.tokens[:, 0])[valid], np.asarray(out.lengths[:, 0])[valid]
         texts += tokenizer.batch_decode([t[:n].tolist() for t, n in zip(tokens, lengths)], skip_special_tokens=True)
         progress(int(valid.sum()))
