@@ -118,3 +118,19 @@ def test_itg_prefix_and_remat_hold_for_a_qformer_of_odd_depth(setup):
     assert float(np.abs(last["attention"]["attention"]["key"]["kernel"]).max()) > 0
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_itm_over_image_rows_equals_itm_over_gathered_images(setup):
+    """ITM's 3N pairs project each image's cross-attention keys/values once (`image_rows`); the
+    logits are those of the pairs with the images gathered first."""
+    hf, cfg, model, params, px, ids, mask, batch = setup
+    rows = jnp.asarray(np.concatenate([np.arange(4), NEG_IMAGE, np.arange(4)]))
+    texts = jnp.asarray(np.concatenate([np.arange(4), np.arange(4), NEG_TEXT]))
+    variables = {"params": params}
+    embeds = model.apply(variables, batch["image"], method=model.encode_image)
+    by_rows = model.apply(variables, embeds, batch["text_ids"][texts], batch["text_mask"][texts],
+                          image_rows=rows, method=model.itm)
+    gathered = model.apply(variables, embeds[rows], batch["text_ids"][texts], batch["text_mask"][texts],
+                           method=model.itm)
+    np.testing.assert_allclose(np.asarray(by_rows), np.asarray(gathered), atol=1e-6, rtol=0)
+    assert float(jnp.std(gathered)) > 1e-3  # the pairs' logits differ: the rows were read

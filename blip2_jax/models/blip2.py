@@ -205,13 +205,14 @@ class Blip2ForImageTextRetrieval(Blip2Base):
         return _normalize(self.text_projection(out[:, 0]))
 
     def itm(self, image_embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
-            deterministic: bool = True) -> jax.Array:
-        """ITM logits (B, 2): mean over query rows of `itm_head` after a joint bidirectional pass."""
+            image_rows: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        """ITM logits (B, 2): mean over query rows of `itm_head` after a joint bidirectional pass.
+        With `image_rows` (B,), pair b is image image_rows[b] of image_embeds (M, S, Dv) with text b."""
         b, q = input_ids.shape[0], self.config.num_query_tokens
         queries = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:]))
         rows = jnp.concatenate([queries.astype(jnp.float32), self.embeddings(input_ids)], axis=1)
         out, _ = self.qformer(rows, query_length=q, attention_mask=qformer_mask("bidirectional", q, attention_mask),
-                              image_embeds=image_embeds, deterministic=deterministic)
+                              image_embeds=image_embeds, image_rows=image_rows, deterministic=deterministic)
         return jnp.mean(self.itm_head(out[:, :q]).astype(jnp.float32), axis=1)
 
     def __call__(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,

@@ -94,8 +94,10 @@ class QFormerMultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, kv_input: jax.Array, mask: jax.Array | None,
-                 prefix: KV | None = None) -> tuple[jax.Array, KV]:
-        """x (B,T,D), kv_input (B,S,Dk) -> (B,T,D) and this call's own (K, V) (B,S,N,H)."""
+                 prefix: KV | None = None, kv_rows: jax.Array | None = None) -> tuple[jax.Array, KV]:
+        """x (B,T,D), kv_input (B,S,Dk) -> (B,T,D) and this call's own (K, V) (B,S,N,H).
+        With `kv_rows` (B,) the keys/values are projected from kv_input's rows (M,S,Dk) once each
+        and row b reads row kv_rows[b]: ITM's 3N pairs show each of N images up to 3 times."""
         cfg = self.config
         n = cfg.num_attention_heads
         h = cfg.hidden_size // n
@@ -104,6 +106,8 @@ class QFormerMultiHeadAttention(nn.Module):
         q = split(layers.dense(cfg.hidden_size, ("embed", "heads"), name="query", **kw)(x))
         k = split(layers.dense(cfg.hidden_size, ("embed", "heads"), name="key", **kw)(kv_input))
         v = split(layers.dense(cfg.hidden_size, ("embed", "heads"), name="value", **kw)(kv_input))
+        if kv_rows is not None:
+            k, v = k[kv_rows], v[kv_rows]
         keys, values = (k, v) if prefix is None else (jnp.concatenate([prefix[0], k], 1),
                                                       jnp.concatenate([prefix[1], v], 1))
         rate = cfg.attention_probs_dropout_prob
@@ -122,10 +126,10 @@ class QFormerAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, kv_input: jax.Array, mask: jax.Array | None,
-                 prefix: KV | None = None) -> tuple[jax.Array, KV]:
+                 prefix: KV | None = None, kv_rows: jax.Array | None = None) -> tuple[jax.Array, KV]:
         kw = dict(deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
         out, kv = QFormerMultiHeadAttention(self.config, self.is_cross_attention, name="attention", **kw)(
-            x, kv_input, mask, prefix)
+            x, kv_input, mask, prefix, kv_rows)
         return ResidualOutput(self.config, name="output", **kw)(out, x), kv
 
 
@@ -160,7 +164,7 @@ class QFormerLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, image: jax.Array | None,
-                 prefix: KV | None) -> tuple[jax.Array, KV]:
+                 prefix: KV | None, image_rows: jax.Array | None) -> tuple[jax.Array, KV]:
         kw = dict(deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
         attn, kv = QFormerAttention(self.config, name="attention", **kw)(x, x, mask, prefix)
         q_len = self.query_length
@@ -170,7 +174,8 @@ class QFormerLayer(nn.Module):
             if self.has_cross_attention:
                 if image is None:
                     raise ValueError("the Q-Former's query rows need image embeddings for cross-attention")
-                queries, _ = QFormerAttention(self.config, True, name="crossattention", **kw)(queries, image, None)
+                cross = QFormerAttention(self.config, True, name="crossattention", **kw)
+                queries, _ = cross(queries, image, None, kv_rows=image_rows)
             rows.append(self._feed_forward(queries, "_query"))
         if attn.shape[1] > q_len:
             if not self.config.use_qformer_text_input:
@@ -194,12 +199,12 @@ class QFormerLayerGroup(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, image: jax.Array | None,
-                 prefix: KV | None) -> tuple[jax.Array, KV]:
+                 prefix: KV | None, image_rows: jax.Array | None) -> tuple[jax.Array, KV]:
         kvs = []
         for j in range(self.size):
             layer_prefix = None if prefix is None else (prefix[0][j], prefix[1][j])
             x, kv = QFormerLayer(self.config, j == 0, self.query_length, self.deterministic, self.dtype,
-                                 self.param_dtype, name=f"layer_{j}")(x, mask, image, layer_prefix)
+                                 self.param_dtype, name=f"layer_{j}")(x, mask, image, layer_prefix, image_rows)
             kvs.append(kv)
         return x, (jnp.stack([k for k, _ in kvs]), jnp.stack([v for _, v in kvs]))
 
@@ -216,7 +221,7 @@ class QFormerEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, image: jax.Array | None,
-                 prefix: KV | None) -> tuple[jax.Array, KV]:
+                 prefix: KV | None, image_rows: jax.Array | None) -> tuple[jax.Array, KV]:
         """prefix and the returned (K, V) are per layer: (layers, B, S, N, H)."""
         cfg = self.config
         groups, rest = cfg.layer_groups
@@ -226,14 +231,14 @@ class QFormerEncoder(nn.Module):
         kvs = []
         if groups:
             stack = layers.stack_layers(QFormerLayerGroup, length=groups, remat_policy=self.remat_policy,
-                                        in_axes=(nn.broadcast, nn.broadcast, 0))
+                                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))
             head = None if prefix is None else tuple(p[:groups * f].reshape(groups, f, *p.shape[1:]) for p in prefix)
-            x, kv = stack(size=f, name="layers", **kw)(x, mask, image, head)
+            x, kv = stack(size=f, name="layers", **kw)(x, mask, image, head, image_rows)
             kvs.append(tuple(t.reshape(-1, *t.shape[2:]) for t in kv))
         if rest:
             tail = None if prefix is None else tuple(p[groups * f:] for p in prefix)
             group = layers.remat(QFormerLayerGroup, remat_policy=self.remat_policy)
-            x, kv = group(size=rest, name="remainder", **kw)(x, mask, image, tail)
+            x, kv = group(size=rest, name="remainder", **kw)(x, mask, image, tail, image_rows)
             kvs.append(kv)
         k, v = (jnp.concatenate(parts) for parts in zip(*kvs))
         return x, (k, v)
@@ -249,14 +254,16 @@ class QFormer(nn.Module):
 
     @nn.compact
     def __call__(self, embeds: jax.Array, *, query_length: int, attention_mask: jax.Array | None = None,
-                 image_embeds: jax.Array | None = None, prefix: KV | None = None,
-                 deterministic: bool = True) -> tuple[jax.Array, KV]:
+                 image_embeds: jax.Array | None = None, image_rows: jax.Array | None = None,
+                 prefix: KV | None = None, deterministic: bool = True) -> tuple[jax.Array, KV]:
         """Run the Q-Former.
 
         embeds: (B,T,D) rows [queries (query_length) ; text embeddings], before `layernorm`.
         attention_mask: (B,T) key padding (1 = real) or a boolean mask broadcastable to
           (B,1,T,P+T) (P = prefix length), e.g. from `attention.qformer_mask`.
-        image_embeds: (B,S,Dv) keys/values of cross-attention (needed when query_length > 0).
+        image_embeds: (B,S,Dv) keys/values of cross-attention (needed when query_length > 0), or
+          (M,S,Dv) with `image_rows` (B,): row b attends to image image_rows[b], and each image's
+          keys/values are projected once.
         prefix: per-layer self-attention (K, V), each (layers, B, P, N, H), attended before the rows.
         Returns the output rows (B,T,D) and every layer's self-attention (K, V) (layers, B, T, N, H).
         """
@@ -268,4 +275,4 @@ class QFormer(nn.Module):
         if image_embeds is not None:
             image_embeds = image_embeds.astype(self.dtype)
         return QFormerEncoder(cfg, query_length, deterministic, self.remat_policy, self.dtype,
-                              self.param_dtype, name="encoder")(x, mask, image_embeds, prefix)
+                              self.param_dtype, name="encoder")(x, mask, image_embeds, prefix, image_rows)

@@ -152,8 +152,9 @@ def stage1_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, 
     if negatives is None:
         negatives = hard_negative_indices(rng_neg, sims / temp, positive, config.hard_negative_weights)
     images, texts, labels = itm_pairs(*negatives)
-    itm_logits = model.apply(variables, image_embeds[images], ids[texts], mask[texts], deterministic=deterministic,
-                             method=model.itm, rngs=drop(2))
+    # each image's cross-attention keys/values are projected once, not once per pair it is in
+    itm_logits = model.apply(variables, image_embeds, ids[texts], mask[texts], image_rows=images,
+                             deterministic=deterministic, method=model.itm, rngs=drop(2))
     loss_itm = soft_cross_entropy(itm_logits, jax.nn.one_hot(labels, 2))
 
     dec_ids, lm_labels = itg_inputs(ids, config)
