@@ -1,6 +1,6 @@
 """The `blip2-jax` command.
 
-    blip2-jax demo [--workdir DIR]       # the whole pipeline on the packaged easy-VQA set, CPU, ~8 min
+    blip2-jax demo [--workdir DIR]       # the whole pipeline on the packaged easy-VQA set, CPU, 8-15 min on 2 cores
     blip2-jax train --config configs/<file>.py:<preset> --workdir DIR
     blip2-jax generate --checkpoint DIR_OR_HUB_ID --image a.jpg [--image b.jpg] [--prompt "a photo of"]
     blip2-jax generate --checkpoint DIR_OR_HUB_ID --image a.jpg --question "what is in the picture?"

@@ -1,7 +1,7 @@
 """`blip2-jax demo`'s chain at a few steps a run: every stage trains and checkpoints, both evaluations
 cover the whole test split, the export is answered by `transformers` exactly as by us, the table
 prints, and a second call resumes (trains no finished stage again). The figures at the default steps
-(VQA 0.838, classification 0.906, 11.4 min) are the README's, from `blip2-jax demo` itself."""
+are the README's, from `blip2-jax demo` itself."""
 import json
 
 import pytest
@@ -24,6 +24,8 @@ def test_demo_runs_every_stage_and_evaluates_the_whole_test_split(demo):
     assert {s: r["steps"] for s, r in results["stages"].items()} == STEPS
     for stage in STEPS:
         assert (workdir / stage / "checkpoints" / str(STEPS[stage])).is_dir()
+    # the LM trained in the second process, which wrote its steps to its own log
+    assert f"step {STEPS[demo_run.SIDE_STAGE]} |" in (workdir / demo_run.SIDE_STAGE / "train.log").read_text()
     assert results["classification"]["count"] == 880  # captioned test images
     assert results["vqa"]["count"] == 9673  # every test question
     answers = json.loads((workdir / "eval_vqa" / "results.json").read_text())
