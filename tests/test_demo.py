@@ -3,7 +3,9 @@ cover the whole test split, the export is answered by `transformers` exactly as 
 prints, and a second call resumes (trains no finished stage again). The figures at the default steps
 are the README's, from `blip2-jax demo` itself."""
 import json
+import os
 
+import jax
 import pytest
 
 from blip2_jax.demo import run as demo_run
@@ -16,7 +18,11 @@ STEPS = {"lm": 4, "stage1": 4, "stage2": 4}
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    return workdir, demo_run.run(workdir, steps=STEPS)
+    assert jax.device_count() == 8  # the backend starts here, with conftest's devices
+    with pytest.MonkeyPatch.context() as patch:  # as `blip2-jax plan` leaves it: the LM's process must not
+        # read the device count from XLA_FLAGS (3 devices do not divide its batch of 64)
+        patch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3")
+        return workdir, demo_run.run(workdir, steps=STEPS)
 
 
 def test_demo_runs_every_stage_and_evaluates_the_whole_test_split(demo):

@@ -110,8 +110,13 @@ def _train_here(config, workdir: Path) -> float:
     return time.perf_counter() - tick
 
 
-def _train_stage(workdir: Path, stage: str, steps: int, log: Path, done) -> None:
-    """A second process's whole job: train one stage, its output to `log`, and send its seconds."""
+def _train_stage(workdir: Path, stage: str, steps: int, log: Path, done, platform: str, devices: int) -> None:
+    """A second process's whole job: train one stage on the parent's platform and, on CPU, as many
+    simulated devices (passed, not inherited: the parent's XLA_FLAGS may have changed since its
+    backend started), its output to `log`, and send its seconds."""
+    if platform == "cpu":  # read when the backend starts, which is below
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    jax.config.update("jax_platforms", platform)
     with log.open("w") as out:
         os.dup2(out.fileno(), 1)  # XLA and absl write to the file descriptors, not to sys.stdout
         os.dup2(out.fileno(), 2)
@@ -122,15 +127,16 @@ def _train_stage(workdir: Path, stage: str, steps: int, log: Path, done) -> None
 
 
 class _SideStage:
-    """One stage trained in a spawned process (same JAX flags, so the same simulated devices)."""
+    """One stage trained in a spawned process, on this one's platform and number of devices."""
 
     def __init__(self, workdir: Path, stage: str, steps: int):
         (workdir / stage).mkdir(parents=True, exist_ok=True)
         self.stage, self.log = stage, workdir / stage / "train.log"
         context = multiprocessing.get_context("spawn")  # a forked child would inherit JAX's threads
         self._receive, send = context.Pipe(duplex=False)
-        self._process = context.Process(target=_train_stage, args=(workdir, stage, steps, self.log, send),
-                                        daemon=True)
+        self._process = context.Process(target=_train_stage, daemon=True,
+                                        args=(workdir, stage, steps, self.log, send, jax.default_backend(),
+                                              jax.local_device_count()))
         self._process.start()
         send.close()
         self._seconds: float | None = None
