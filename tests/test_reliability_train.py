@@ -60,13 +60,9 @@ def losses(workdir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory):
     """A finished healthy run (checkpoints 1..3), trained once; tests work on copies of it."""
-    cache = tmp_path_factory.mktemp("xla_cache")
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     workdir = tmp_path_factory.mktemp("healthy")
     loop.train(tiny_config(), workdir)
-    yield workdir
-    jax.config.update("jax_compilation_cache_dir", None)
+    return workdir
 
 
 def copy_of(healthy, tmp_path) -> pathlib.Path:
