@@ -98,6 +98,7 @@ def test_mesh_flag_is_parsed_and_checked():
         plan_lib.make_plan(load_config("configs/stage1.py", "tiny"), {"data": 1, "fsdp": 16, "tensor": 1})
 
 
+@pytest.mark.slow  # compiles the tiny stage-1 step on an 8-way mesh: ~110 s on a 2-core AVX2 EPYC
 def test_cli_prints_the_report(capsys):
     argv = ["blip2-jax", "plan", "--config", f"{ROOT}/configs/stage1.py:tiny", "--mesh", "data=8", "--batch", "16",
             "--device_kind", "v4"]

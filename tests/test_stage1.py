@@ -84,6 +84,7 @@ def test_itg_logits_match_pytorch_joint_pass(setup, itg, expected):
     assert float(np.abs(itg[0] - expected["itg_logits"])[mask.astype(bool)].max()) <= 1e-4
 
 
+@pytest.mark.slow  # gradients with and without remat: ~90 s on a 2-core AVX2 EPYC
 def test_itg_prefix_and_remat_hold_for_a_qformer_of_odd_depth(setup):
     """3 layers, cross-attention every 2nd: the query-pass prefix is split between the scanned
     group and the single-layer last group; remat of both leaves values and gradients unchanged."""
