@@ -3,13 +3,14 @@ sharding tests run in the same process (they must be set before JAX initialises)
 persistent XLA compilation cache for the whole session.
 
 Why the cache: on a 2-core CPU most of the suite's time is XLA compiling the same tiny training
-steps again — the trainer's stage-1 step takes 80-100 s to compile on an AVX2 EPYC and a dozen
+steps again — the trainer's stage-1 step takes 80-100 s to compile on an AVX2 EPYC, and several
 tests (in-process, in the CLI's subprocesses, in both pytest-xdist workers) build it from the same
 config. The directory is made once by the first process (the xdist controller, or pytest alone) and
 inherited by the workers and every subprocess through the environment. A size limit turns on JAX's
 file lock, so a worker never reads an entry the other is still writing; an unreadable entry (a
 process killed mid-write) only makes JAX warn and compile again. Set JAX_COMPILATION_CACHE_DIR to
-keep the cache across runs, or to an empty string to switch it off.
+keep the cache across runs (its size limit is then 8 GiB unless JAX_COMPILATION_CACHE_MAX_SIZE is
+set too), or to an empty string to switch it off.
 """
 import os
 import shutil
