@@ -13,7 +13,8 @@ towers can be downloaded here, so the demo makes its own unimodal models first a
 5. `stage2`: the Q-Former (from stage 1) learns to prompt the frozen OPT in the caption's place:
    [visual prompt ; "question: ... answer:"] -> the answer;
 6. evaluation on the test split (880 images, 9,673 questions): zero-shot classification by ITC over
-   the 24 captions (stage 1) and VQA exact match (stage 2), sharded over 8 simulated devices;
+   the 24 captions (stage 1) and VQA exact match (stage 2), sharded over the simulated devices
+   (`blip2-jax demo` makes 2);
 7. export of stage 2 to a Hugging Face directory, answered again by `transformers` (with torch).
 
 Steps 2 and 4 do not depend on each other and train at once, the LM in a second process. Every run
