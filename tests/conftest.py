@@ -14,6 +14,8 @@ set too), or to an empty string to switch it off.
 """
 import os
 import shutil
+import signal
+import sys
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -25,6 +27,8 @@ if _OWN_CACHE:
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+from absl.testing import flagsaver  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -33,3 +37,27 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
     """The process that made the cache removes it (the workers inherited its path, so own none)."""
     if _OWN_CACHE:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def blip2_jax(monkeypatch, capsys):
+    """`blip2-jax ARGS...` as the console script runs it (`cli.run` on `sys.argv`), in this process
+    -> (exit code, stdout, stderr)."""
+    from blip2_jax import cli  # pylint: disable=import-outside-toplevel
+
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def call(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["blip2-jax", *args])  # config overrides are read from sys.argv
+        with flagsaver.flagsaver():
+            try:
+                cli.run()
+                code = 0
+            except SystemExit as e:
+                code = e.code or 0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    yield call
+    signal.set_wakeup_fd(-1)  # `train` arms a SIGTERM-at-start-up handler: give pytest its own back
+    signal.signal(signal.SIGTERM, handler)

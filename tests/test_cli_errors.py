@@ -32,27 +32,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"{ROOT}/configs/stage2_opt.py:tiny"
 
 
-@pytest.fixture
-def blip2_jax(monkeypatch, capsys):
-    """`blip2-jax ARGS...` in this process -> (exit code, stdout, stderr)."""
-    handler = signal.getsignal(signal.SIGTERM)
-
-    def call(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["blip2-jax", *args])  # config overrides are read from sys.argv
-        with flagsaver.flagsaver():
-            try:
-                cli.run()
-                code = 0
-            except SystemExit as e:
-                code = e.code or 0
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    yield call
-    signal.set_wakeup_fd(-1)  # `train` arms a SIGTERM-at-start-up handler: give pytest its own back
-    signal.signal(signal.SIGTERM, handler)
-
-
 def user_error(code: int, err: str) -> str:
     """The message of a user error, after checking its form: exit 2, one or two lines, no traceback."""
     lines = err.strip().splitlines()
@@ -70,6 +49,7 @@ def user_error(code: int, err: str) -> str:
     ("--config.mesh.num_devices=100", "config.mesh.num_devices is 100, but only 8 are visible"),
     ("--config.checkpoint.every=0", "config.checkpoint.every must be an integer >= 1, got 0"),
     ("--config.log.every=0", "config.log.every must be an integer >= 1, got 0"),
+    ("--config.log.profile_steps=3,30", "config.log.profile_steps must be 'A,B' with 1 <= A <= B <= total_steps (20)"),
     ("--config.model.qformer.num_attention_heads=5", "config.model.qformer.num_attention_heads: hidden size 32"),
     ("--config.optim.lr=-0.001", "config.optim.lr must be a number >= 0, got -0.001"),
     ("--config.total_steps=5", "config.optim.schedule 'cosine' needs total_steps > warmup_steps=5"),

@@ -53,7 +53,11 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
     # a step with a non-finite loss or gradient norm is skipped (train/step.py); this many in a row stop the run
     c.nonfinite = ml_collections.ConfigDict(dict(max_consecutive=10))
-    c.log = ml_collections.ConfigDict(dict(every=50, tensorboard=True,
+    # progress: a bar (step, images/s, time left) on process 0's terminal; wandb: also log to Weights &
+    # Biases (pip install wandb; WANDB_MODE=offline keeps it on disk) in project wandb_project;
+    # profile_steps: "A,B" writes a jax.profiler trace of steps A..B to <workdir>/profile (train/profiling.py)
+    c.log = ml_collections.ConfigDict(dict(every=50, tensorboard=True, progress=True, wandb=False,
+                                           wandb_project="blip2_jax", profile_steps="",
                                            peak_flops_per_device=config_dict.placeholder(float)))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     return c

@@ -43,6 +43,8 @@ from blip2_jax.train.flops import step_flops
 from blip2_jax.train.layout import build_layout, data_kind
 from blip2_jax.train.lock import WorkdirLock
 from blip2_jax.train.partition import merge, partition
+from blip2_jax.train.profiling import StepProfiler, parse_steps
+from blip2_jax.train.progress import Progress
 from blip2_jax.train.resume import frozen_fingerprint, refused_changes
 from blip2_jax.train.validate import check_train_config
 
@@ -184,58 +186,70 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: Checkpointer)
         return {k: jax.make_array_from_process_local_data(batch_sh[k], v, (config.batch_size, *v.shape[1:]))
                 for k, v in host.items()}
 
+    progress = Progress(config.total_steps, start, enabled=is_main and config.log.progress)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard,
-                                      resume_step=start)
-    flops = step_flops(step_fn, state, frozen, global_batch(first))
-    preemption = _Preemption()
-    last: dict[str, float] = {}
-    tick, since, streak = time.perf_counter(), 0, 0
-    batch, data_state = global_batch(first), loader.get_state()
-    for step in range(start, config.total_steps):
-        stepped = batch
-        state, metrics = step_fn(state, frozen, stepped)
-        saved_data_state = data_state  # where a resume after this step reads on
-        data_error = None
-        if step + 1 < config.total_steps:  # the next batch is read and placed while the step runs
-            try:
-                batch = global_batch(loader.next())
-                data_state = loader.get_state()
-            except Exception as e:  # pylint: disable=broad-exception-caught  # raised once this step is saved
-                data_error = e
-        done, since = step + 1, since + 1
-        # one scalar read per step (it waits for the step): a skipped update is known before any save
-        streak = streak + 1 if int(metrics.pop("nonfinite")) else 0
-        if streak:
-            nonfinite_total += 1
-            logging.warning("step %d: loss or gradient norm not finite; update skipped (%d in a row)", done, streak)
-        if done % config.log.every == 0 or done == config.total_steps:
-            metrics = jax.device_get(metrics)  # waits for the step: the timing below is real
-            step_time = (time.perf_counter() - tick) / since
-            skipped = loader.stats.get("skipped")
-            extra = {"nonfinite_steps": float(nonfinite_total)}
-            if skipped is not None:
-                extra["data_skipped"] = float(skipped)
-            last = writer.write(done, {**metrics, **extra}, step_time=step_time, batch_size=config.batch_size,
-                                tokens=int(batch_tokens(stepped)), flops=flops, num_devices=mesh.size,
-                                peak_flops=config.log.peak_flops_per_device)
-            tick, since = time.perf_counter(), 0
-        if streak >= config.nonfinite.max_consecutive:
-            raise TrainingDiverged(
-                f"loss or gradient norm not finite for {streak} steps in a row (steps {done - streak + 1}-{done}, "
-                f"nonfinite.max_consecutive={config.nonfinite.max_consecutive}); their updates were skipped and "
-                f"not checkpointed, the last checkpoint is step {ckpt.latest_step()} in {workdir}; lower optim.lr "
-                "or check the data")
-        preempted = preemption.agreed()
-        if streak == 0:  # a state reached through skipped updates is never saved, so it rotates nothing out
-            ckpt.save(done, state, saved_data_state, {**metadata, "nonfinite_steps": nonfinite_total},
-                      force=preempted or done == config.total_steps)
-        if preempted:
-            logging.warning("SIGTERM at step %d; exiting with the checkpoint of step %s", done, ckpt.latest_step())
-            break
-        if data_error is not None:
-            raise data_error
-    writer.close()
-    return last
+                                      resume_step=start, echo=progress.write,
+                                      wandb=config.log.wandb_project if config.log.wandb else None,
+                                      config=config.to_dict())
+    profiler = StepProfiler(parse_steps(config.log.profile_steps, config.total_steps), workdir / "profile",
+                            start_step=start, enabled=is_main)
+    with contextlib.ExitStack() as on_exit:  # unwound on any exit: a failed run's trace and logs are closed too
+        on_exit.callback(writer.close)
+        on_exit.callback(progress.close)
+        on_exit.callback(profiler.close)
+        flops = step_flops(step_fn, state, frozen, global_batch(first))
+        preemption = _Preemption()
+        last: dict[str, float] = {}
+        tick, since, streak = time.perf_counter(), 0, 0
+        batch, data_state = global_batch(first), loader.get_state()
+        for step in range(start, config.total_steps):
+            stepped = batch
+            profiler.before(step + 1)
+            state, metrics = step_fn(state, frozen, stepped)
+            saved_data_state = data_state  # where a resume after this step reads on
+            data_error = None
+            if step + 1 < config.total_steps:  # the next batch is read and placed while the step runs
+                try:
+                    batch = global_batch(loader.next())
+                    data_state = loader.get_state()
+                except Exception as e:  # pylint: disable=broad-exception-caught  # raised once this step is saved
+                    data_error = e
+            profiler.after(step + 1, metrics)  # once the next batch is read, as in any other step
+            done, since = step + 1, since + 1
+            progress.step()
+            # one scalar read per step (it waits for the step): a skipped update is known before any save
+            streak = streak + 1 if int(metrics.pop("nonfinite")) else 0
+            if streak:
+                nonfinite_total += 1
+                logging.warning("step %d: loss or gradient norm not finite; update skipped (%d in a row)", done, streak)
+            if done % config.log.every == 0 or done == config.total_steps:
+                metrics = jax.device_get(metrics)  # waits for the step: the timing below is real
+                step_time = (time.perf_counter() - tick) / since
+                skipped = loader.stats.get("skipped")
+                extra = {"nonfinite_steps": float(nonfinite_total)}
+                if skipped is not None:
+                    extra["data_skipped"] = float(skipped)
+                last = writer.write(done, {**metrics, **extra}, step_time=step_time, batch_size=config.batch_size,
+                                    tokens=int(batch_tokens(stepped)), flops=flops, num_devices=mesh.size,
+                                    peak_flops=config.log.peak_flops_per_device)
+                progress.show(last)
+                tick, since = time.perf_counter(), 0
+            if streak >= config.nonfinite.max_consecutive:
+                raise TrainingDiverged(
+                    f"loss or gradient norm not finite for {streak} steps in a row (steps {done - streak + 1}-{done}, "
+                    f"nonfinite.max_consecutive={config.nonfinite.max_consecutive}); their updates were skipped and "
+                    f"not checkpointed, the last checkpoint is step {ckpt.latest_step()} in {workdir}; lower optim.lr "
+                    "or check the data")
+            preempted = preemption.agreed()
+            if streak == 0:  # a state reached through skipped updates is never saved, so it rotates nothing out
+                ckpt.save(done, state, saved_data_state, {**metadata, "nonfinite_steps": nonfinite_total},
+                          force=preempted or done == config.total_steps)
+            if preempted:
+                logging.warning("SIGTERM at step %d; exiting with the checkpoint of step %s", done, ckpt.latest_step())
+                break
+            if data_error is not None:
+                raise data_error
+        return last
 
 
 def batch_tokens(batch: dict[str, jax.Array]) -> jax.Array:

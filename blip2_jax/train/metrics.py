@@ -1,4 +1,5 @@
-"""Step metrics to the console, `workdir/metrics.jsonl` and TensorBoard (process 0 only).
+"""Step metrics to the console, `workdir/metrics.jsonl`, TensorBoard and, when asked, Weights &
+Biases (process 0 only).
 
 Throughput is images/s and text tokens/s over the logging window; MFU divides the step's matrix
 FLOPs (`train/flops.py`: the frozen towers' forward and the activation gradients that pass
@@ -7,8 +8,9 @@ through them, no weight gradients for them) by the peak of all devices.
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from absl import logging
@@ -25,15 +27,37 @@ def peak_flops_per_device(override: float | None = None) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
 
 
-class MetricWriter:
-    """Writes one line per logged step; on resume drops lines past the resumed step."""
+def _print(line: str) -> None:
+    print(line, flush=True)
 
-    def __init__(self, workdir: Path, *, enabled: bool, tensorboard: bool, resume_step: int = 0):
-        self.enabled = enabled
+
+def wandb_run(workdir: Path, project: str, config: dict[str, Any]) -> Any:
+    """A W&B run named after the workdir; its id is kept in the workdir, so a resumed training
+    continues the same W&B run (W&B drops the steps a killed run logged past its checkpoint, since
+    its steps only increase). WANDB_MODE=offline keeps it on disk under `workdir/wandb`."""
+    import wandb  # pylint: disable=import-outside-toplevel
+
+    id_file = workdir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(project=project, name=workdir.name, id=run_id, resume="allow", dir=str(workdir),
+                      config=config)
+
+
+class MetricWriter:
+    """Writes one line per logged step; on resume drops lines past the resumed step. `echo` shows
+    the line (the progress bar's `write`); `wandb` is a project name, or None for no W&B."""
+
+    def __init__(self, workdir: Path, *, enabled: bool, tensorboard: bool, resume_step: int = 0,
+                 echo: Callable[[str], None] = _print, wandb: str | None = None,
+                 config: dict[str, Any] | None = None):
+        self.enabled, self.echo = enabled, echo
         self.path = Path(workdir) / "metrics.jsonl"
-        self.tb = None
+        self.tb = self.wandb = None
         if not enabled:
             return
+        if wandb:
+            self.wandb = wandb_run(Path(workdir), wandb, config or {})
         if self.path.exists():  # a killed run may have logged steps after its last checkpoint
             kept = [line for line in self.path.read_text().splitlines()
                     if line and json.loads(line)["step"] <= resume_step]
@@ -56,12 +80,16 @@ class MetricWriter:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **out}) + "\n")
-            print(f"step {step} | " + " ".join(f"{k}={v:.4g}" for k, v in sorted(out.items())), flush=True)
+            self.echo(f"step {step} | " + " ".join(f"{k}={v:.4g}" for k, v in sorted(out.items())))
             if self.tb is not None:
                 for k, v in out.items():
                     self.tb.add_scalar(k, v, step)
+            if self.wandb is not None:
+                self.wandb.log(out, step=step)
         return out
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

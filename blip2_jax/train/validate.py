@@ -9,6 +9,7 @@ device checks, `blip2-jax plan`; `check_eval_config` serves `blip2-jax eval`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from typing import Any
 
@@ -21,6 +22,7 @@ from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.models import presets
 from blip2_jax.train.optim import learning_rate_schedule
 from blip2_jax.train.partition import PRESETS as TRAINABLE_PRESETS
+from blip2_jax.train.profiling import parse_steps
 
 STAGES = ("stage1", "stage2", "lm")
 EVAL_TASKS = ("caption", "vqa", "retrieval")  # what evaluate/run.py runs
@@ -139,6 +141,12 @@ def _mesh_shape(m: ml_collections.ConfigDict, available: int, prefix: str = "mes
     return m.data, m.fsdp, m.tensor
 
 
+def _check_log(log: ml_collections.ConfigDict, total_steps: int) -> None:
+    parse_steps(log.profile_steps, total_steps)
+    if log.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError("config.log.wandb=True needs the wandb package: pip install wandb (or -e '.[wandb]')")
+
+
 def check_train_config(config: ml_collections.ConfigDict, *, devices: int | None = None,
                        processes: int = 1) -> None:
     """Every field a train step depends on; with `devices`, the mesh and batch against them too
@@ -149,6 +157,7 @@ def check_train_config(config: ml_collections.ConfigDict, *, devices: int | None
     _at_least("checkpoint.every", config.checkpoint.every, 1)
     _at_least("checkpoint.keep", config.checkpoint.keep, 1)
     _at_least("log.every", config.log.every, 1)
+    _check_log(config.log, config.total_steps)
     _float_dtype("frozen_dtype", config.frozen_dtype)
     _check_trainable(config.trainable)
     _check_optim(config.optim)
