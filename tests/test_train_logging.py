@@ -48,6 +48,17 @@ def test_profile_steps_outside_the_run_are_refused(value):
         parse_steps(value, 20)
 
 
+@pytest.fixture
+def fresh_wandb():
+    """wandb keeps its settings (the mode among them) in a process-wide singleton from the first
+    `wandb.init`: each test that starts a run gets a fresh one, as a `blip2-jax train` process does."""
+    import wandb  # pylint: disable=import-outside-toplevel
+
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
 def wandb_history(run_file: pathlib.Path) -> list[dict]:
     """The history rows of an offline W&B run file: LevelDB-log framing (32 KiB blocks, each record a
     7-byte header: CRC, length, FULL/FIRST/MIDDLE/LAST) around `Record` protobufs, after the
@@ -74,7 +85,7 @@ def wandb_history(run_file: pathlib.Path) -> list[dict]:
     return rows
 
 
-def test_train_writes_a_profile_of_the_named_steps_and_wandb_logs(blip2_jax, tmp_path, monkeypatch):
+def test_train_writes_a_profile_of_the_named_steps_and_wandb_logs(blip2_jax, fresh_wandb, tmp_path, monkeypatch):
     """`blip2-jax train` with `log.profile_steps=2,2` and `log.wandb=True` (offline): the trace holds
     step 2's execution and no other, and the W&B run holds every logged step's metrics as
     metrics.jsonl has them. The run is `tests/test_train.py:train_tiny_stage1`'s, so its compile is
@@ -111,3 +122,19 @@ def test_wandb_without_the_package_is_refused_before_anything_runs(blip2_jax, tm
                              "--config.log.wandb=True")
     assert code == 2 and "blip2-jax: error: config.log.wandb=True needs the wandb package" in err, err
     assert not (tmp_path / "w").exists()
+
+
+def test_wandb_without_a_login_is_one_line_before_the_model_is_built(blip2_jax, fresh_wandb, tmp_path, monkeypatch):
+    """Online W&B with no API key anywhere: wandb's UsageError becomes exit 2 and one line, raised
+    before the model is built or a checkpoint written."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    workdir = tmp_path / "w"
+    code, _, err = blip2_jax("train", "--config", f"{ROOT}/configs/stage1.py:tiny", "--workdir", str(workdir),
+                             "--config.log.wandb=True")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("blip2-jax: error: config.log.wandb=True: W&B could not start a run in project 'blip2_jax'")
+    assert not any((workdir / "checkpoints").glob("*"))
+    assert not (workdir / "frozen").exists()

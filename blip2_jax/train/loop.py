@@ -149,6 +149,8 @@ def _refuse_changed_config(workdir: Path, config: ml_collections.ConfigDict) -> 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: Checkpointer) -> dict[str, float]:
     is_main = jax.process_index() == 0
+    wandb = (metrics_lib.wandb_run(workdir, config.log.wandb_project, config.to_dict())
+             if is_main and config.log.wandb else None)
     devices = jax.devices() if config.mesh.num_devices == -1 else jax.devices()[: config.mesh.num_devices]
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
     layout = build_layout(config, mesh)
@@ -188,9 +190,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: Checkpointer)
 
     progress = Progress(config.total_steps, start, enabled=is_main and config.log.progress)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard,
-                                      resume_step=start, echo=progress.write,
-                                      wandb=config.log.wandb_project if config.log.wandb else None,
-                                      config=config.to_dict())
+                                      resume_step=start, echo=progress.write, wandb=wandb)
     profiler = StepProfiler(parse_steps(config.log.profile_steps, config.total_steps), workdir / "profile",
                             start_step=start, enabled=is_main)
     with contextlib.ExitStack() as on_exit:  # unwound on any exit: a failed run's trace and logs are closed too

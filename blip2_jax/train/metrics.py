@@ -15,6 +15,8 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
+from blip2_jax.errors import UserError
+
 # bf16 dense peak FLOP/s per device, by `device_kind` prefix (public spec sheets).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
               "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
@@ -32,7 +34,8 @@ def _print(line: str) -> None:
 
 
 def wandb_run(workdir: Path, project: str, config: dict[str, Any]) -> Any:
-    """A W&B run named after the workdir; its id is kept in the workdir, so a resumed training
+    """A W&B run named after the workdir, started before the model is built so that a login problem
+    costs seconds; its id is kept in the workdir, so a resumed training
     continues the same W&B run (W&B drops the steps a killed run logged past its checkpoint, since
     its steps only increase). WANDB_MODE=offline keeps it on disk under `workdir/wandb`."""
     import wandb  # pylint: disable=import-outside-toplevel
@@ -40,24 +43,25 @@ def wandb_run(workdir: Path, project: str, config: dict[str, Any]) -> Any:
     id_file = workdir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
-    return wandb.init(project=project, name=workdir.name, id=run_id, resume="allow", dir=str(workdir),
-                      config=config)
+    try:
+        return wandb.init(project=project, name=workdir.name, id=run_id, resume="allow", dir=str(workdir),
+                          config=config)
+    except wandb.errors.UsageError as e:  # no API key, a bad project or entity name
+        raise UserError(f"config.log.wandb=True: W&B could not start a run in project {project!r}: {e} "
+                        "(or WANDB_MODE=offline)") from e
 
 
 class MetricWriter:
     """Writes one line per logged step; on resume drops lines past the resumed step. `echo` shows
-    the line (the progress bar's `write`); `wandb` is a project name, or None for no W&B."""
+    the line (the progress bar's `write`); `wandb` is a run from `wandb_run` (finished on close), or None."""
 
     def __init__(self, workdir: Path, *, enabled: bool, tensorboard: bool, resume_step: int = 0,
-                 echo: Callable[[str], None] = _print, wandb: str | None = None,
-                 config: dict[str, Any] | None = None):
-        self.enabled, self.echo = enabled, echo
+                 echo: Callable[[str], None] = _print, wandb: Any = None):
+        self.enabled, self.echo, self.wandb = enabled, echo, wandb
         self.path = Path(workdir) / "metrics.jsonl"
-        self.tb = self.wandb = None
+        self.tb = None
         if not enabled:
             return
-        if wandb:
-            self.wandb = wandb_run(Path(workdir), wandb, config or {})
         if self.path.exists():  # a killed run may have logged steps after its last checkpoint
             kept = [line for line in self.path.read_text().splitlines()
                     if line and json.loads(line)["step"] <= resume_step]
