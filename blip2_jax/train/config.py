@@ -10,6 +10,7 @@ from ml_collections import config_dict
 
 from blip2_jax.errors import UnknownName
 from blip2_jax.models import presets
+from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train import optim
 
 
@@ -25,8 +26,12 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     c.seed = 0
     c.batch_size = 8  # global batch
     c.total_steps = 10
-    # data=-1 takes the devices fsdp*tensor leave; num_devices=-1 uses every device (all hosts)
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=-1))
+    # data=-1 takes the devices fsdp*tensor leave; num_devices=-1 uses every device (all hosts). rules: each
+    # parameter logical axis -> mesh axes ("fsdp", "fsdp,tensor", "" replicated; parallel/mesh.py). A parameter
+    # a rule shards along a dimension the mesh does not divide is replicated instead and reported; the run is
+    # refused when that costs one parameter more than max_replicated_mib per device.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=-1,
+                                            rules=dict(mesh_lib.DEFAULT_RULES), max_replicated_mib=64.0))
     c.optim = optim.default_config()
     c.optim.schedule = "cosine"
     c.optim.total_steps = c.get_ref("total_steps")

@@ -85,6 +85,7 @@ class Layout:
     state_shardings: Any
     state_abstract: Any  # with shardings
     init_key: jax.Array
+    replicated: tuple[mesh_lib.Replicated, ...]  # parameters the mesh does not divide as config.mesh.rules mean
 
     def create_state(self, trainable: Any) -> TrainState:
         return TrainState.create(trainable, self.tx, self.init_key)
@@ -107,10 +108,15 @@ class Layout:
 
 
 def build_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
+    """The run's layout on `mesh`; refused (UserError) when config.mesh.rules cannot be met past the
+    config's limit, before any weight exists."""
     model, model_cfg, loss_fn = build_objective(config)
     patterns = patterns_for(config.trainable)
     boxed = blip2.abstract_params(model_cfg, unbox=False, model=model)
-    trainable_sh, frozen_sh = partition(mesh_lib.logical_shardings(boxed, mesh), patterns)
+    rules = mesh_lib.parse_rules(config.mesh.rules)
+    replicated = mesh_lib.replicated_report(boxed, mesh, rules)
+    mesh_lib.check_replicated(replicated, config.mesh.max_replicated_mib)
+    trainable_sh, frozen_sh = partition(mesh_lib.logical_shardings(boxed, mesh, rules), patterns)
     trainable_abstract, frozen_abstract = partition(nn.unbox(boxed), patterns)
     tx = make_optimizer(config.optim, trainable_abstract)
     key = jax.random.PRNGKey(config.seed + 1)
@@ -125,4 +131,4 @@ def build_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
                   frozen_abstract=_with_sharding(frozen_abstract, frozen_sh, jnp.dtype(config.frozen_dtype)),
                   tx=tx, schedule=learning_rate_schedule(config.optim), state_shardings=state_shardings,
                   state_abstract=_with_sharding(state_abstract, state_shardings),
-                  init_key=key)
+                  init_key=key, replicated=tuple(replicated))

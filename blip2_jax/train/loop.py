@@ -40,7 +40,7 @@ from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.parallel.distributed import initialize
 from blip2_jax.train import metrics as metrics_lib
 from blip2_jax.train.flops import step_flops
-from blip2_jax.train.layout import build_layout, data_kind
+from blip2_jax.train.layout import Layout, build_layout, data_kind
 from blip2_jax.train.lock import WorkdirLock
 from blip2_jax.train.partition import merge, partition
 from blip2_jax.train.profiling import StepProfiler, parse_steps
@@ -126,6 +126,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     dist = config.distributed
     initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
     check_train_config(config, devices=jax.device_count(), processes=jax.process_count())
+    devices = jax.devices() if config.mesh.num_devices == -1 else jax.devices()[: config.mesh.num_devices]
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    layout = build_layout(config, mesh)  # shapes only: unmeetable mesh rules are refused before the workdir exists
+    if layout.replicated:
+        logging.warning("%d parameters are replicated where config.mesh.rules shard them (mesh %s does not divide "
+                        "them); the largest: %s", len(layout.replicated), dict(mesh.shape),
+                        layout.replicated[0].describe())
     workdir = Path(workdir)
     with contextlib.ExitStack() as on_exit:  # unwound on any exit, in reverse order
         if jax.process_index() == 0:
@@ -133,7 +140,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
         ckpt = Checkpointer(workdir, save_every=config.checkpoint.every, keep=config.checkpoint.keep,
                             async_save=config.checkpoint.async_save, owner=True)
         on_exit.callback(ckpt.close)  # the save in flight completes, an unfinished one is removed
-        return _train(config, workdir, ckpt)
+        return _train(layout, workdir, ckpt)
 
 
 def _refuse_changed_config(workdir: Path, config: ml_collections.ConfigDict) -> Callable[[dict], None]:
@@ -147,13 +154,11 @@ def _refuse_changed_config(workdir: Path, config: ml_collections.ConfigDict) -> 
     return check
 
 
-def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: Checkpointer) -> dict[str, float]:
+def _train(layout: Layout, workdir: Path, ckpt: Checkpointer) -> dict[str, float]:
+    config, mesh = layout.config, layout.mesh
     is_main = jax.process_index() == 0
     wandb = (metrics_lib.wandb_run(workdir, config.log.wandb_project, config.to_dict())
              if is_main and config.log.wandb else None)
-    devices = jax.devices() if config.mesh.num_devices == -1 else jax.devices()[: config.mesh.num_devices]
-    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    layout = build_layout(config, mesh)
     model, model_cfg = layout.model, layout.model_cfg
 
     frozen_dtype = jnp.dtype(config.frozen_dtype)

@@ -65,6 +65,7 @@ class Plan:
     temp_bytes: int  # activations and temporaries
     flops_per_step: float  # global
     compiled_devices: int = 0  # devices the step was compiled for, when fewer than the mesh's (folded)
+    replicated: tuple[mesh_lib.Replicated, ...] = ()  # parameters the mesh does not divide as the rules mean
 
     @property
     def peak_bytes(self) -> int:
@@ -96,6 +97,11 @@ class Plan:
         if self.compiled_devices:
             rows.insert(1, f"(compiled for one data-parallel replica, {self.compiled_devices} devices at its share of "
                            "the batch: every replica holds and computes the same)")
+        if self.replicated:
+            extra = sum(r.extra_bytes for r in self.replicated)
+            rows.append(f"replicated where config.mesh.rules shard but the mesh does not divide: "
+                        f"{len(self.replicated)} parameters, {_size(extra).strip()} more per device")
+            rows += [f"  {r.describe()}" for r in self.replicated[:5]]
         kinds = [device_kind] if device_kind else list(DEVICES)
         for kind in kinds:
             rows.append(f"  {kind:<5} {DEVICES[kind][0]:>3} GiB: {'fits' if self.fits(kind) else 'does NOT fit'}; "
@@ -153,7 +159,7 @@ class CompiledStep:
                     frozen_bytes=per_device_bytes(frozen), batch_bytes=per_device_bytes(batch),
                     argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
                     alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-                    flops_per_step=self.flops())
+                    flops_per_step=self.flops(), replicated=self.layout.replicated)
 
 
 def compile_step(config, mesh: Mesh) -> CompiledStep:

@@ -20,6 +20,7 @@ from blip2_jax.data.sources import SOURCES
 from blip2_jax.errors import UserError
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.models import presets
+from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train.optim import learning_rate_schedule
 from blip2_jax.train.partition import PRESETS as TRAINABLE_PRESETS
 from blip2_jax.train.profiling import parse_steps
@@ -163,6 +164,8 @@ def check_train_config(config: ml_collections.ConfigDict, *, devices: int | None
     _check_optim(config.optim)
     _check_data(config.data)
     check_model(config.model)
+    mesh_lib.parse_rules(config.mesh.rules)
+    _non_negative("mesh.max_replicated_mib", config.mesh.max_replicated_mib)
     if devices is not None:
         data, fsdp, _ = _mesh_shape(config.mesh, devices)
         check_batch_divides(config.batch_size, data, fsdp, "the mesh")
