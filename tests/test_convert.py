@@ -139,7 +139,7 @@ def _assert_round_trip(directory: Path, hf: torch.nn.Module, kind: str, tmp_path
 
 def _random_params(architecture: str, config: config_lib.Blip2Config, seed: int = 0) -> dict[str, np.ndarray]:
     """Our freshly initialised parameters, every leaf moved off its init value."""
-    model = model_checkpoint.build_model(architecture, config)
+    model = blip2.build(config, architecture)
     params = nn.unbox(blip2.init(config, jax.random.PRNGKey(seed), model)["params"])
     rng = np.random.default_rng(seed)
     return {k: (np.asarray(v) + 0.05 * rng.standard_normal(v.shape)).astype(v.dtype)

@@ -154,3 +154,23 @@ def test_qformer_depth_and_frequency_must_be_positive():
     assert config_lib.QFormerConfig(num_hidden_layers=1, cross_attention_frequency=3).layer_groups == (0, 1)
     with pytest.raises(ValueError, match=r"cross_attention_frequency \(0\) must both be at least 1"):
         config_lib.QFormerConfig(cross_attention_frequency=0)
+
+
+def test_the_architecture_registry_answers_for_names_stages_and_weights():
+    """One registry (`blip2.ARCHITECTURES`, `STAGES`, `architecture_of`) decides the class everywhere:
+    stage 1's model is the retrieval model plus exactly the Q-Former's LM head and `temp` (what
+    LAVIS's Blip2Qformer adds to Hugging Face's class), and an unknown name is a user error."""
+    tiny, itm = presets.get("tiny"), presets.get("tiny_itm")
+    assert blip2.architecture_of(tiny) == blip2.architecture_of(tiny, itg_head=True) == "Blip2ForConditionalGeneration"
+    assert blip2.architecture_of(itm) == "Blip2ForImageTextRetrieval"
+    assert blip2.architecture_of(itm, itg_head=True) == "Blip2Stage1"
+    assert {stage: type(blip2.build(tiny if stage != "stage1" else itm, name)).__name__
+            for stage, name in blip2.STAGES.items()} == {"stage1": "Blip2Stage1", "stage2": "Blip2ForConditionalGeneration",
+                                                         "lm": "Blip2ForConditionalGeneration"}
+    retrieval = traverse_util.flatten_dict(blip2.abstract_params(itm, model=blip2.build(itm)), sep="/")
+    stage1 = traverse_util.flatten_dict(blip2.abstract_params(itm, model=blip2.build(itm, "Blip2Stage1")), sep="/")
+    assert set(retrieval) < set(stage1)
+    assert {p.split("/")[0] for p in set(stage1) - set(retrieval)} == {"cls", "temp"}
+    with pytest.raises(KeyError, match="unknown architecture 'Blip2Model'; known: Blip2ForConditionalGeneration, "
+                                       "Blip2ForImageTextRetrieval, Blip2Stage1"):
+        blip2.build(itm, "Blip2Model")

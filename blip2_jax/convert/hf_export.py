@@ -27,6 +27,7 @@ from blip2_jax.convert import model_checkpoint
 from blip2_jax.convert import safetensors_io
 from blip2_jax.convert.hf_checkpoint import SAFE_INDEX, SAFE_WEIGHTS, read_config, read_tensors, resolve
 from blip2_jax.errors import InputNotFound
+from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
 
 STAGE1_EXTRAS = "blip2_jax_stage1.safetensors"
@@ -59,10 +60,8 @@ def parse_size(text: str | int) -> int:
 # Hugging Face -> ours
 
 def hf_architecture(directory: Path, hf_config: dict[str, Any]) -> str:
-    config = config_lib.from_hf(hf_config)
-    if config.text is not None:
-        return "Blip2ForConditionalGeneration"
-    return "Blip2Stage1" if (directory / STAGE1_EXTRAS).is_file() else "Blip2ForImageTextRetrieval"
+    """Stage 1 keeps its Q-Former LM head and `temp` in a side file beside Hugging Face's weights."""
+    return blip2.architecture_of(config_lib.from_hf(hf_config), itg_head=(directory / STAGE1_EXTRAS).is_file())
 
 
 def hf_tensors(directory: Path, architecture: str) -> safetensors_io.SafetensorsFiles:

@@ -28,6 +28,7 @@ from blip2_jax.convert import model_checkpoint
 from blip2_jax.convert.hf import CheckpointMismatchError, to_numpy
 from blip2_jax.convert.hf_checkpoint import read_tensors, resolve
 from blip2_jax.errors import InputNotFound
+from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
 
 # LAVIS name <-> HF name (spec §12); {placeholders} match the same text on both sides, and the first
@@ -249,9 +250,7 @@ def from_lavis(src: str | os.PathLike, out: str | os.PathLike, config: config_li
         elif not _has(state, "opt_model.") and not _has(state, "t5_model."):
             raise ValueError(f"{src} has no language model (LAVIS checkpoints leave the frozen LLM out): pass "
                              "--text with its Hugging Face directory or hub id (e.g. facebook/opt-2.7b)")
-        architecture = "Blip2ForConditionalGeneration"
-    else:
-        architecture = "Blip2Stage1" if "temp" in state else "Blip2ForImageTextRetrieval"
+    architecture = blip2.architecture_of(config, itg_head="temp" in state)
     tensors = LavisTensors(state, config, vision=vision_state, text=text_tensors, source=str(src))
     leaves = hf_names.iter_from_hf(tensors, model_checkpoint.abstract_params(architecture, config),
                                    qformer_group=config.qformer.cross_attention_frequency, dtype=dtype,

@@ -23,7 +23,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import linen as nn
 from flax import traverse_util
 
 from blip2_jax.convert.hf import CheckpointMismatchError, finite
@@ -35,9 +34,6 @@ from blip2_jax.models import config as config_lib
 Tree = Any
 METADATA = "blip2_jax.json"
 PARAMS = "params"
-# The architectures a checkpoint can hold: the two Hugging Face classes and LAVIS's stage-1 model
-# (the retrieval model plus the Q-Former LM head and `temp`, which Hugging Face has no home for).
-ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2Stage1")
 _TOKENIZER_MARKERS = TOKENIZER_FILES + ("vocab.txt",)  # an LLM's tokenizer, or the Q-Former's BERT vocabulary
 _GROUP_BYTES = 512 << 20  # leaves per Orbax partial save: bounds memory, keeps the number of saves small
 
@@ -49,18 +45,9 @@ def absolute(path: str | os.PathLike) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def build_model(architecture: str, config: config_lib.Blip2Config) -> nn.Module:
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
-    if architecture == "Blip2ForConditionalGeneration":
-        return blip2.Blip2ForConditionalGeneration(config)
-    if architecture == "Blip2Stage1":
-        return blip2.Blip2Stage1(config)
-    return blip2.Blip2ForImageTextRetrieval(config)
-
-
 def abstract_params(architecture: str, config: config_lib.Blip2Config) -> Tree:
-    return blip2.abstract_params(config, model=build_model(architecture, config))
+    """The parameter shapes a checkpoint of `architecture` (a `blip2.ARCHITECTURES` name) holds."""
+    return blip2.abstract_params(config, model=blip2.build(config, architecture))
 
 
 def _restore(directory: epath.Path, paths: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -147,7 +134,7 @@ class CheckpointParams:
             ckpt.close()
         run = json.loads(meta["config"])
         config = presets.from_config_dict(run["model"])
-        architecture = "Blip2Stage1" if run["stage"] == "stage1" else "Blip2ForConditionalGeneration"
+        architecture = blip2.STAGES[run["stage"]]
         # the train state holds `params` beside the optimizer state, step and RNG key
         trees = [(path / "checkpoints" / str(step) / "state", "params")]
         if frozen_dir.exists():  # a run with nothing frozen has none

@@ -21,6 +21,7 @@ from flax import traverse_util
 
 from blip2_jax.convert.hf import CheckpointMismatchError
 from blip2_jax.convert.model_checkpoint import CheckpointParams
+from blip2_jax.models import blip2
 
 Tree = Any
 
@@ -63,6 +64,6 @@ def load_stage1(path: str | os.PathLike, step: int | None = None) -> Tree:
     (its workdir: the latest complete checkpoint, or `step`; or one of its `checkpoints/<step>`
     directories) or of a stage-1 model checkpoint (`blip2-jax convert from-lavis`/`from-hf`)."""
     source = CheckpointParams.open(path, step)
-    if source.architecture not in ("Blip2Stage1", "Blip2ForImageTextRetrieval"):
+    if not issubclass(blip2.ARCHITECTURES[source.architecture], blip2.Blip2ForImageTextRetrieval):
         raise CheckpointMismatchError(f"{source.source} is a {source.architecture}, not a stage-1 model")
     return source.tree()

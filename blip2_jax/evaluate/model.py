@@ -12,7 +12,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from blip2_jax.convert.hf_checkpoint import load_pretrained
-from blip2_jax.convert.model_checkpoint import METADATA, CheckpointParams, build_model, cast_like
+from blip2_jax.convert.model_checkpoint import METADATA, CheckpointParams, cast_like
 from blip2_jax.evaluate.batches import place_params
 from blip2_jax.models import blip2
 from blip2_jax.models.config import Blip2Config
@@ -35,7 +35,7 @@ def load_model(checkpoint: str | os.PathLike, mesh: Mesh, *, step: int | None = 
     if (path / METADATA).exists() or (path / "checkpoints").exists() or path.parent.name == "checkpoints":
         source = CheckpointParams.open(path, step)
         config = source.config.replace(**overrides) if overrides else source.config
-        module, tree, tokenizer = build_model(source.architecture, config), source.tree(), source.tokenizer
+        module, tree, tokenizer = blip2.build(config, source.architecture), source.tree(), source.tokenizer
     else:
         config, tree = load_pretrained(checkpoint, dtype=dtype, **overrides)
         module, tokenizer = blip2.build(config), str(path) if path.is_dir() else str(checkpoint)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
+from blip2_jax.errors import UnknownName
 from blip2_jax.models import layers
 from blip2_jax.models.attention import qformer_mask
 from blip2_jax.models.config import Blip2Config, OPTConfig, T5Config
@@ -332,10 +333,28 @@ class Blip2Stage1(Blip2ForImageTextRetrieval):
 
 Model = Blip2ForConditionalGeneration | Blip2ForImageTextRetrieval
 
+# The architecture registry: the one place that says which class a name, a training stage or a
+# checkpoint is. The names are what model checkpoints store (the two Hugging Face classes and
+# LAVIS's stage-1 model, which adds the Q-Former's LM head and `temp`).
+ARCHITECTURES: dict[str, type[Model]] = {
+    cls.__name__: cls for cls in (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Stage1)}
+STAGES = {"stage1": "Blip2Stage1", "stage2": "Blip2ForConditionalGeneration", "lm": "Blip2ForConditionalGeneration"}
 
-def build(config: Blip2Config) -> Model:
-    """The composite for `config`: retrieval when there is no text config."""
-    return Blip2ForImageTextRetrieval(config) if config.text is None else Blip2ForConditionalGeneration(config)
+
+def architecture_of(config: Blip2Config, *, itg_head: bool = False) -> str:
+    """The architecture of weights for `config`: the generation model when it has an LLM, else the
+    retrieval model, or stage 1 when the weights also hold the Q-Former's LM head (`itg_head`)."""
+    if config.text is not None:
+        return "Blip2ForConditionalGeneration"
+    return "Blip2Stage1" if itg_head else "Blip2ForImageTextRetrieval"
+
+
+def build(config: Blip2Config, architecture: str | None = None) -> Model:
+    """The composite named `architecture` (default: `architecture_of(config)`)."""
+    name = architecture or architecture_of(config)
+    if name not in ARCHITECTURES:
+        raise UnknownName(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name](config)
 
 
 def _dummy_inputs(config: Blip2Config) -> dict[str, jax.Array]:

@@ -28,16 +28,14 @@ from blip2_jax.train.step import train_step
 
 def build_objective(config: ml_collections.ConfigDict) -> tuple[blip2.Blip2Base, Any, Any]:
     """(model, model config, loss_fn(params, batch, rng)) for `config.stage`."""
+    if config.stage not in blip2.STAGES:
+        raise ValueError(f"config.stage must be one of {', '.join(blip2.STAGES)}, got {config.stage!r}")
     model_cfg = presets.from_config_dict(config.model)
+    model = blip2.build(model_cfg, blip2.STAGES[config.stage])
     if config.stage == "stage1":
-        model = blip2.Blip2Stage1(model_cfg)
-        loss_cfg = Stage1Config(**config.loss.to_dict())
-        loss_fn = functools.partial(stage1_loss, model=model, config=loss_cfg)
-    elif config.stage in ("stage2", "lm"):
-        model = blip2.Blip2ForConditionalGeneration(model_cfg)
-        loss_fn = functools.partial(stage2_loss if config.stage == "stage2" else lm_loss, model=model)
+        loss_fn = functools.partial(stage1_loss, model=model, config=Stage1Config(**config.loss.to_dict()))
     else:
-        raise ValueError(f"config.stage must be 'stage1', 'stage2' or 'lm', got {config.stage!r}")
+        loss_fn = functools.partial(stage2_loss if config.stage == "stage2" else lm_loss, model=model)
     return model, model_cfg, loss_fn
 
 

@@ -85,7 +85,7 @@ def _checkpoint_params(config, model, model_cfg) -> Any:
     """The whole parameter tree of `init.checkpoint` (a model checkpoint or a training workdir),
     which must hold this run's architecture and config."""
     source = CheckpointParams.open(config.init.checkpoint)
-    want = type(model).__name__
+    want = blip2.STAGES[config.stage]
     if source.architecture != want:
         raise UserError(f"init.checkpoint {source.source} holds a {source.architecture}; {config.stage} trains a "
                          f"{want}")
