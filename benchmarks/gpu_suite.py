@@ -164,7 +164,7 @@ def run_train(part: str, sizes: Sizes, steps: int, profile_dir: Path | None) -> 
     from blip2_jax.models import blip2
     from blip2_jax.parallel import mesh as mesh_lib
     from blip2_jax.train.flops import matmul_flops
-    from blip2_jax.train.layout import build_layout, data_kind
+    from blip2_jax.train.layout import build_layout, data_args
     from blip2_jax.train.metrics import peak_flops_per_device
     from blip2_jax.train.partition import partition
     from blip2_jax.train.plan import compile_step
@@ -210,10 +210,8 @@ def run_train(part: str, sizes: Sizes, steps: int, profile_dir: Path | None) -> 
     state = jax.jit(layout.create_state, out_shardings=layout.state_shardings)(trainable)
     del trainable
     cfg = layout.model_cfg
-    kind = data_kind(config, cfg)
-    vocab = cfg.qformer.vocab_size - 1 if kind == "stage1" else cfg.text.vocab_size
-    data = SyntheticData(kind=kind, global_batch_size=config.batch_size, image_size=cfg.vision.image_size,
-                         text_length=config.data.text_length, vocab_size=vocab)
+    data = SyntheticData(global_batch_size=config.batch_size, text_length=config.data.text_length,
+                         **data_args(config, cfg))
     host = [data.batch(i) for i in range(2)]  # two distinct batches, alternated
     device_batches = [{k: jax.device_put(v, step.args[2][k].sharding) for k, v in b.items()} for b in host]
     args_bytes = _tree_bytes(state) + _tree_bytes(frozen) + _tree_bytes(device_batches[0])

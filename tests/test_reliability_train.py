@@ -170,7 +170,7 @@ def test_an_exception_in_the_loop_completes_the_save_and_replaces_a_stale_frozen
     ckpt.close()
     config.checkpoint.async_save = True
     make_loader = loop.make_loader
-    monkeypatch.setattr(loop, "make_loader", lambda *a: Failing(make_loader(*a), fail_at=STEPS - 1))
+    monkeypatch.setattr(loop, "make_loader", lambda *a, **k: Failing(make_loader(*a, **k), fail_at=STEPS - 1))
     with pytest.raises(OSError, match="injected"):
         loop.train(config, workdir)
     assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))

@@ -14,6 +14,7 @@ from blip2_jax.data.pipeline import make_pipeline
 from blip2_jax.data.sources import TfdsSource
 from blip2_jax.data.transforms import blip_image_eval
 from blip2_jax.models import presets
+from blip2_jax.train.layout import data_args
 from tests.test_train import load_config
 from tests.test_train_data import tokenizer_dir  # pylint: disable=unused-import  # a fixture
 
@@ -76,7 +77,7 @@ def test_tfds_source_reads_the_prepared_set_through_the_pipeline(data_dir):
 
 def test_trainer_loader_batches_a_tfds_set(data_dir, tokenizer_dir):
     config = _data(path=str(data_dir), tokenizer=str(tokenizer_dir), transform="blip_image_eval", text_length=20)
-    batch = make_loader(config, presets.get("tiny"), "stage2_opt").next()
+    batch = make_loader(config, **data_args(config, presets.get("tiny"))).next()
     expected = np.stack([blip_image_eval(32)(e["image"]) for e in _examples()])
     for row in batch["image"]:  # each row is one of the set's images, resized and normalised
         assert np.abs(expected - row).max(axis=(1, 2, 3)).min() < 1e-6

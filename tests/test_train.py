@@ -86,7 +86,7 @@ def test_frozen_towers_get_no_weight_gradients():
     config = load_config("configs/stage2_opt.py", "tiny")
     model, cfg, loss_fn = layout.build_objective(config)
     params = nn.unbox(jax.jit(lambda r: blip2.init(cfg, r, model))(jax.random.PRNGKey(0))["params"])
-    batch = jax.tree.map(jnp.asarray, make_loader(config, cfg, layout.data_kind(config, cfg)).next())
+    batch = jax.tree.map(jnp.asarray, make_loader(config, **layout.data_args(config, cfg)).next())
 
     def grad_flops(patterns):
         trainable, frozen = partition(params, patterns)
@@ -138,7 +138,7 @@ def test_frozen_values_are_bit_identical_after_training_steps():
     tx = make_optimizer(config.optim, trainable)
     state = TrainState.create(trainable, tx, jax.random.PRNGKey(1))
     step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx), donate_argnums=(0,))
-    loader = make_loader(config, cfg, layout.data_kind(config, cfg))
+    loader = make_loader(config, **layout.data_args(config, cfg))
     for _ in range(3):
         state, _ = step(state, frozen, jax.tree.map(jnp.asarray, loader.next()))
     for a, b in zip(jax.tree.leaves(before_frozen), jax.tree.leaves(jax.device_get(frozen))):

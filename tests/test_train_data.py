@@ -11,6 +11,7 @@ import pytest
 from blip2_jax.checkpoint import Checkpointer
 from blip2_jax.data.loader import make_loader
 from blip2_jax.models import presets
+from blip2_jax.train.layout import data_args
 from blip2_jax.train import loop
 from tests.reference.tokenizers import word_tokenizer
 from tests.test_train import load_config
@@ -54,7 +55,7 @@ def _params(workdir):
 
 def test_batches_are_processed_easy_vqa_records(tokenizer_dir):
     config = _config(tokenizer_dir, STEPS)
-    batch = make_loader(config, presets.get("tiny"), "stage2_opt").next()
+    batch = make_loader(config, **data_args(config, presets.get("tiny"))).next()
     assert batch["image"].shape == (config.batch_size, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["text_ids"].shape == batch["labels"].shape == (config.batch_size, config.data.text_length)
     # the prompt ("question: ... answer:") is masked; the answer and "\n" are targets
@@ -66,7 +67,7 @@ def test_mixture_alone_replaces_the_synthetic_default(tokenizer_dir):
     still the mixture's easy-VQA records (the prompt masked out of the labels), not random arrays."""
     config = _config(tokenizer_dir, STEPS)
     config.data.update(source="synthetic", mixture=[dict(source="easy_vqa"), dict(source="easy_vqa", split="test")])
-    batch = make_loader(config, presets.get("tiny"), "stage2_opt").next()
+    batch = make_loader(config, **data_args(config, presets.get("tiny"))).next()
     assert batch["labels"].shape == (config.batch_size, config.data.text_length)
     assert (batch["labels"][:, :3] == -100).all() and ((batch["labels"] >= 0).sum(1) >= 2).all()
 
@@ -75,7 +76,7 @@ def test_prefix_lm_is_refused_outside_flant5(tokenizer_dir):
     config = _config(tokenizer_dir, STEPS)
     config.data.prefix_lm = True
     with pytest.raises(ValueError, match="prefix_lm is FlanT5's prefix-LM split.*this run is stage2_opt"):
-        make_loader(config, presets.get("tiny"), "stage2_opt")
+        make_loader(config, **data_args(config, presets.get("tiny")))
 
 
 def test_stopped_and_restarted_run_reads_the_same_batches(tokenizer_dir, tmp_path):

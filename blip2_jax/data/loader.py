@@ -1,6 +1,6 @@
 """The trainer's input: synthetic batches or a Grain pipeline over a real source, one interface.
 
-`make_loader(config, model_cfg, rows)` reads `config.data`: `source` is 'synthetic' (per-row
+`make_loader(config, kind, image_size, vocab_size)` reads `config.data`: `source` is 'synthetic' (per-row
 seeded random arrays, the exactness tests' data), 'json' (LAVIS annotation files + image root),
 'arrayrecord' (shards from `blip2-jax data build`), 'tfds', 'easy_vqa' (its questions),
 'easy_vqa_captions' or 'easy_vqa_text' (`data/easy_vqa.py`: the demo's captions and LM text);
@@ -27,7 +27,6 @@ from blip2_jax.data import tokenizers, transforms
 from blip2_jax.data.pipeline import Mixture, make_pipeline
 from blip2_jax.data.synthetic import SyntheticData
 from blip2_jax.data.text import pre_caption, pre_question, split_prefix
-from blip2_jax.models.config import Blip2Config
 
 TRANSFORMS = {"blip2_image_train": transforms.blip2_image_train, "blip_image_train": transforms.blip_image_train,
               "blip_image_eval": transforms.blip_image_eval}
@@ -221,14 +220,14 @@ def make_sources(d: ml_collections.ConfigDict) -> sources_lib.Source | Mixture:
     return Mixture(parts, [float(w) for w in weights] if all(given) else None)
 
 
-def make_loader(config: ml_collections.ConfigDict, model_cfg: Blip2Config, kind: str) -> Loader:
-    """This host's loader for `config.data` (kind: 'stage1', 'stage2_opt' or 'stage2_t5')."""
+def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, vocab_size: int) -> Loader:
+    """This host's loader for `config.data`. kind: 'stage1', 'stage2_opt', 'stage2_t5' or 'lm_opt';
+    images come at `image_size`; synthetic token ids are drawn below `vocab_size`."""
     d = config.data
     local = config.batch_size // jax.process_count()
     if d.source == "synthetic" and not d.mixture:  # a mixture names its own sources
-        vocab = model_cfg.qformer.vocab_size - 1 if kind == "stage1" else model_cfg.text.vocab_size
-        data = SyntheticData(kind=kind, global_batch_size=config.batch_size, image_size=model_cfg.vision.image_size,
-                             text_length=d.text_length, vocab_size=vocab, seed=config.seed)
+        data = SyntheticData(kind=kind, global_batch_size=config.batch_size, image_size=image_size,
+                             text_length=d.text_length, vocab_size=vocab_size, seed=config.seed)
         return SyntheticLoader(data, range(jax.process_index() * local, (jax.process_index() + 1) * local))
     if d.transform not in TRANSFORMS:
         raise ValueError(f"data.transform must be one of {sorted(TRANSFORMS)}, got {d.transform!r}")
@@ -240,7 +239,7 @@ def make_loader(config: ml_collections.ConfigDict, model_cfg: Blip2Config, kind:
         raise ValueError(f"data.positives marks ITC/ITM positives (stage1); this run is {kind}")
     if d.context_length and kind != "lm_opt":
         raise ValueError(f"data.context_length is the text-only LM's text before BOS (lm_opt); this run is {kind}")
-    process = RecordProcessor(kind, TRANSFORMS[d.transform](model_cfg.vision.image_size), d.tokenizer,
+    process = RecordProcessor(kind, TRANSFORMS[d.transform](image_size), d.tokenizer,
                               d.text_length, d.prompt, d.prefix_lm, d.positives, d.context_length)
     iterator = make_pipeline(make_sources(d), process=process, global_batch_size=config.batch_size,
                              seed=config.seed, process_index=jax.process_index(),

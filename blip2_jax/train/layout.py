@@ -44,6 +44,15 @@ def data_kind(config: ml_collections.ConfigDict, model_cfg) -> str:
     return config.stage if config.stage == "stage1" else f"{config.stage}_{model_cfg.text.model_type}"
 
 
+def data_args(config: ml_collections.ConfigDict, model_cfg) -> dict[str, Any]:
+    """What the data side needs to know of the model, as plain values (`data/` reads no model config):
+    the batch kind, the image size, and the vocabulary synthetic ids are drawn from (the Q-Former's
+    without the [DEC] token ITG adds, or the LLM's)."""
+    kind = data_kind(config, model_cfg)
+    vocab = model_cfg.qformer.vocab_size - 1 if kind == "stage1" else model_cfg.text.vocab_size
+    return dict(kind=kind, image_size=model_cfg.vision.image_size, vocab_size=vocab)
+
+
 def _with_sharding(tree: Any, shardings: Any, dtype: Any = None) -> Any:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh), tree, shardings)
 
@@ -90,11 +99,8 @@ class Layout:
 
     def batch_abstract(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The global batch's shapes (from one synthetic row: the real pipeline's are the same)."""
-        d, cfg = self.config.data, self.model_cfg
-        kind = data_kind(self.config, cfg)
-        vocab = cfg.qformer.vocab_size - 1 if kind == "stage1" else cfg.text.vocab_size
-        row = SyntheticData(kind=kind, global_batch_size=1, image_size=cfg.vision.image_size,
-                            text_length=d.text_length, vocab_size=vocab).batch(0)
+        row = SyntheticData(global_batch_size=1, text_length=self.config.data.text_length,
+                            **data_args(self.config, self.model_cfg)).batch(0)
         return {k: jax.ShapeDtypeStruct((self.config.batch_size, *v.shape[1:]), v.dtype,
                                         sharding=mesh_lib.batch_sharding(self.mesh, v.ndim)) for k, v in row.items()}
 

@@ -40,7 +40,7 @@ from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.parallel.distributed import initialize
 from blip2_jax.train import metrics as metrics_lib
 from blip2_jax.train.flops import step_flops
-from blip2_jax.train.layout import Layout, build_layout, data_kind
+from blip2_jax.train.layout import Layout, build_layout, data_args
 from blip2_jax.train.lock import WorkdirLock
 from blip2_jax.train.partition import merge, partition
 from blip2_jax.train.profiling import StepProfiler, parse_steps
@@ -179,7 +179,7 @@ def _train(layout: Layout, workdir: Path, ckpt: Checkpointer) -> dict[str, float
         ckpt.save_frozen(frozen, fingerprint)
         data_state, nonfinite_total = {"next_step": 0}, 0
 
-    loader = make_loader(config, model_cfg, data_kind(config, model_cfg))
+    loader = make_loader(config, **data_args(config, model_cfg))
     if data_state.get("next_step", 0):
         loader.set_state(data_state)
     start = int(state.step)
