@@ -46,6 +46,11 @@ def blip2_jax(monkeypatch, capsys):
     from blip2_jax import cli  # pylint: disable=import-outside-toplevel
 
     handler = signal.getsignal(signal.SIGTERM)
+    # `plan` sets XLA_FLAGS to one simulated device per mesh position, read when JAX starts its backend:
+    # start it now with this file's 8 (else a `plan --mesh data=3` left this worker on 3 devices for every
+    # later test), and put the variable back afterwards
+    jax.devices()
+    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])
 
     def call(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["blip2-jax", *args])  # config overrides are read from sys.argv
