@@ -497,7 +497,8 @@ def assert_stage1_run_exports_exactly(workdir: Path, trained: dict[str, np.ndarr
 def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
     """Through the real trainer (slow: compiling the stage-1 step takes about a minute on CPU)."""
     from blip2_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-    from blip2_jax.train import layout, loop  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train import init as init_lib  # pylint: disable=import-outside-toplevel
+    from blip2_jax.train import layout  # pylint: disable=import-outside-toplevel
     from blip2_jax.train.partition import merge, partition, patterns_for  # pylint: disable=import-outside-toplevel
     from tests.test_train import load_config, train_tiny_stage1  # pylint: disable=import-outside-toplevel
 
@@ -516,14 +517,14 @@ def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
     patterns = patterns_for(again.trainable)
     shardings = partition(mesh_lib.logical_shardings(blip2.abstract_params(cfg, unbox=False, model=model),
                                                      mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)), patterns)
-    started = _flat(jax.device_get(merge(*loop._initial_params(again, model, cfg, patterns, shardings))))
+    started = _flat(jax.device_get(merge(*init_lib.initial_params(again, model, cfg, patterns, shardings))))
     assert started.keys() == trained.keys()
     for path, value in trained.items():
         np.testing.assert_array_equal(started[path], value, err_msg=path)
 
     hf_export.from_hf(tmp_path / "hf", tmp_path / "back16", dtype="bfloat16")  # stored in bf16 ...
     again.init.checkpoint = str(tmp_path / "back16")
-    halved = _flat(jax.device_get(merge(*loop._initial_params(again, model, cfg, patterns, shardings))))
+    halved = _flat(jax.device_get(merge(*init_lib.initial_params(again, model, cfg, patterns, shardings))))
     for path, value in trained.items():  # ... still starts in the model's float32, at the rounded values
         assert halved[path].dtype == np.float32, path
         np.testing.assert_array_equal(halved[path], value.astype(ml_dtypes.bfloat16).astype(np.float32), path)
@@ -531,9 +532,9 @@ def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
     again.model.qformer.intermediate_size += 8
     model, cfg, _ = layout.build_objective(again)
     with pytest.raises(ValueError, match=r"does not match config.model (?s:.)*intermediate_size: 72 vs 64"):
-        loop._initial_params(again, model, cfg, patterns, shardings)
+        init_lib.initial_params(again, model, cfg, patterns, shardings)
     stage2 = load_config("configs/stage2_opt.py", "tiny")
     stage2.init.checkpoint = str(tmp_path / "back")
     model, cfg, _ = layout.build_objective(stage2)
     with pytest.raises(ValueError, match="holds a Blip2Stage1; stage2 trains a Blip2ForConditionalGeneration"):
-        loop._initial_params(stage2, model, cfg, patterns_for(stage2.trainable), (None, None))
+        init_lib.initial_params(stage2, model, cfg, patterns_for(stage2.trainable), (None, None))

@@ -14,7 +14,8 @@ from blip2_jax.convert.hf import CheckpointMismatchError
 from blip2_jax.convert.stage1_to_stage2 import is_query_path, load_stage1, stage2_from_stage1
 from blip2_jax.models import blip2, presets
 from blip2_jax.parallel import mesh as mesh_lib
-from blip2_jax.train import layout, loop
+from blip2_jax.train import init as init_lib
+from blip2_jax.train import layout
 from blip2_jax.train.partition import merge, partition, patterns_for
 from blip2_jax.train.resume import frozen_fingerprint
 from tests.test_train import load_config, train_tiny_stage1
@@ -89,7 +90,7 @@ def test_init_stage1_is_refused_for_stage1():
     config.init.stage1 = "/a/stage1/run"
     model, cfg, _ = layout.build_objective(config)
     with pytest.raises(ValueError, match="init.stage1 starts stage 2"):
-        loop._initial_params(config, model, cfg, patterns_for(config.trainable), (None, None))
+        init_lib.initial_params(config, model, cfg, patterns_for(config.trainable), (None, None))
 
 
 @pytest.mark.slow
@@ -119,7 +120,7 @@ def test_stage2_starts_from_the_stage1_runs_checkpoint(tmp_path):
     patterns = patterns_for(config.trainable)
     shardings = partition(mesh_lib.logical_shardings(blip2.abstract_params(cfg, unbox=False, model=model),
                                                      mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)), patterns)
-    trainable, frozen = loop._initial_params(config, model, cfg, patterns, shardings)
+    trainable, frozen = init_lib.initial_params(config, model, cfg, patterns, shardings)
     assert all(jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding == s, (trainable, frozen), shardings)))
     started, stage1 = _flat(jax.device_get(merge(trainable, frozen))), _flat(saved[2])
     query = [p for p in started if is_query_path(p)]

@@ -1,9 +1,7 @@
-"""The trainer: mesh -> model -> shardings -> init or resume -> jitted step -> loop.
+"""The trainer: mesh -> layout -> restore or init -> loader -> step -> loop.
 
-Resume order (design, style habit 8): a checkpoint in `workdir` > `config.init.hf` (a Hugging
-Face BLIP-2 checkpoint) or `config.init.checkpoint` (a model checkpoint from `blip2-jax convert`,
-or another run's workdir) > `config.init.bert` (stage 1 from BERT) > random init from the seed; a
-fresh stage 2 then takes its Q-Former query path from `config.init.stage1` (a stage-1 workdir).
+A checkpoint in `workdir` is resumed (design, style habit 8); a fresh run takes its weights from
+`train/init.py` (init.hf, init.checkpoint, BERT, random, then init.stage1, in that order).
 A run that is killed resumes from its last complete checkpoint and continues the exact loss
 curve; SIGTERM (preemption) saves a checkpoint before exiting. Only process 0 writes logs.
 
@@ -18,83 +16,29 @@ import contextlib
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from blip2_jax.checkpoint import Checkpointer
-from blip2_jax.convert.bert_init import init_from_bert, load_bert
-from blip2_jax.convert.hf_checkpoint import config_differences, load_pretrained
-from blip2_jax.convert.model_checkpoint import CheckpointParams, cast_like
-from blip2_jax.convert.stage1_to_stage2 import load_stage1, stage2_from_stage1
 from blip2_jax.data.loader import make_loader
 from blip2_jax.errors import UserError
-from blip2_jax.models import blip2
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.parallel.distributed import initialize
 from blip2_jax.train import metrics as metrics_lib
 from blip2_jax.train.flops import step_flops
+from blip2_jax.train.init import initial_params
 from blip2_jax.train.layout import Layout, build_layout, data_args
 from blip2_jax.train.lock import WorkdirLock
-from blip2_jax.train.partition import merge, partition
 from blip2_jax.train.profiling import StepProfiler, parse_steps
 from blip2_jax.train.progress import Progress
 from blip2_jax.train.resume import frozen_fingerprint, refused_changes
 from blip2_jax.train.validate import check_train_config
-
-
-def _initial_params(config, model, model_cfg, patterns, shardings):
-    """(trainable, frozen) from the configured source, placed with their shardings."""
-    trainable_sh, frozen_sh = shardings
-
-    def place(params):
-        trainable, frozen = partition(params, patterns)
-        return jax.device_put(trainable, trainable_sh), jax.device_put(frozen, frozen_sh)
-
-    if config.init.stage1 and config.stage != "stage2":
-        raise UserError("init.stage1 starts stage 2 from a stage-1 run; a stage-1 Q-Former starts from init.bert")
-    given = [k for k in ("hf", "checkpoint", "bert") if config.init[k]]
-    if len(given) > 1:
-        raise UserError(f"init.{' and init.'.join(given)} each name the starting weights; set one")
-    if config.init.hf:
-        _, params = load_pretrained(config.init.hf, config=model_cfg)
-        trainable, frozen = place(params)
-    elif config.init.checkpoint:
-        trainable, frozen = place(_checkpoint_params(config, model, model_cfg))
-    else:
-        init_fn = jax.jit(lambda rng: partition(nn.unbox(blip2.init(model_cfg, rng, model)["params"]), patterns),
-                          out_shardings=(trainable_sh, frozen_sh))
-        trainable, frozen = init_fn(jax.random.PRNGKey(config.seed))
-        if config.init.bert:
-            if config.stage != "stage1":
-                raise UserError("init.bert initialises a stage-1 Q-Former; stage 2 starts from init.stage1")
-            trainable, frozen = place(init_from_bert(jax.device_get(merge(trainable, frozen)),
-                                                     load_bert(config.init.bert), model_cfg.qformer))
-    if config.init.stage1:  # only the query path moves to the host; the towers stay where they are
-        trainable, frozen = place(stage2_from_stage1(load_stage1(config.init.stage1), merge(trainable, frozen)))
-    return trainable, frozen
-
-
-def _checkpoint_params(config, model, model_cfg) -> Any:
-    """The whole parameter tree of `init.checkpoint` (a model checkpoint or a training workdir),
-    which must hold this run's architecture and config."""
-    source = CheckpointParams.open(config.init.checkpoint)
-    want = blip2.STAGES[config.stage]
-    if source.architecture != want:
-        raise UserError(f"init.checkpoint {source.source} holds a {source.architecture}; {config.stage} trains a "
-                         f"{want}")
-    diffs = config_differences(model_cfg, source.config)
-    if diffs:
-        raise UserError(f"init.checkpoint {source.source} does not match config.model (ours vs checkpoint):\n  "
-                         + "\n  ".join(diffs))
-    # the frozen towers are cast on to config.frozen_dtype by the caller
-    return cast_like(source.tree(), blip2.abstract_params(model_cfg, model=model))
 
 
 class _Preemption:
@@ -172,9 +116,8 @@ def _train(layout: Layout, workdir: Path, ckpt: Checkpointer) -> dict[str, float
         nonfinite_total = stored.get("nonfinite_steps", 0)
         logging.info("resumed from %s at step %d", ckpt.workdir, int(state.step))
     else:
-        trainable, frozen = _initial_params(config, model, model_cfg, layout.patterns,
-                                            (layout.trainable_shardings, layout.frozen_shardings))
-        frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
+        trainable, frozen = initial_params(config, model, model_cfg, layout.patterns,
+                                           (layout.trainable_shardings, layout.frozen_shardings))
         state = jax.jit(layout.create_state, out_shardings=layout.state_shardings)(trainable)
         ckpt.save_frozen(frozen, fingerprint)
         data_state, nonfinite_total = {"next_step": 0}, 0

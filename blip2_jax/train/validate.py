@@ -21,6 +21,7 @@ from blip2_jax.errors import UserError
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.models import presets
 from blip2_jax.parallel import mesh as mesh_lib
+from blip2_jax.train.init import check_init
 from blip2_jax.train.optim import learning_rate_schedule
 from blip2_jax.train.partition import PRESETS as TRAINABLE_PRESETS
 from blip2_jax.train.profiling import parse_steps
@@ -161,6 +162,7 @@ def check_train_config(config: ml_collections.ConfigDict, *, devices: int | None
     _check_log(config.log, config.total_steps)
     _float_dtype("frozen_dtype", config.frozen_dtype)
     _check_trainable(config.trainable)
+    check_init(config)
     _check_optim(config.optim)
     _check_data(config.data)
     check_model(config.model)

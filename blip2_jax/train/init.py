@@ -1,0 +1,86 @@
+"""Where a fresh run's weights come from, placed straight into the layout's shardings.
+
+A run that finds a checkpoint in its workdir resumes from it (`loop.py`) and never comes here.
+Otherwise the starting weights are, in this order:
+
+  1. `init.hf`: a Hugging Face BLIP-2 checkpoint (directory or hub id) of exactly `config.model`;
+  2. `init.checkpoint`: a model checkpoint (`blip2-jax convert`) or another run's workdir that holds
+     this stage's architecture with exactly `config.model`;
+  3. a random init from `config.seed`, then for stage 1 with `init.bert` the Q-Former (and its text
+     side) from BERT;
+  4. for stage 2 with `init.stage1`, on top of any of the above: the Q-Former query path and
+     `ln_vision` of a stage-1 run (`convert/stage1_to_stage2.py`).
+
+1-3 are exclusive; `check_init` refuses a config that names two of them or a source its stage
+cannot use, before the workdir exists. The frozen towers are then cast to `config.frozen_dtype`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from blip2_jax.convert.bert_init import init_from_bert, load_bert
+from blip2_jax.convert.hf_checkpoint import config_differences, load_pretrained
+from blip2_jax.convert.model_checkpoint import CheckpointParams, cast_like
+from blip2_jax.convert.stage1_to_stage2 import load_stage1, stage2_from_stage1
+from blip2_jax.errors import UserError
+from blip2_jax.models import blip2
+from blip2_jax.train.partition import merge, partition
+
+
+def check_init(config: ml_collections.ConfigDict) -> None:
+    """What the config alone says about the starting weights (cheap: opens nothing)."""
+    given = [k for k in ("hf", "checkpoint", "bert") if config.init[k]]
+    if len(given) > 1:
+        raise UserError(f"init.{' and init.'.join(given)} each name the starting weights; set one")
+    if config.init.stage1 and config.stage != "stage2":
+        raise UserError("init.stage1 starts stage 2 from a stage-1 run; a stage-1 Q-Former starts from init.bert")
+    if config.init.bert and config.stage != "stage1":
+        raise UserError("init.bert initialises a stage-1 Q-Former; stage 2 starts from init.stage1")
+
+
+def initial_params(config: ml_collections.ConfigDict, model: nn.Module, model_cfg: Any, patterns: Any,
+                   shardings: tuple[Any, Any]) -> tuple[Any, Any]:
+    """(trainable, frozen) from the configured source (the order above), placed with `shardings`."""
+    check_init(config)
+    trainable_sh, frozen_sh = shardings
+
+    def place(params):
+        trainable, frozen = partition(params, patterns)
+        return jax.device_put(trainable, trainable_sh), jax.device_put(frozen, frozen_sh)
+
+    if config.init.hf:  # 1
+        _, params = load_pretrained(config.init.hf, config=model_cfg)
+        trainable, frozen = place(params)
+    elif config.init.checkpoint:  # 2
+        trainable, frozen = place(_checkpoint_params(config, model, model_cfg))
+    else:  # 3
+        init_fn = jax.jit(lambda rng: partition(nn.unbox(blip2.init(model_cfg, rng, model)["params"]), patterns),
+                          out_shardings=(trainable_sh, frozen_sh))
+        trainable, frozen = init_fn(jax.random.PRNGKey(config.seed))
+        if config.init.bert:
+            trainable, frozen = place(init_from_bert(jax.device_get(merge(trainable, frozen)),
+                                                     load_bert(config.init.bert), model_cfg.qformer))
+    if config.init.stage1:  # 4: only the query path moves to the host; the towers stay where they are
+        trainable, frozen = place(stage2_from_stage1(load_stage1(config.init.stage1), merge(trainable, frozen)))
+    frozen_dtype = jnp.dtype(config.frozen_dtype)
+    return trainable, jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
+
+
+def _checkpoint_params(config: ml_collections.ConfigDict, model: nn.Module, model_cfg: Any) -> Any:
+    """The whole parameter tree of `init.checkpoint` (a model checkpoint or a training workdir),
+    which must hold this run's architecture and config."""
+    source = CheckpointParams.open(config.init.checkpoint)
+    want = blip2.STAGES[config.stage]
+    if source.architecture != want:
+        raise UserError(f"init.checkpoint {source.source} holds a {source.architecture}; {config.stage} trains a "
+                         f"{want}")
+    diffs = config_differences(model_cfg, source.config)
+    if diffs:
+        raise UserError(f"init.checkpoint {source.source} does not match config.model (ours vs checkpoint):\n  "
+                         + "\n  ".join(diffs))
+    return cast_like(source.tree(), blip2.abstract_params(model_cfg, model=model))
