@@ -96,22 +96,32 @@ def _run_child(direction: str, src: Path, out: Path) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/convert_bench"))
+def arguments(description: str, workdir: str) -> argparse.ArgumentParser:
+    """The flags of the benchmarks on this checkpoint (this one and `load_memory.py`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workdir", type=Path, default=Path(workdir))
     parser.add_argument("--shard_gb", type=float, default=2.0)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints written")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def fresh_source(args: argparse.Namespace) -> dict[str, int]:
+    """The random checkpoint written anew in `args.workdir`/hf (`write_source`), with its writing time."""
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    tick = time.perf_counter()
+    return dict(write_source(args.workdir / "hf", int(args.shard_gb * GB)), seconds=time.perf_counter() - tick)
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0], "/tmp/convert_bench").parse_args()
     if args.child:
         child(*args.child)
         return
     from common import cpu_name
 
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    tick = time.perf_counter()
-    source = write_source(args.workdir / "hf", int(args.shard_gb * GB))
-    print(f"device: CPU {cpu_name()}, source written in {time.perf_counter() - tick:.0f} s: "
+    source = fresh_source(args)
+    print(f"device: CPU {cpu_name()}, source written in {source['seconds']:.0f} s: "
           f"{source['params'] / 1e9:.2f} B params, {source['total'] / GB:.2f} GB float16 in {source['shards']} "
           f"shards, largest {source['largest'] / GB:.2f} GB")
     bound = 1.5 * source["largest"] + GB

@@ -37,7 +37,8 @@ def finite(name: str, value: np.ndarray, source: str) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """Where one Hugging Face tensor lives in our tree: leaf `path`, stacked `index` or None."""
+    """Where one Hugging Face tensor lives in our tree: leaf `path`, stacked `index` or None.
+    `to_flax` returns a view (no copy), so a reader can slice one shard out of a memory map."""
 
     path: str
     index: int | None
@@ -53,8 +54,12 @@ def _transpose(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.T)
 
 
+def _transposed(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
 def _conv_to_flax(x: np.ndarray) -> np.ndarray:  # torch (O, I, kh, kw) -> flax (kh, kw, I, O)
-    return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+    return x.transpose(2, 3, 1, 0)
 
 
 def _conv_to_hf(x: np.ndarray) -> np.ndarray:
@@ -127,7 +132,7 @@ def _leaf_name(rest: str, ndim: int) -> tuple[str, Callable, Callable]:
     if leaf == "kernel":
         if ndim == 4:
             return prefix + "weight", _conv_to_flax, _conv_to_hf
-        return prefix + "weight", _transpose, _transpose
+        return prefix + "weight", _transposed, _transpose
     if leaf in ("scale", "embedding"):
         return prefix + "weight", _identity, _identity
     return rest, _identity, _identity
@@ -190,18 +195,16 @@ def _shape_of(tensors: Mapping[str, Any], name: str) -> tuple[int, ...]:
     return tuple(tensors.shape(name)) if hasattr(tensors, "shape") else tuple(np.shape(tensors[name]))
 
 
-def iter_from_hf(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: int = 2,
-                 dtype: Any = None, source: str = "checkpoint") -> Iterator[tuple[str, np.ndarray]]:
-    """('/'-joined path, array) for every leaf of our tree (shapes of `abstract`), one leaf at a
-    time, from Hugging Face `tensors` (read lazily: one stacked leaf is in memory at a time).
+def leaf_sources(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: int = 2,
+                 source: str = "checkpoint") -> dict[str, list[tuple[str, Slot]]]:
+    """Our '/'-joined path -> [(the Hugging Face tensor to read, its slot)] for every leaf of our
+    tree (shapes of `abstract`), nothing read but headers.
 
     Strict: every tensor is used exactly once (tied aliases must equal what they alias); every
     parameter is found; every shape matches. All problems are collected and raised together in
-    one `CheckpointMismatchError` before the first leaf is produced, so nothing is ever
-    half-converted. `dtype` (default: the abstract leaf dtype) is the storage dtype of the result.
+    one `CheckpointMismatchError`, so a caller never starts on a checkpoint it cannot finish.
     """
     shapes = flat_shapes(abstract)
-    dtypes = {"/".join(k): v.dtype for k, v in traverse_util.flatten_dict(abstract).items()}
     table = slots(shapes, qformer_group=qformer_group)
     keys = set(tensors)
     aliases = _lm_prefixed(_ALIASES, set(table))
@@ -235,16 +238,27 @@ def iter_from_hf(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: i
 
     by_leaf: dict[str, list[tuple[str, Slot]]] = {}
     for name, slot in table.items():
-        by_leaf.setdefault(slot.path, []).append((name, slot))
-    for path, entries in by_leaf.items():
+        by_leaf.setdefault(slot.path, []).append((source_for(name), slot))
+    return by_leaf
+
+
+def iter_from_hf(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: int = 2,
+                 dtype: Any = None, source: str = "checkpoint") -> Iterator[tuple[str, np.ndarray]]:
+    """('/'-joined path, array) for every leaf of our tree (shapes of `abstract`), one leaf at a
+    time, from Hugging Face `tensors` (read lazily: one stacked leaf is in memory at a time), after
+    `leaf_sources`' checks. `dtype` (default: the abstract leaf dtype) is the storage dtype."""
+    shapes = flat_shapes(abstract)
+    dtypes = {"/".join(k): v.dtype for k, v in traverse_util.flatten_dict(abstract).items()}
+    for path, entries in leaf_sources(tensors, abstract, qformer_group=qformer_group, source=source).items():
         target = dtype if dtype is not None else dtypes[path]
         if entries[0][1].index is None:
             (name, slot), = entries
-            yield path, finite(name, slot.to_flax(to_numpy(tensors[source_for(name)])).astype(target), source)
+            value = np.array(slot.to_flax(to_numpy(tensors[name])), target, order="C")  # a copy, never a view of
+            yield path, finite(name, value, source)  # torch's memory or of the file
             continue
         out = np.empty(shapes[path], target)  # filled layer by layer: no list of copies to stack
         for name, slot in entries:
-            out[slot.index] = finite(name, slot.to_flax(to_numpy(tensors[source_for(name)])), source)
+            out[slot.index] = finite(name, slot.to_flax(to_numpy(tensors[name])), source)
         yield path, out
 
 

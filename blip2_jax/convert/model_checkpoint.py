@@ -50,14 +50,18 @@ def abstract_params(architecture: str, config: config_lib.Blip2Config) -> Tree:
     return blip2.abstract_params(config, model=blip2.build(config, architecture))
 
 
-def _restore(directory: epath.Path, paths: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """'/'-joined path -> host array for the leaves `paths` (default all) of an Orbax pytree."""
-    handler = ocp.PyTreeCheckpointHandler()
+def _restore(directory: epath.Path, paths: Iterable[str] | None = None,
+             args: Callable[[str], ocp.RestoreArgs] | None = None) -> dict[str, Any]:
+    """'/'-joined path -> array for the leaves `paths` (default all) of an Orbax pytree: host arrays,
+    or what `args(path)` asks for (an `ArrayRestoreArgs` with a sharding reads only the shards, at
+    most 1 GB of them in flight: Orbax's default lets the reads of a whole model overlap)."""
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=None if args is None else 1)
     try:
         flat = traverse_util.flatten_dict(handler.metadata(directory).tree, sep="/")
         wanted = list(flat) if paths is None else list(paths)
         item = traverse_util.unflatten_dict({p: flat[p] for p in wanted}, sep="/")
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        restore_args = traverse_util.unflatten_dict(
+            {p: ocp.RestoreArgs(restore_type=np.ndarray) if args is None else args(p) for p in wanted}, sep="/")
         out = handler.restore(directory, args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=paths is not None))
     finally:
@@ -157,15 +161,29 @@ class CheckpointParams:
         """The whole parameter tree as host arrays."""
         return traverse_util.unflatten_dict(self.read(self.shapes), sep="/")
 
+    def read_sharded(self, shardings: dict[str, jax.sharding.Sharding],
+                     dtypes: dict[str, np.dtype]) -> dict[str, jax.Array]:
+        """Every leaf restored straight into its sharding and dtype (path -> ...): each device's shard
+        is read from the checkpoint and nothing else, so no host copy of the model ever exists.
+        Finiteness is checked shard by shard."""
+        by_tree: dict[tuple[epath.Path, str], list[str]] = {}
+        for p in self.shapes:
+            by_tree.setdefault(self._where[p], []).append(p)
+        out = {}
+        for (directory, inner), group in by_tree.items():
+            def args(path: str, inner: str = inner) -> ocp.ArrayRestoreArgs:
+                leaf = path[len(inner):]
+                return ocp.ArrayRestoreArgs(sharding=shardings[leaf], dtype=dtypes[leaf],
+                                            global_shape=self.shapes[leaf][0])
+            for k, v in _restore(directory, [inner + p for p in group], args).items():
+                for shard in v.addressable_shards:
+                    finite(k[len(inner):], np.asarray(shard.data), str(directory))
+                out[k[len(inner):]] = v
+        return out
+
     @property
     def nbytes(self) -> int:
         return sum(d.itemsize * int(np.prod(s, dtype=np.int64)) for s, d in self.shapes.values())
-
-
-def cast_like(tree: Tree, abstract: Tree) -> Tree:
-    """Host leaves cast to `abstract`'s dtypes: a checkpoint stored in bf16 (`convert --dtype`)
-    trains and evaluates in the model's parameter dtype."""
-    return jax.tree.map(lambda x, a: x.astype(a.dtype), tree, abstract)
 
 
 def temporary_sibling(out: Path) -> Path:

@@ -73,10 +73,5 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
 
 def jit_replicated(fn: Callable, mesh: Mesh, **kwargs) -> Callable:
     """`fn` jitted with replicated outputs; its inputs bring their shardings (`to_global`,
-    `replicate`, parameters placed by `place_params`)."""
+    `replicate`, parameters placed by `weights.load`)."""
     return jax.jit(fn, out_shardings=mesh_lib.replicated(mesh), **kwargs)
-
-
-def place_params(params: Any, boxed_abstract: Any, mesh: Mesh) -> Any:
-    """Parameters on the mesh with their logical shardings (replicated where an axis has size 1)."""
-    return jax.device_put(params, mesh_lib.logical_shardings(boxed_abstract, mesh))

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
+from flax import traverse_util
 
 from blip2_jax.convert.bert_init import init_from_bert, load_bert
 from blip2_jax.convert.hf_checkpoint import config_differences, load_pretrained
-from blip2_jax.convert.model_checkpoint import CheckpointParams, cast_like
+from blip2_jax.convert.model_checkpoint import CheckpointParams
 from blip2_jax.convert.stage1_to_stage2 import load_stage1, stage2_from_stage1
 from blip2_jax.errors import UserError
 from blip2_jax.models import blip2
@@ -56,8 +57,8 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, model_cf
     if config.init.hf:  # 1
         _, params = load_pretrained(config.init.hf, config=model_cfg)
         trainable, frozen = place(params)
-    elif config.init.checkpoint:  # 2
-        trainable, frozen = place(_checkpoint_params(config, model, model_cfg))
+    elif config.init.checkpoint:  # 2: read straight into the shardings, no host copy
+        trainable, frozen = partition(_checkpoint_params(config, model, model_cfg, shardings), patterns)
     else:  # 3
         init_fn = jax.jit(lambda rng: partition(nn.unbox(blip2.init(model_cfg, rng, model)["params"]), patterns),
                           out_shardings=(trainable_sh, frozen_sh))
@@ -71,9 +72,10 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, model_cf
     return trainable, jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
 
 
-def _checkpoint_params(config: ml_collections.ConfigDict, model: nn.Module, model_cfg: Any) -> Any:
+def _checkpoint_params(config: ml_collections.ConfigDict, model: nn.Module, model_cfg: Any,
+                       shardings: tuple[Any, Any]) -> Any:
     """The whole parameter tree of `init.checkpoint` (a model checkpoint or a training workdir),
-    which must hold this run's architecture and config."""
+    which must hold this run's architecture and config, in the model's dtypes and `shardings`."""
     source = CheckpointParams.open(config.init.checkpoint)
     want = blip2.STAGES[config.stage]
     if source.architecture != want:
@@ -83,4 +85,7 @@ def _checkpoint_params(config: ml_collections.ConfigDict, model: nn.Module, mode
     if diffs:
         raise UserError(f"init.checkpoint {source.source} does not match config.model (ours vs checkpoint):\n  "
                          + "\n  ".join(diffs))
-    return cast_like(source.tree(), blip2.abstract_params(model_cfg, model=model))
+    abstract = traverse_util.flatten_dict(blip2.abstract_params(model_cfg, model=model), sep="/")
+    flat = source.read_sharded(traverse_util.flatten_dict(merge(*shardings), sep="/"),
+                               {p: leaf.dtype for p, leaf in abstract.items()})
+    return traverse_util.unflatten_dict(flat, sep="/")

@@ -1,0 +1,117 @@
+"""`load(path_or_id, mesh=..., shardings=...)`: a Hugging Face directory or hub id, a model
+checkpoint (`blip2-jax convert`), a training workdir or one of its steps -> architecture, config,
+tokenizer source and parameters, each leaf placed straight into its sharding.
+
+No host copy of the model is ever made. Orbax sources restore with sharded targets, so each
+device's shard is read from the checkpoint and nothing else. Safetensors leaves are built by
+`jax.make_array_from_callback`: each device's callback slices its shard out of the file's memory
+map (through the layout transform, a view), so the host holds about one shard at a time. On
+accelerators the arrays then leave the host entirely; on simulated CPU devices they are the host
+memory the model needs, and only the transient copies are saved (`benchmarks/load_memory.py`).
+A LAVIS `.pth` is read through `blip2-jax convert from-lavis` first (a pickle cannot be sliced).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from blip2_jax.convert import hf as hf_names
+from blip2_jax.convert.hf_checkpoint import read_config, resolve
+from blip2_jax.convert.hf_export import hf_architecture, hf_tensors
+from blip2_jax.convert.model_checkpoint import METADATA, CheckpointParams
+from blip2_jax.models import blip2
+from blip2_jax.models import config as config_lib
+from blip2_jax.parallel import mesh as mesh_lib
+
+Tree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    architecture: str  # a `blip2.ARCHITECTURES` name
+    config: config_lib.Blip2Config
+    tokenizer: str  # where the checkpoint's tokenizer is ("" if it has none)
+    params: Tree  # placed in the shardings asked for
+    source: str
+
+
+def is_model_checkpoint(path: str | os.PathLike) -> bool:
+    """A model checkpoint, a training workdir or one of its `checkpoints/<step>` directories."""
+    path = Path(path)
+    return (path / METADATA).exists() or (path / "checkpoints").exists() or path.parent.name == "checkpoints"
+
+
+def load(path_or_id: str | os.PathLike, *, mesh: Mesh | None = None, shardings: Tree | None = None,
+         dtype: Any = None, step: int | None = None, **overrides) -> Loaded:
+    """The checkpoint at `path_or_id` with its parameters placed in `shardings` (a tree like the
+    parameters), else on `mesh` by the default logical rules, else on the first device. `dtype`
+    (default: the config's `param_dtype`) is the parameters' dtype; `step` picks a workdir's step;
+    `overrides` set non-architectural config fields (`dtype`, `param_dtype`, `remat_policy`)."""
+    if is_model_checkpoint(path_or_id):
+        source = CheckpointParams.open(path_or_id, step)
+        architecture, config, tokenizer = source.architecture, source.config, source.tokenizer
+        name = source.source
+    else:
+        directory = resolve(path_or_id)
+        hf_config = read_config(directory)
+        config, architecture = config_lib.from_hf(hf_config), hf_architecture(directory, hf_config)
+        tokenizer, name = str(directory) if Path(path_or_id).is_dir() else str(path_or_id), str(directory)
+    config = config.replace(**overrides) if overrides else config
+    boxed = blip2.abstract_params(config, unbox=False, model=blip2.build(config, architecture))
+    if shardings is None:
+        shardings = (mesh_lib.logical_shardings(boxed, mesh) if mesh is not None else
+                     jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), boxed,
+                                  is_leaf=lambda x: hasattr(x, "unbox")))
+    flat_shardings = traverse_util.flatten_dict(shardings, sep="/")
+    abstract = nn.unbox(boxed)
+    dtypes = {p: np.dtype(dtype if dtype is not None else leaf.dtype)
+              for p, leaf in traverse_util.flatten_dict(abstract, sep="/").items()}
+    if is_model_checkpoint(path_or_id):
+        flat = source.read_sharded(flat_shardings, dtypes)
+    else:
+        flat = hf_leaves(hf_tensors(directory, architecture), abstract, flat_shardings, dtypes,
+                         qformer_group=config.qformer.cross_attention_frequency, source=name)
+    return Loaded(architecture, config, tokenizer, traverse_util.unflatten_dict(flat, sep="/"), name)
+
+
+def hf_leaves(tensors: Mapping[str, Any], abstract: Tree, shardings: dict[str, jax.sharding.Sharding],
+              dtypes: dict[str, np.dtype], *, qformer_group: int, source: str) -> dict[str, jax.Array]:
+    """Every leaf of our tree (shapes of `abstract`) from Hugging Face `tensors`, built shard by shard
+    in `shardings` and `dtypes` (path -> ...), after `hf.leaf_sources`' strict checks."""
+    shapes = hf_names.flat_shapes(abstract)
+    return {path: jax.make_array_from_callback(shapes[path], shardings[path],
+                                               _shard_reader(tensors, entries, dtypes[path], source))
+            for path, entries in hf_names.leaf_sources(tensors, abstract, qformer_group=qformer_group,
+                                                       source=source).items()}
+
+
+def _shard_reader(tensors: Mapping[str, Any], entries: list[tuple[str, hf_names.Slot]], dtype: np.dtype,
+                  source: str):
+    """index (a tuple of slices of our leaf) -> that block, read from the tensors it comes from."""
+    by_layer = {slot.index: (name, slot) for name, slot in entries}
+
+    def view(name: str, slot: hf_names.Slot) -> np.ndarray:
+        return slot.to_flax(hf_names.to_numpy(tensors[name]))
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        if None in by_layer:  # one tensor, not stacked
+            (name, slot), = entries
+            block = np.array(view(name, slot)[index], dtype, order="C")  # a copy, not a view of the file
+            return hf_names.finite(name, block, source)
+        layers = range(*index[0].indices(len(by_layer)))
+        first = view(*by_layer[layers[0]])[index[1:]] if len(layers) else None
+        block = np.empty((len(layers), *(first.shape if first is not None else ())), dtype)
+        for k, i in enumerate(layers):
+            name, slot = by_layer[i]
+            block[k] = hf_names.finite(name, view(name, slot)[index[1:]], source)
+        return block
+
+    return read
