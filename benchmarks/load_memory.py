@@ -5,10 +5,10 @@ shardings) against the whole-tree path it replaces (read every leaf to host nump
 The checkpoint is `benchmarks/convert_memory.py`'s: EVA ViT-g + BERT-base Q-Former + OPT-1.3b sizes,
 about 2.4 B parameters, float16 safetensors in 2 GB shards, plus the model checkpoint
 `blip2-jax convert from-hf --dtype D` makes of it; both are loaded as D (`--dtype`, default bfloat16,
-so that the whole-tree path fits in 24 GB beside the placed arrays). Each load runs in a fresh process on 8 simulated CPU
-devices with fsdp=8 and reports:
+so that the whole-tree path fits in 24 GB beside the placed arrays). Each load runs in a fresh process on 8
+simulated CPU devices with fsdp=8 and reports:
 - peak RSS (the kernel's high-water mark, read before anything else is touched);
-- the runtime's own RSS before the load (JAX, the mesh, the abstract model);
+- the runtime's own RSS before the load (JAX and the mesh);
 - the bytes the placed arrays hold (each device's shards: on simulated devices these live in host
   memory, on accelerators they would not);
 - what is left, peak - runtime - placed: the transient host copies the load made, which the issue
@@ -109,8 +109,9 @@ def main() -> None:
                     "hf_export.from_hf(sys.argv[1], sys.argv[2], dtype=sys.argv[3])", str(args.workdir / "hf"),
                     str(args.workdir / "model_checkpoint"), args.dtype], check=True, capture_output=True)
     print(f"device: CPU {cpu_name()}, {DEVICES} simulated devices, fsdp={DEVICES}; sources written in "
-          f"{time.perf_counter() - tick:.0f} s: {source['params'] / 1e9:.2f} B params, HF {source['total'] / GB:.2f} GB "
-          f"float16 in {source['shards']} shards, model checkpoint and loaded parameters {args.dtype}")
+          f"{time.perf_counter() - tick:.0f} s: {source['params'] / 1e9:.2f} B params, "
+          f"HF {source['total'] / GB:.2f} GB float16 in {source['shards']} shards, model checkpoint and loaded "
+          f"parameters {args.dtype}")
     print(f"  {'source':<17} {'path':<14} {'seconds':>7} {'runtime':>8} {'peak RSS':>9} {'placed':>7} "
           f"{'transient':>9}  bound (1.5 x largest leaf)")
     for name, src in (("HF safetensors", args.workdir / "hf"), ("model checkpoint", args.workdir / "model_checkpoint")):
@@ -124,10 +125,11 @@ def main() -> None:
                   f"{'within' if transient <= bound else 'ABOVE'}")
         new, old = results.values()
         same = new["digests"] == old["digests"]
+        transients = [r["peak"] - r["runtime"] - r["placed"] for r in (old, new)]
         print(f"  {name}: {len(new['digests'])} leaves, {new['params'] / 1e9:.2f} B params, "
               f"{'bit-identical' if same else 'DIFFERENT'}; transient host memory "
-              f"{(old['peak'] - old['runtime'] - old['placed']) / max(new['peak'] - new['runtime'] - new['placed'], 1):.1f}x "
-              f"less, peak RSS {old['peak'] / new['peak']:.2f}x less, time {old['seconds'] / new['seconds']:.2f}x")
+              f"{transients[0] / max(transients[1], 1):.1f}x less, peak RSS {old['peak'] / new['peak']:.2f}x less, "
+              f"time {old['seconds'] / new['seconds']:.2f}x")
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

@@ -39,14 +39,15 @@ def parse_rules(rules: Mapping[str, str | None]) -> Rules:
     """`{'embed': 'fsdp', 'mlp': 'tensor', 'norm': ''}` -> flax's rule tuples, every name checked."""
     unknown = sorted(set(rules) - set(DEFAULT_RULES))
     if unknown:
-        raise UserError(f"config.mesh.rules.{unknown[0]}: not a logical axis of the parameters; they are {list(DEFAULT_RULES)}")
+        raise UserError(f"config.mesh.rules.{unknown[0]}: not a logical axis of the parameters; they are "
+                        f"{list(DEFAULT_RULES)}")
     parsed = []
     for logical in DEFAULT_RULES:
         text = rules.get(logical, DEFAULT_RULES[logical])
         axes = tuple(a.strip() for a in (text or "").split(",") if a.strip())
         if any(a not in MESH_AXES for a in axes) or len(set(axes)) != len(axes):
-            raise UserError(f"config.mesh.rules.{logical}={text!r}: expected distinct mesh axes from {MESH_AXES}, comma-separated, "
-                            "or '' to replicate")
+            raise UserError(f"config.mesh.rules.{logical}={text!r}: expected distinct mesh axes from {MESH_AXES}, "
+                            "comma-separated, or '' to replicate")
         parsed.append((logical, axes[0] if len(axes) == 1 else (axes or None)))
     return tuple(parsed)
 
