@@ -135,9 +135,13 @@ def check_python(argv: list[str]) -> None:
         return
     script = ROOT / argv[1]
     assert script.is_file(), f"{argv[1]} does not exist"
-    options = {node.args[0].value for node in ast.walk(ast.parse(script.read_text()))
-               if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
-               and isinstance(node.args[0], ast.Constant)}
+    tree = ast.parse(script.read_text())
+    # a script's options, and those of the sibling modules it imports (a shared parser)
+    siblings = [script.parent / f"{node.module}.py" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module and (script.parent / f"{node.module}.py").is_file()]
+    options = {node.args[0].value for t in [tree, *(ast.parse(f.read_text()) for f in siblings)]
+               for node in ast.walk(t) if isinstance(node, ast.Call)
+               and getattr(node.func, "attr", "") == "add_argument" and isinstance(node.args[0], ast.Constant)}
     for token in argv[2:]:
         if token.startswith("--"):
             assert token.split("=")[0] in options, f"{argv[1]} takes no {token}; it takes {sorted(options)}"
