@@ -55,6 +55,19 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The steps with a complete checkpoint, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def metadata(self, step: int) -> dict:
+        """What `save` stored beside `step`'s state: the run's config (JSON), frozen source, counters."""
+        return self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+    def state_dir(self, step: int) -> epath.Path:
+        """The Orbax pytree of `step`'s train state, for readers of single leaves (its `params` subtree
+        holds the trained parameters)."""
+        return self.workdir / "checkpoints" / str(step) / "state"
+
     def save(self, step: int, state: Any, data_state: dict, metadata: dict, *, force: bool = False) -> bool:
         """Save at `step` if the interval says so (or `force`); returns whether it saved."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
@@ -79,13 +92,13 @@ class Checkpointer:
         Steps that fail to read are logged, skipped and (by the owner's process 0) moved out of
         `checkpoints/`, so the run rewrites them and keep-N counts only readable ones."""
         skipped = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        for step in reversed(self.steps()):
             try:
-                metadata = self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+                metadata = self.metadata(step)
             except Exception as e:  # pylint: disable=broad-except  # any unreadable file: try an older step
                 skipped.append((step, e))
                 continue
-            check(metadata["metadata"])
+            check(metadata)
             try:
                 restored = self.restore(abstract_state, step)
             except Exception as e:  # pylint: disable=broad-except

@@ -41,7 +41,7 @@ def tiny_config():
 
 def steps_in(workdir) -> list[int]:
     ckpt = Checkpointer(workdir, save_every=1)
-    steps = sorted(ckpt.manager.all_steps())
+    steps = ckpt.steps()
     ckpt.close()
     return steps
 

@@ -127,20 +127,19 @@ class CheckpointParams:
 
         ckpt = Checkpointer(path, save_every=1, async_save=False)
         try:
-            steps = ckpt.manager.all_steps()
+            steps = ckpt.steps()
             step = ckpt.latest_step() if step is None else step
             if step not in steps:
                 raise InputNotFound(f"no complete checkpoint{'' if step is None else f' at step {step}'} in "
-                                    f"{path / 'checkpoints'} (complete steps: {sorted(steps)})")
-            meta = ckpt.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-            frozen_dir = ckpt.frozen_dir
+                                    f"{path / 'checkpoints'} (complete steps: {steps})")
+            meta, state_dir, frozen_dir = ckpt.metadata(step), ckpt.state_dir(step), ckpt.frozen_dir
         finally:
             ckpt.close()
         run = json.loads(meta["config"])
         config = presets.from_config_dict(run["model"])
         architecture = blip2.STAGES[run["stage"]]
         # the train state holds `params` beside the optimizer state, step and RNG key
-        trees = [(path / "checkpoints" / str(step) / "state", "params")]
+        trees = [(state_dir, "params")]
         if frozen_dir.exists():  # a run with nothing frozen has none
             trees.append((frozen_dir, ""))
         return cls(architecture, config, trees, source=f"{path} step {step}",
