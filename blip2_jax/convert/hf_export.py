@@ -59,9 +59,9 @@ def parse_size(text: str | int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Hugging Face -> ours
 
-def hf_architecture(directory: Path, hf_config: dict[str, Any]) -> str:
+def hf_architecture(directory: Path, config: config_lib.Blip2Config) -> str:
     """Stage 1 keeps its Q-Former LM head and `temp` in a side file beside Hugging Face's weights."""
-    return blip2.architecture_of(config_lib.from_hf(hf_config), itg_head=(directory / STAGE1_EXTRAS).is_file())
+    return blip2.architecture_of(config, itg_head=(directory / STAGE1_EXTRAS).is_file())
 
 
 def hf_tensors(directory: Path, architecture: str) -> safetensors_io.SafetensorsFiles:
@@ -74,9 +74,8 @@ def from_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None
     """A Hugging Face BLIP-2 directory or hub id -> a model checkpoint at `out` (see
     `model_checkpoint`), validated in full before anything is written."""
     directory = resolve(src, extra_patterns=PROCESSOR_FILES + (STAGE1_EXTRAS,))
-    hf_config = read_config(directory)
-    architecture = hf_architecture(directory, hf_config)
-    config = config_lib.from_hf(hf_config)
+    config = config_lib.from_hf(read_config(directory))
+    architecture = hf_architecture(directory, config)
     tensors = hf_tensors(directory, architecture)
     leaves = hf_names.iter_from_hf(tensors, model_checkpoint.abstract_params(architecture, config),
                                    qformer_group=config.qformer.cross_attention_frequency, dtype=dtype,

@@ -55,14 +55,15 @@ def load(path_or_id: str | os.PathLike, *, mesh: Mesh | None = None, shardings: 
     parameters), else on `mesh` by the default logical rules, else on the first device. `dtype`
     (default: the config's `param_dtype`) is the parameters' dtype; `step` picks a workdir's step;
     `overrides` set non-architectural config fields (`dtype`, `param_dtype`, `remat_policy`)."""
-    if is_model_checkpoint(path_or_id):
+    orbax = is_model_checkpoint(path_or_id)
+    if orbax:
         source = CheckpointParams.open(path_or_id, step)
         architecture, config, tokenizer = source.architecture, source.config, source.tokenizer
         name = source.source
     else:
         directory = resolve(path_or_id)
-        hf_config = read_config(directory)
-        config, architecture = config_lib.from_hf(hf_config), hf_architecture(directory, hf_config)
+        config = config_lib.from_hf(read_config(directory))
+        architecture = hf_architecture(directory, config)
         tokenizer, name = str(directory) if Path(path_or_id).is_dir() else str(path_or_id), str(directory)
     config = config.replace(**overrides) if overrides else config
     boxed = blip2.abstract_params(config, unbox=False, model=blip2.build(config, architecture))
@@ -74,7 +75,7 @@ def load(path_or_id: str | os.PathLike, *, mesh: Mesh | None = None, shardings: 
     abstract = nn.unbox(boxed)
     dtypes = {p: np.dtype(dtype if dtype is not None else leaf.dtype)
               for p, leaf in traverse_util.flatten_dict(abstract, sep="/").items()}
-    if is_model_checkpoint(path_or_id):
+    if orbax:
         flat = source.read_sharded(flat_shardings, dtypes)
     else:
         flat = hf_leaves(hf_tensors(directory, architecture), abstract, flat_shardings, dtypes,
