@@ -4,7 +4,7 @@ shardings) against the whole-tree path it replaces (read every leaf to host nump
 
 The checkpoint is `benchmarks/convert_memory.py`'s: EVA ViT-g + BERT-base Q-Former + OPT-1.3b sizes,
 about 2.4 B parameters, float16 safetensors in 2 GB shards, plus the model checkpoint
-`blip2-jax convert from-hf --dtype D` makes of it; both are loaded as D (`--dtype`, default bfloat16,
+`blip2-jax convert from-hf --out_dtype D` makes of it; both are loaded as D (`--dtype`, default bfloat16,
 so that the whole-tree path fits in 24 GB beside the placed arrays). Each load runs in a fresh process on 8
 simulated CPU devices with fsdp=8 and reports:
 - peak RSS (the kernel's high-water mark, read before anything else is touched);

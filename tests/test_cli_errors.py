@@ -2,6 +2,7 @@
 error is one or two lines naming the field, exit code 2, before a workdir or a compile exists;
 relative paths reach Orbax as absolute ones; over-long generation is refused where `transformers`
 fails too; SIGTERM during start-up exits 0 at once."""
+import dataclasses
 import os
 import pathlib
 import signal
@@ -13,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from absl.testing import flagsaver
 from PIL import Image
 
 from flax import traverse_util
 
 from blip2_jax import cli
+from blip2_jax.cli.inference import search_config
 from blip2_jax.convert import model_checkpoint
 from blip2_jax.convert.hf import CheckpointMismatchError
 from blip2_jax.convert.hf_checkpoint import load_pretrained
@@ -74,13 +75,13 @@ def test_train_config_errors_are_one_line_before_anything_runs(blip2_jax, tmp_pa
     (["train", "--no_such_flag"], "Unknown command line flag 'no_such_flag'"),
     (["plan", "--config", f"{ROOT}/configs/stage1.py:tiny", "--mesh", "data=3"],
      "config.batch_size 8 must be a multiple of the 3 devices of --mesh's data x fsdp axes"),
-    (["plan", "--config", f"{ROOT}/configs/stage1.py:tiny", "--batch", "0"], "config.batch_size must be"),
+    (["plan", "--config", f"{ROOT}/configs/stage1.py:tiny", "--config.batch_size=0"], "config.batch_size must be"),
     (["plan", "--config", f"{ROOT}/configs/stage1.py:tiny", "--mesh", "data=0"], "--mesh takes data=D"),
     (["eval", "--config", f"{ROOT}/configs/eval/caption.py:coco_opt2.7b", "--out", "o", "--config.fsdp=0"],
      "config.fsdp must be an integer >= 1, got 0"),
     (["eval", "--config", f"{ROOT}/configs/eval/caption.py:coco_opt2.7b", "--out", "o",
       "--config.generation.num_beams=0"], "num_beams and num_return_sequences must be >= 1"),
-    (["convert", "to-hf", "--checkpoint", "nothere", "--out", "x"], "nothere is neither a model checkpoint"),
+    (["convert", "to-hf", "--src", "nothere", "--out", "x"], "nothere is neither a model checkpoint"),
 ])
 def test_plan_eval_convert_errors_are_one_line(blip2_jax, tmp_path, monkeypatch, args, expected):
     monkeypatch.chdir(tmp_path)
@@ -91,10 +92,10 @@ def test_plan_eval_convert_errors_are_one_line(blip2_jax, tmp_path, monkeypatch,
 
 def test_a_bug_keeps_its_traceback(blip2_jax, monkeypatch):
     """Only our own user errors are one line: an exception from anywhere else propagates."""
-    def broken():
-        raise ValueError("an internal bug")
+    def broken(values):
+        raise ValueError(f"an internal bug ({values.workdir})")
 
-    monkeypatch.setattr(cli, "demo", broken)
+    monkeypatch.setitem(cli.COMMANDS, ("demo",), dataclasses.replace(cli.COMMANDS[("demo",)], run=broken))
     with pytest.raises(ValueError, match="an internal bug"):
         blip2_jax("demo")
 
@@ -123,7 +124,7 @@ def test_relative_convert_paths(blip2_jax, hf_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = blip2_jax("convert", "from-hf", "--src", str(hf_dir), "--out", "x/y")
     assert code == 0, err
-    code, _, err = blip2_jax("convert", "to-hf", "--checkpoint", "x/y", "--out", "h")
+    code, _, err = blip2_jax("convert", "to-hf", "--src", "x/y", "--out", "h")
     assert code == 0, err
     assert transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "h").config.num_query_tokens == 10
 
@@ -149,9 +150,8 @@ def test_a_max_below_the_presets_minimum_lowers_it(blip2_jax, hf_dir):
     an explicit --min_length is kept, and a larger max keeps the preset's."""
     for args, min_length in [(["--max_new_tokens", "5"], 5), (["--max_new_tokens", "20"], 8),
                              (["--max_new_tokens", "5", "--min_length", "7"], 7), ([], 8)]:
-        with flagsaver.flagsaver():
-            cli.flags.FLAGS(["blip2-jax", *args])
-            assert cli._search_config(CAPTION).min_length == min_length  # pylint: disable=protected-access
+        _, values = cli.parse(["blip2-jax", "generate", *args])
+        assert search_config(values, CAPTION).min_length == min_length
     code, out, err = blip2_jax("generate", "--checkpoint", str(hf_dir), "--image", str(hf_dir / "a.png"),
                                "--max_new_tokens", "5")
     assert code == 0 and out.startswith(str(hf_dir / "a.png") + "\t"), err

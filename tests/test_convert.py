@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from absl import app, flags
-from absl.testing import flagsaver
+from absl import app
 from flax import linen as nn
 from flax import traverse_util
 from safetensors.numpy import load_file
@@ -465,16 +464,14 @@ def test_export_refuses_a_bad_tokenizer_or_an_existing_out(hf_dirs, tmp_path):
 
 def test_cli_converts_both_ways(hf_dirs, tmp_path, capsys):
     src = hf_dirs["t5"][0]
-    with flagsaver.flagsaver():
-        cli.main(flags.FLAGS(["blip2-jax", "convert", "from-hf", "--src", str(src), "--out", str(tmp_path / "o")]))
+    cli.main(["blip2-jax", "convert", "from-hf", "--src", str(src), "--out", str(tmp_path / "o")])
     assert "Blip2ForConditionalGeneration" in capsys.readouterr().out
-    with flagsaver.flagsaver():
-        cli.main(flags.FLAGS(["blip2-jax", "convert", "to-hf", "--checkpoint", str(tmp_path / "o"), "--out",
-                              str(tmp_path / "h"), "--dtype", "float16"]))
+    cli.main(["blip2-jax", "convert", "to-hf", "--src", str(tmp_path / "o"), "--out", str(tmp_path / "h"),
+              "--out_dtype", "float16"])
     _loaded(tmp_path / "h", "t5")
     assert {v.dtype for v in load_file(tmp_path / "h" / "model.safetensors").values()} == {np.dtype(np.float16)}
-    with flagsaver.flagsaver(), pytest.raises(app.UsageError, match="--model"):
-        cli.main(flags.FLAGS(["blip2-jax", "convert", "from-lavis", "--src", "x.pth", "--out", "y"]))
+    with pytest.raises(app.UsageError, match="--model"):
+        cli.main(["blip2-jax", "convert", "from-lavis", "--src", "x.pth", "--out", "y"])
 
 
 # ---------------------------------------------------------------------------------------------

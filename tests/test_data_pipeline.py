@@ -161,7 +161,7 @@ def test_data_build_writes_the_json_records_to_array_record(dataset, tmp_path):
 
 def _data_build(annotations: Path, image_root: Path, prefix: Path, num_shards: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "blip2_jax", "data", "build", "--annotations", str(annotations),
-                           "--image_root", str(image_root), "--output", str(prefix), "--num_shards", str(num_shards)],
+                           "--image_root", str(image_root), "--out", str(prefix), "--num_shards", str(num_shards)],
                           capture_output=True, text=True, check=False)
 
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from absl import app, flags
-from absl.testing import flagsaver
+from absl import app
 from PIL import Image
 
 from blip2_jax import cli
@@ -99,11 +98,10 @@ def test_answer_formats_the_question_into_the_prompt(generator, ckpt, monkeypatc
 def test_cli_prints_path_and_the_api_caption(ckpt, three, capsys):
     argv = ["blip2-jax", "generate", "--checkpoint", str(ckpt["dir"]), "--image", ckpt["png"], "--prompt",
             PROMPTS[0]] + CLI_SEARCH
-    with flagsaver.flagsaver():
-        cli.main(flags.FLAGS(argv))
+    cli.main(argv)
     assert capsys.readouterr().out == f"{ckpt['png']}\t{three[0]}\n"
-    with flagsaver.flagsaver(), pytest.raises(app.UsageError, match="--checkpoint"):
-        cli.main(flags.FLAGS(["blip2-jax", "generate", "--image", ckpt["png"]]))
+    with pytest.raises(app.UsageError, match="--checkpoint"):
+        cli.main(["blip2-jax", "generate", "--image", ckpt["png"]])
 
 
 def test_bad_inputs_are_named(generator, ckpt, tmp_path):

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from blip2_jax.convert.hf_checkpoint import load_pretrained, resolve
 from blip2_jax.data.images import ImageInput, preprocess_images
 from blip2_jax.data.tokenizers import language_tokenizer
 from blip2_jax.errors import UserError
@@ -28,6 +27,7 @@ from blip2_jax.generation.decode import decoding_params, generate_fn
 from blip2_jax.generation.search import SearchOutput
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
 from blip2_jax.models.config import Blip2Config, OPTConfig, T5Config
+from blip2_jax.weights.load import load, open_source
 
 PROMPT_BUCKET = 8  # prompt lengths round up to a multiple of this: one compile covers prompts of similar length
 
@@ -108,17 +108,25 @@ class Blip2Generator:
         self._compiled: dict[GenerationConfig, Callable[..., SearchOutput]] = {}
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype: Any = None,
-                        batch_size: int = 8) -> Blip2Generator:
-        """From a Hugging Face BLIP-2 directory (weights, config.json and the LLM tokenizer) or hub id.
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype: Any = None, batch_size: int = 8,
+                        step: int | None = None, tokenizer: str | os.PathLike | None = None) -> Blip2Generator:
+        """From anything `weights.load` reads: a Hugging Face BLIP-2 directory (weights, config.json
+        and the LLM tokenizer) or hub id, a model checkpoint, or a stage-2 training workdir (its
+        latest step, or `step`).
 
-        `dtype` (e.g. "bfloat16") is both the storage and the compute dtype; default float32.
+        `tokenizer` (a directory or hub id) replaces the checkpoint's own. `dtype` (e.g. "bfloat16")
+        is both the storage and the compute dtype; default float32.
         """
-        directory = resolve(path_or_id)
-        tokenizer = language_tokenizer(path_or_id)  # before the weights: fail fast (a hub id fetches its own)
+        source = open_source(path_or_id, step)  # metadata only: the checks below come before the weights
+        if source.architecture != Blip2ForConditionalGeneration.__name__:
+            raise UserError(f"{source.name} holds {source.architecture} weights; captions and answers need a "
+                            "stage-2 checkpoint (Blip2ForConditionalGeneration: a Q-Former and an LLM)")
+        if not (tokenizer or source.tokenizer):
+            raise UserError(f"{source.name} names no tokenizer: give the LLM's tokenizer (a directory or hub id)")
+        tokenizer = language_tokenizer(tokenizer or source.tokenizer)
         overrides = {} if dtype is None else dict(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
-        config, params = load_pretrained(directory, dtype=dtype, **overrides)
-        return cls(Blip2ForConditionalGeneration(config), params, tokenizer, batch_size=batch_size)
+        loaded = load(source, dtype=dtype, **overrides)
+        return cls(Blip2ForConditionalGeneration(loaded.config), loaded.params, tokenizer, batch_size=batch_size)
 
     @property
     def config(self) -> Blip2Config:

@@ -49,24 +49,38 @@ def is_model_checkpoint(path: str | os.PathLike) -> bool:
     return (path / METADATA).exists() or (path / "checkpoints").exists() or path.parent.name == "checkpoints"
 
 
-def load(path_or_id: str | os.PathLike, *, mesh: Mesh | None = None, shardings: Tree | None = None,
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What a checkpoint holds, known from its metadata or config.json alone: a command checks it
+    (the architecture it needs, a tokenizer) before any weight is read."""
+    architecture: str  # a `blip2.ARCHITECTURES` name
+    config: config_lib.Blip2Config
+    tokenizer: str  # where the checkpoint's tokenizer is ("" if it has none)
+    name: str
+    reader: CheckpointParams | Path  # an Orbax checkpoint's, or the Hugging Face directory
+
+
+def open_source(path_or_id: str | os.PathLike, step: int | None = None) -> Source:
+    """The checkpoint at `path_or_id` (a workdir's latest step, or `step`), weights not yet read."""
+    if is_model_checkpoint(path_or_id):
+        params = CheckpointParams.open(path_or_id, step)
+        return Source(params.architecture, params.config, params.tokenizer, params.source, params)
+    directory = resolve(path_or_id)
+    config = config_lib.from_hf(read_config(directory))
+    tokenizer = str(directory) if Path(path_or_id).is_dir() else str(path_or_id)
+    return Source(hf_architecture(directory, config), config, tokenizer, str(directory), directory)
+
+
+def load(source: str | os.PathLike | Source, *, mesh: Mesh | None = None, shardings: Tree | None = None,
          dtype: Any = None, step: int | None = None, **overrides) -> Loaded:
-    """The checkpoint at `path_or_id` with its parameters placed in `shardings` (a tree like the
-    parameters), else on `mesh` by the default logical rules, else on the first device. `dtype`
-    (default: the config's `param_dtype`) is the parameters' dtype; `step` picks a workdir's step;
-    `overrides` set non-architectural config fields (`dtype`, `param_dtype`, `remat_policy`)."""
-    orbax = is_model_checkpoint(path_or_id)
-    if orbax:
-        source = CheckpointParams.open(path_or_id, step)
-        architecture, config, tokenizer = source.architecture, source.config, source.tokenizer
-        name = source.source
-    else:
-        directory = resolve(path_or_id)
-        config = config_lib.from_hf(read_config(directory))
-        architecture = hf_architecture(directory, config)
-        tokenizer, name = str(directory) if Path(path_or_id).is_dir() else str(path_or_id), str(directory)
-    config = config.replace(**overrides) if overrides else config
-    boxed = blip2.abstract_params(config, unbox=False, model=blip2.build(config, architecture))
+    """The checkpoint `source` (a path or hub id, or what `open_source` made of one) with its
+    parameters placed in `shardings` (a tree like the parameters), else on `mesh` by the default
+    logical rules, else on the first device. `dtype` (default: the config's `param_dtype`) is the
+    parameters' dtype; `step` picks a workdir's step; `overrides` set non-architectural config
+    fields (`dtype`, `param_dtype`, `remat_policy`)."""
+    source = source if isinstance(source, Source) else open_source(source, step)
+    config = source.config.replace(**overrides) if overrides else source.config
+    boxed = blip2.abstract_params(config, unbox=False, model=blip2.build(config, source.architecture))
     if shardings is None:
         shardings = (mesh_lib.logical_shardings(boxed, mesh) if mesh is not None else
                      jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), boxed,
@@ -75,12 +89,13 @@ def load(path_or_id: str | os.PathLike, *, mesh: Mesh | None = None, shardings: 
     abstract = nn.unbox(boxed)
     dtypes = {p: np.dtype(dtype if dtype is not None else leaf.dtype)
               for p, leaf in traverse_util.flatten_dict(abstract, sep="/").items()}
-    if orbax:
-        flat = source.read_sharded(flat_shardings, dtypes)
+    if isinstance(source.reader, CheckpointParams):
+        flat = source.reader.read_sharded(flat_shardings, dtypes)
     else:
-        flat = hf_leaves(hf_tensors(directory, architecture), abstract, flat_shardings, dtypes,
-                         qformer_group=config.qformer.cross_attention_frequency, source=name)
-    return Loaded(architecture, config, tokenizer, traverse_util.unflatten_dict(flat, sep="/"), name)
+        flat = hf_leaves(hf_tensors(source.reader, source.architecture), abstract, flat_shardings, dtypes,
+                         qformer_group=config.qformer.cross_attention_frequency, source=source.name)
+    return Loaded(source.architecture, config, source.tokenizer, traverse_util.unflatten_dict(flat, sep="/"),
+                  source.name)
 
 
 def hf_leaves(tensors: Mapping[str, Any], abstract: Tree, shardings: dict[str, jax.sharding.Sharding],
