@@ -129,6 +129,29 @@ def test_relative_convert_paths(blip2_jax, hf_dir, tmp_path, monkeypatch):
     assert transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "h").config.num_query_tokens == 10
 
 
+def test_generate_reads_a_model_checkpoint_as_it_reads_the_hf_directory(blip2_jax, hf_dir, tmp_path):
+    """`generate --checkpoint` takes what `weights.load` reads: the model checkpoint `from-hf` made of
+    the HF directory captions as the directory does. Without a tokenizer it needs `--tokenizer`, and
+    a checkpoint without an LLM is refused; both before any weight is read."""
+    ref.retrieval_model(seed=1).save_pretrained(tmp_path / "retrieval")
+    tiny_opt_tokenizer().save_pretrained(tmp_path / "retrieval")
+    args = ("--image", str(hf_dir / "a.png"), "--max_new_tokens", "5")
+    code, expected, err = blip2_jax("generate", "--checkpoint", str(hf_dir), *args)
+    assert code == 0 and expected.count("\t") == 1, err
+    assert blip2_jax("convert", "from-hf", "--src", str(hf_dir), "--out", str(tmp_path / "ckpt"))[0] == 0
+    code, out, err = blip2_jax("generate", "--checkpoint", str(tmp_path / "ckpt"), *args)
+    assert (code, out) == (0, expected), err
+    for name in os.listdir(tmp_path / "ckpt"):
+        if name not in ("params", model_checkpoint.METADATA):  # the tokenizer files from-hf copied
+            os.remove(tmp_path / "ckpt" / name)
+    assert f"{tmp_path / 'ckpt'} names no tokenizer" in user_error(
+        *blip2_jax("generate", "--checkpoint", str(tmp_path / "ckpt"), *args)[::2])
+    code, out, err = blip2_jax("generate", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(hf_dir), *args)
+    assert (code, out) == (0, expected), err
+    assert "holds Blip2ForImageTextRetrieval weights; captions and answers need a stage-2 checkpoint" in user_error(
+        *blip2_jax("generate", "--checkpoint", str(tmp_path / "retrieval"), *args)[::2])
+
+
 def test_generate_input_errors_are_one_line(blip2_jax, hf_dir):
     png = str(hf_dir / "a.png")
     for args, expected in [

@@ -113,7 +113,8 @@ def test_documented_command_names_real_flags(where, line, monkeypatch):
 @pytest.mark.parametrize("line,error", [
     ("blip2-jax eval --config configs/eval/caption.py:coco_opt2.7b --output /tmp/eval",
      "eval: Unknown command line flag 'output'"),
-    ("blip2-jax generate --config configs/eval/caption.py:coco_opt2.7b", "generate: Unknown command line flag 'config'"),
+    ("blip2-jax generate --config configs/eval/caption.py:coco_opt2.7b",
+     "generate: Unknown command line flag 'config'"),
     ("blip2-jax train --config configs/stage1.py:tiny --config.data.sorce=json", "no field 'data.sorce'"),
     ("blip2-jax train --config configs/stage1.py:tiny --config.batch_size=many", "invalid literal"),
     ("blip2-jax plan --config configs/stage1.py:tiny --device_kind tpu", "value should be one of"),
