@@ -40,10 +40,10 @@ def write_source(directory: Path, shard_bytes: int) -> dict[str, int]:
     from tokenizers import Tokenizer, models
 
     import transformers
-    from blip2_jax.convert import hf as hf_names
-    from blip2_jax.convert import safetensors_io
     from blip2_jax.models import blip2
     from blip2_jax.models import config as config_lib
+    from blip2_jax.weights import hf_names
+    from blip2_jax.weights import safetensors_io
 
     config = _config()
     shapes = hf_names.flat_shapes(blip2.abstract_params(config))

@@ -72,11 +72,11 @@ def run_jax(weights: str, images: np.ndarray, args: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from blip2_jax.convert.hf_checkpoint import load_pretrained
     from blip2_jax.generation.config import GenerationConfig
     from blip2_jax.generation.decode import decoding_params, generate_fn
     from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
     from blip2_jax.train.flops import step_flops
+    from blip2_jax.weights.hf_checkpoint import load_pretrained
 
     cfg, params = load_pretrained(weights)
     model = Blip2ForConditionalGeneration(cfg)

@@ -256,12 +256,12 @@ def run_caption(sizes: Sizes, runs: int, profile_dir: Path | None) -> dict[str, 
     import torch
     import transformers
 
-    from blip2_jax.convert.hf_checkpoint import params_from_state_dict
     from blip2_jax.generation.config import GenerationConfig
     from blip2_jax.generation.decode import generate_fn
     from blip2_jax.models import presets
     from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
     from blip2_jax.models.config import to_hf
+    from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 
     gpu = torch.cuda.is_available() and jax.default_backend() == "gpu"
     device = torch.device("cuda" if gpu else "cpu")

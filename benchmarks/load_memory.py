@@ -61,12 +61,12 @@ def child(mode: str, src: str, dtype: str) -> None:
         params, config, architecture = loaded.params, loaded.config, loaded.architecture
     else:  # the whole-tree path: every leaf on the host, then placed
         if mode == "tree-hf":
-            from blip2_jax.convert.hf_checkpoint import load_pretrained
+            from blip2_jax.weights.hf_checkpoint import load_pretrained
 
             config, tree = load_pretrained(src, dtype=dtype)
             architecture = blip2.architecture_of(config)
         else:
-            from blip2_jax.convert.model_checkpoint import CheckpointParams
+            from blip2_jax.weights.model_checkpoint import CheckpointParams
 
             source = CheckpointParams.open(src)
             config, architecture = source.config, source.architecture

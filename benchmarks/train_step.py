@@ -131,14 +131,14 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     """Our stage-2 step on the saved weights."""
     import jax
 
-    from blip2_jax.convert.hf_checkpoint import load_pretrained
     from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
     from blip2_jax.objectives.stage2 import stage2_loss
+    from blip2_jax.train.flops import step_flops
     from blip2_jax.train.optim import default_config, make_optimizer
     from blip2_jax.train.partition import merge, partition, patterns_for
-    from blip2_jax.train.flops import step_flops
     from blip2_jax.train.state import TrainState
     from blip2_jax.train.step import train_step
+    from blip2_jax.weights.hf_checkpoint import load_pretrained
 
     device = jax.devices()[0]
     base = _status_mib("VmRSS")

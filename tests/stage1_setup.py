@@ -4,9 +4,9 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from blip2_jax.convert.hf_checkpoint import params_from_state_dict
 from blip2_jax.models import blip2
 from blip2_jax.objectives.stage1 import Stage1Config
+from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from tests.reference import hf_models as ref
 
 VOCAB = ref.QFORMER["vocab_size"]

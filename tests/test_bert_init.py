@@ -10,11 +10,11 @@ import transformers
 from flax import linen as nn
 from flax import traverse_util
 
-from blip2_jax.convert.bert_init import init_from_bert, load_bert
-from blip2_jax.convert.hf import CheckpointMismatchError
 from blip2_jax.data.tokenizers import DEC_TOKEN, qformer_tokenizer
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
+from blip2_jax.weights.bert_init import init_from_bert, load_bert
+from blip2_jax.weights.hf_names import CheckpointMismatchError
 from tests.reference import hf_models as ref
 
 BERT_VOCAB = ref.QFORMER["vocab_size"] - 1  # the Q-Former adds [DEC]

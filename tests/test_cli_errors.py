@@ -20,12 +20,12 @@ from flax import traverse_util
 
 from blip2_jax import cli
 from blip2_jax.cli.inference import search_config
-from blip2_jax.convert import model_checkpoint
-from blip2_jax.convert.hf import CheckpointMismatchError
-from blip2_jax.convert.hf_checkpoint import load_pretrained
 from blip2_jax.errors import UserError
 from blip2_jax.generation.api import Blip2Generator
 from blip2_jax.generation.config import CAPTION, GenerationConfig
+from blip2_jax.weights import model_checkpoint
+from blip2_jax.weights.hf_checkpoint import load_pretrained
+from blip2_jax.weights.hf_names import CheckpointMismatchError
 from tests.reference import hf_models as ref
 from tests.reference.tokenizers import tiny_opt_tokenizer
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from flax import linen as nn
 
-from blip2_jax.convert.hf import from_hf
 from blip2_jax.models.config import VisionConfig
 from blip2_jax.models.vit import VisionModel
+from blip2_jax.weights.hf_names import from_hf
 from tests.reference import clip_vit
 from tests.reference.hf_models import nhwc, perturb, pixels
 

@@ -20,13 +20,14 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from blip2_jax import cli
-from blip2_jax.convert import hf_export, lavis, model_checkpoint
-from blip2_jax.convert.hf import CheckpointMismatchError
+from blip2_jax.convert import hf_export, lavis
 from blip2_jax.data.images import preprocess_images
 from blip2_jax.generation.api import Blip2Generator
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.models import blip2, presets
 from blip2_jax.models import config as config_lib
+from blip2_jax.weights import model_checkpoint
+from blip2_jax.weights.hf_names import CheckpointMismatchError
 from tests.reference import hf_models as ref
 from tests.reference.tokenizers import tiny_opt_tokenizer, word_tokenizer
 

@@ -14,17 +14,17 @@ import pytest
 import torch
 
 from blip2_jax.checkpoint import Checkpointer
-from blip2_jax.convert import hf as hf_names
-from blip2_jax.convert import model_checkpoint
-from blip2_jax.convert.hf_checkpoint import params_from_state_dict
+from blip2_jax.data.tokenizers import opt_labels
 from blip2_jax.models import blip2, presets
 from blip2_jax.models import config as config_lib
-from blip2_jax.data.tokenizers import opt_labels
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train import layout as layout_lib
 from blip2_jax.train import loop
 from blip2_jax.train.flops import step_flops
 from blip2_jax.train.partition import merge, partition
+from blip2_jax.weights import hf_names
+from blip2_jax.weights import model_checkpoint
+from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from tests.reference import hf_models as ref
 from tests.test_convert import _flat, assert_stage1_run_exports_exactly
 from tests.test_train import load_config

@@ -9,7 +9,6 @@ import pytest
 import torch
 import transformers.generation.logits_process as hf_lp
 
-from blip2_jax.convert.hf_checkpoint import params_from_state_dict
 from blip2_jax.generation import logits as lp
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.decode import decoding_params, generate_fn
@@ -17,6 +16,7 @@ from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
 from blip2_jax.models.opt import OPTForCausalLM
 from blip2_jax.models.t5 import T5ForConditionalGeneration
+from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from tests.reference import hf_models as ref
 
 Q, IMAGE = ref.NUM_QUERY_TOKENS, ref.IMAGE_TOKEN_INDEX

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from blip2_jax.convert.hf_checkpoint import params_from_state_dict
 from blip2_jax.generation.api import prompt_arrays
 from blip2_jax.generation.config import CAPTION, VQA_OPT, VQA_T5, GenerationConfig
 from blip2_jax.generation.decode import generate_fn
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
+from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from tests.reference import hf_models as ref
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "lavis_generate"

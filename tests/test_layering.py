@@ -1,6 +1,7 @@
 """The package's layering, read from every module's imports (function-level ones included): the
-data pipeline knows nothing of models or objectives, and only the loading code and the trainer's
-Checkpointer touch checkpoint formats."""
+data pipeline knows nothing of models or objectives; only the loading layer (`weights/`), the
+conversion commands (`convert/`) and the trainer's Checkpointer touch checkpoint formats; and
+`convert/` is commands, which only the CLI (and the demo's chain) runs."""
 import ast
 import pathlib
 
@@ -43,7 +44,15 @@ def test_the_data_pipeline_imports_neither_models_nor_objectives(module):
 def test_only_the_loading_code_and_the_checkpointer_read_checkpoint_formats():
     """(torch is no format: the demo runs `transformers` on its export, through from_pretrained.)"""
     formats = ("orbax", "safetensors")
-    allowed = ("convert/", "checkpoint.py")
+    allowed = ("weights/", "convert/", "checkpoint.py")
     offenders = {m: sorted(i for i in found if i.split(".")[0] in formats)
                  for m, found in modules().items() if not m.startswith(allowed)}
     assert not {m: v for m, v in offenders.items() if v}
+
+
+def test_convert_holds_commands_that_only_the_cli_runs():
+    """Training, evaluation and generation load weights through `weights/`, not through the
+    conversion commands (the demo runs `to-hf` as one step of its chain, as a user would)."""
+    users = {m: sorted(i for i in found if i.startswith("blip2_jax.convert"))
+             for m, found in modules().items() if not m.startswith(("cli/", "convert/", "demo/"))}
+    assert not {m: v for m, v in users.items() if v}

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from blip2_jax.convert.hf_checkpoint import load_pretrained
 from blip2_jax.data.loader import RecordProcessor
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
 from blip2_jax.objectives.lm import lm_loss
+from blip2_jax.weights.hf_checkpoint import load_pretrained
 from tests.reference import hf_models as ref
 from tests.reference.tokenizers import tiny_opt_tokenizer
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from blip2_jax.convert import hf as hf_names
-from blip2_jax.convert.hf import CheckpointMismatchError
-from blip2_jax.convert.hf_checkpoint import load_pretrained, params_from_state_dict
 from blip2_jax.models import config as config_lib
+from blip2_jax.weights import hf_names
+from blip2_jax.weights.hf_checkpoint import load_pretrained, params_from_state_dict
+from blip2_jax.weights.hf_names import CheckpointMismatchError
 from tests.reference import hf_models as ref
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from blip2_jax.convert.hf_checkpoint import params_from_state_dict
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
+from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from tests.reference import hf_models as ref
 
 TOL = 1e-4

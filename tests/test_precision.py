@@ -30,9 +30,9 @@ import pytest
 from flax import linen as nn
 from jax.extend import core as jax_core
 
-from blip2_jax.convert.hf_checkpoint import params_from_state_dict
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
+from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from tests.reference import hf_models as ref
 
 EPS = 2.0 ** -8

@@ -10,14 +10,14 @@ import pytest
 from flax import traverse_util
 
 from blip2_jax.checkpoint import Checkpointer
-from blip2_jax.convert.hf import CheckpointMismatchError
-from blip2_jax.convert.stage1_to_stage2 import is_query_path, load_stage1, stage2_from_stage1
 from blip2_jax.models import blip2, presets
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train import init as init_lib
 from blip2_jax.train import layout
 from blip2_jax.train.partition import merge, partition, patterns_for
 from blip2_jax.train.resume import frozen_fingerprint
+from blip2_jax.weights.hf_names import CheckpointMismatchError
+from blip2_jax.weights.stage1_to_stage2 import is_query_path, load_stage1, stage2_from_stage1
 from tests.test_train import load_config, train_tiny_stage1
 
 STAGE1, STAGE2 = presets.get("tiny_itm"), presets.get("tiny")

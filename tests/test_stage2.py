@@ -8,11 +8,11 @@ import pytest
 import torch
 from flax import traverse_util
 
-from blip2_jax.convert.hf_checkpoint import params_from_state_dict
+from blip2_jax.data.tokenizers import opt_labels
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
-from blip2_jax.data.tokenizers import opt_labels
 from blip2_jax.objectives.stage2 import stage2_loss
+from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from tests.reference import hf_models as ref
 
 Q = ref.NUM_QUERY_TOKENS

@@ -13,9 +13,9 @@ from flax import linen as nn
 from flax import traverse_util
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
-from blip2_jax.convert import hf
 from blip2_jax.models import t5
 from blip2_jax.models.config import T5Config
+from blip2_jax.weights import hf_names as hf
 
 TINY = dict(vocab_size=99, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_decoder_layers=3, num_heads=4,
             relative_attention_num_buckets=8, relative_attention_max_distance=20,

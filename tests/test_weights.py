@@ -11,12 +11,12 @@ from flax import linen as nn
 from flax import traverse_util
 
 from blip2_jax.convert import hf_export
-from blip2_jax.convert.hf import CheckpointMismatchError
-from blip2_jax.convert.hf_checkpoint import load_pretrained
-from blip2_jax.convert.model_checkpoint import CheckpointParams
 from blip2_jax.models import blip2
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.weights import load as weights
+from blip2_jax.weights.hf_checkpoint import load_pretrained
+from blip2_jax.weights.hf_names import CheckpointMismatchError
+from blip2_jax.weights.model_checkpoint import CheckpointParams
 from tests.reference import hf_models as ref
 from tests.test_train import train_tiny_stage1
 

@@ -96,7 +96,8 @@ def _to_hf(values: flags.FlagValues) -> None:
     # pylint: disable=import-outside-toplevel  # keep --help fast
     import numpy as np
 
-    from blip2_jax.convert import hf_export, model_checkpoint
+    from blip2_jax.convert import hf_export
+    from blip2_jax.weights import model_checkpoint
 
     TO_HF.require(values, "src", "out")
     params = model_checkpoint.CheckpointParams.open(values.src, values.step)

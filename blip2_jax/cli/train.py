@@ -47,9 +47,9 @@ def _train_flags(values: flags.FlagValues, argv: list[str]) -> None:
 
 def _train(values: flags.FlagValues) -> None:
     # pylint: disable=import-outside-toplevel  # keep --help fast
-    from blip2_jax.convert.model_checkpoint import absolute
     from blip2_jax.train import loop
     from blip2_jax.train.validate import check_train_config
+    from blip2_jax.weights.model_checkpoint import absolute
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; steps print to stdout
     config = loaded_config(values)

@@ -1,1 +1,2 @@
-"""Weight conversion between blip2_jax and Hugging Face (and, later, LAVIS) formats."""
+"""The conversion commands (`blip2-jax convert`), built on `weights/`: Hugging Face <-> model
+checkpoints (`hf_export.py`) and LAVIS <-> model checkpoints (`lavis.py`)."""

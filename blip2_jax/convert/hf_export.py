@@ -22,15 +22,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from blip2_jax.convert import hf as hf_names
-from blip2_jax.convert import model_checkpoint
-from blip2_jax.convert import safetensors_io
-from blip2_jax.convert.hf_checkpoint import SAFE_INDEX, SAFE_WEIGHTS, read_config, read_tensors, resolve
 from blip2_jax.errors import InputNotFound
-from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
+from blip2_jax.weights import hf_names
+from blip2_jax.weights import model_checkpoint
+from blip2_jax.weights import safetensors_io
+from blip2_jax.weights.hf_checkpoint import (SAFE_INDEX, SAFE_WEIGHTS, STAGE1_EXTRAS, hf_architecture, hf_tensors,
+                                             read_config, resolve)
 
-STAGE1_EXTRAS = "blip2_jax_stage1.safetensors"
 # Files of a Hugging Face directory that describe its tokenizer and processor (copied by from-hf).
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "preprocessor_config.json",
@@ -58,16 +57,6 @@ def parse_size(text: str | int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face -> ours
-
-def hf_architecture(directory: Path, config: config_lib.Blip2Config) -> str:
-    """Stage 1 keeps its Q-Former LM head and `temp` in a side file beside Hugging Face's weights."""
-    return blip2.architecture_of(config, itg_head=(directory / STAGE1_EXTRAS).is_file())
-
-
-def hf_tensors(directory: Path, architecture: str) -> safetensors_io.SafetensorsFiles:
-    """The weights (and for stage 1 the side file) of a Hugging Face directory, read lazily."""
-    return read_tensors(directory, (directory / STAGE1_EXTRAS,) if architecture == "Blip2Stage1" else ())
-
 
 def from_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
             progress: Callable[[int], None] | None = None) -> model_checkpoint.CheckpointParams:

@@ -2,7 +2,7 @@
 
 BLIP-2 FlanT5 feeds the encoder `inputs_embeds` (projected image queries in front of the prompt
 embeddings) and decodes with the T5 decoder. The parameter tree mirrors the Hugging Face module
-tree (`shared`, `encoder/block/layer_0/SelfAttention/q`, ...) so `convert/hf.py` maps names by
+tree (`shared`, `encoder/block/layer_0/SelfAttention/q`, ...) so `weights/hf_names.py` maps names by
 pattern; each stack's blocks are scanned (parameters stacked on a leading `layers` axis).
 
 T5 specifics: RMS layer norms in float32, unscaled dot-product attention plus a learned

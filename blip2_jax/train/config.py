@@ -53,7 +53,7 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     # hf: a HF BLIP-2 checkpoint; checkpoint: a model checkpoint (`blip2-jax convert from-hf/from-lavis`)
     # or a training workdir with this run's model; bert: stage 1's Q-Former from BERT; stage1: a stage-1
     # workdir or model checkpoint whose Q-Former query path and ln_vision start stage 2
-    # (convert/stage1_to_stage2.py)
+    # (weights/stage1_to_stage2.py)
     c.init = ml_collections.ConfigDict(dict(hf="", checkpoint="", bert="", stage1=""))
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
     # a step with a non-finite loss or gradient norm is skipped (train/step.py); this many in a row stop the run

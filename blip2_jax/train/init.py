@@ -9,7 +9,7 @@ Otherwise the starting weights are, in this order:
   3. a random init from `config.seed`, then for stage 1 with `init.bert` the Q-Former (and its text
      side) from BERT;
   4. for stage 2 with `init.stage1`, on top of any of the above: the Q-Former query path and
-     `ln_vision` of a stage-1 run (`convert/stage1_to_stage2.py`).
+     `ln_vision` of a stage-1 run (`weights/stage1_to_stage2.py`).
 
 1-3 are exclusive; `check_init` refuses a config that names two of them or a source its stage
 cannot use, before the workdir exists. The frozen towers are then cast to `config.frozen_dtype`.
@@ -24,13 +24,13 @@ import ml_collections
 from flax import linen as nn
 from flax import traverse_util
 
-from blip2_jax.convert.bert_init import init_from_bert, load_bert
-from blip2_jax.convert.hf_checkpoint import config_differences, load_pretrained
-from blip2_jax.convert.model_checkpoint import CheckpointParams
-from blip2_jax.convert.stage1_to_stage2 import load_stage1, stage2_from_stage1
 from blip2_jax.errors import UserError
 from blip2_jax.models import blip2
 from blip2_jax.train.partition import merge, partition
+from blip2_jax.weights.bert_init import init_from_bert, load_bert
+from blip2_jax.weights.hf_checkpoint import config_differences, load_pretrained
+from blip2_jax.weights.model_checkpoint import CheckpointParams
+from blip2_jax.weights.stage1_to_stage2 import load_stage1, stage2_from_stage1
 
 
 def check_init(config: ml_collections.ConfigDict) -> None:

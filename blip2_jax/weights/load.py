@@ -23,13 +23,12 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from blip2_jax.convert import hf as hf_names
-from blip2_jax.convert.hf_checkpoint import read_config, resolve
-from blip2_jax.convert.hf_export import hf_architecture, hf_tensors
-from blip2_jax.convert.model_checkpoint import METADATA, CheckpointParams
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
 from blip2_jax.parallel import mesh as mesh_lib
+from blip2_jax.weights import hf_names
+from blip2_jax.weights.hf_checkpoint import hf_architecture, hf_tensors, read_config, resolve
+from blip2_jax.weights.model_checkpoint import METADATA, CheckpointParams
 
 Tree = Any
 

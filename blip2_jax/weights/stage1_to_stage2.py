@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from blip2_jax.convert.hf import CheckpointMismatchError
-from blip2_jax.convert.model_checkpoint import CheckpointParams
 from blip2_jax.models import blip2
+from blip2_jax.weights.hf_names import CheckpointMismatchError
+from blip2_jax.weights.model_checkpoint import CheckpointParams
 
 Tree = Any
 

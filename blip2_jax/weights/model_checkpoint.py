@@ -25,11 +25,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
-from blip2_jax.convert.hf import CheckpointMismatchError, finite
 from blip2_jax.data.tokenizers import TOKENIZER_FILES
 from blip2_jax.errors import InputNotFound, OutputExists
 from blip2_jax.models import blip2, presets
 from blip2_jax.models import config as config_lib
+from blip2_jax.weights.hf_names import CheckpointMismatchError, finite
 
 Tree = Any
 METADATA = "blip2_jax.json"

@@ -2,7 +2,7 @@
 
 A directory holds `config.json` and either `model.safetensors` or sharded
 `model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`. Loading is strict
-(see `convert.hf.from_hf`): one error lists every missing, unexpected or mis-shaped tensor, and
+(see `hf_names.from_hf`): one error lists every missing, unexpected or mis-shaped tensor, and
 no parameters are returned unless all of them load.
 """
 from __future__ import annotations
@@ -16,15 +16,17 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
-from blip2_jax.convert.hf import CheckpointMismatchError, from_hf
-from blip2_jax.convert.safetensors_io import SafetensorsFiles
 from blip2_jax.errors import InputNotFound
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
 from blip2_jax.models.interpolate import interpolate_position_embedding
+from blip2_jax.weights.hf_names import CheckpointMismatchError, from_hf
+from blip2_jax.weights.safetensors_io import SafetensorsFiles
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+# Stage 1's Q-Former LM head and `temp`, which no Hugging Face class holds, beside the weights
+STAGE1_EXTRAS = "blip2_jax_stage1.safetensors"
 
 
 def resolve(path_or_id: str | os.PathLike, *, extra_patterns: tuple[str, ...] = ()) -> Path:
@@ -71,6 +73,16 @@ def read_tensors(directory: Path, extra_files: tuple[Path, ...] = ()) -> Safeten
     if not single.is_file():
         raise InputNotFound(f"{directory} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}")
     return SafetensorsFiles([single, *extra_files])
+
+
+def hf_architecture(directory: Path, config: config_lib.Blip2Config) -> str:
+    """Stage 1 keeps its Q-Former LM head and `temp` in a side file beside Hugging Face's weights."""
+    return blip2.architecture_of(config, itg_head=(directory / STAGE1_EXTRAS).is_file())
+
+
+def hf_tensors(directory: Path, architecture: str) -> SafetensorsFiles:
+    """The weights (and for stage 1 the side file) of a Hugging Face directory, read lazily."""
+    return read_tensors(directory, (directory / STAGE1_EXTRAS,) if architecture == "Blip2Stage1" else ())
 
 
 def params_from_state_dict(state_dict: Mapping[str, Any], config: config_lib.Blip2Config, *,

@@ -15,9 +15,9 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from blip2_jax.convert.hf import CheckpointMismatchError, to_numpy
-from blip2_jax.convert.hf_checkpoint import read_tensors, resolve
 from blip2_jax.models.config import QFormerConfig
+from blip2_jax.weights.hf_checkpoint import read_tensors, resolve
+from blip2_jax.weights.hf_names import CheckpointMismatchError, to_numpy
 
 # BERT tensors LAVIS drops on purpose.
 _DISCARDED = re.compile(r"^(pooler\.|embeddings\.token_type_embeddings\.|embeddings\.position_ids$|"
