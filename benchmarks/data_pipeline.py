@@ -67,6 +67,7 @@ from blip2_jax.data.pipeline import limit_malloc_arenas, make_pipeline
 from blip2_jax.data.sources import ArrayRecordSource, JsonSource, Source, read_image, write_array_records
 from blip2_jax.data.text import pre_caption
 from blip2_jax.data.transforms import blip2_image_train
+from blip2_jax.objectives import stage1
 from common import cpu_name, load_average, row
 
 IMAGE_SIZE, TEXT_LENGTH = 224, 32
@@ -212,7 +213,8 @@ def main() -> None:
         json_source = JsonSource(make_dataset(root, args.records), root)
         captions = [json_source[i]["caption"] for i in range(len(json_source))]
         vocabulary = write_vocabulary(captions, root / "tokenizer")
-        process = RecordProcessor("stage1", blip2_image_train(IMAGE_SIZE), str(vocabulary), TEXT_LENGTH)
+        process = RecordProcessor("stage1", stage1.batch_spec(IMAGE_SIZE, TEXT_LENGTH), blip2_image_train(IMAGE_SIZE),
+                                  str(vocabulary), TEXT_LENGTH)
         process(json_source[0], np.random.default_rng(0))  # loads the tokenizer outside the timings
         ar_source = ArrayRecordSource(write_array_records(json_source, root / "shards" / "captions", NUM_SHARDS)[0])
         sources = {"json": json_source, "ar": ar_source}

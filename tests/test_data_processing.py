@@ -19,6 +19,7 @@ from blip2_jax.data.tokenizers import (opt_eos_token_id, opt_prompt, opt_text, q
                                        t5_text)
 from blip2_jax.data.transforms import (AUGMENT_OPS, CLIP_MEAN, CLIP_STD, _warp, blip2_image_train, blip_image_eval,
                                        blip_image_train, rand_augment, resized_crop, sample_crop, to_rgb)
+from blip2_jax.objectives import stage2
 from tests.reference.tokenizers import word_tokenizer
 
 MEAN, STD = np.asarray(CLIP_MEAN), np.asarray(CLIP_STD)
@@ -279,8 +280,8 @@ def test_prefix_lm_splits_the_caption_between_encoder_input_and_target(tmp_path)
     """FlanT5 prefix LM (spec §7.2): the prompt and the caption's first 1..n//2 words are the encoder
     input, the remaining words the target; nothing is lost or repeated, and the split varies by record."""
     _word_tokenizer(template="$A </s>", eos_token="</s>").save_pretrained(tmp_path)
-    process = RecordProcessor("stage2_t5", blip2_image_train(32), str(tmp_path), text_length=12, prompt="a photo of",
-                              prefix_lm=True)
+    process = RecordProcessor("stage2_t5", stage2.batch_spec(32, 12, "t5"), blip2_image_train(32), str(tmp_path),
+                              text_length=12, prompt="a photo of", prefix_lm=True)
     image = sorted(easy_vqa.get_train_image_paths().values())[0]
     caption = [12 + i for i in range(7)]  # the ids of "w0" .. "w6"
     seen = set()

@@ -6,6 +6,7 @@ import torch
 
 from blip2_jax.data.loader import RecordProcessor
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
+from blip2_jax.objectives import lm
 from blip2_jax.objectives.lm import lm_loss
 from blip2_jax.weights.hf_checkpoint import load_pretrained
 from tests.reference import hf_models as ref
@@ -63,13 +64,14 @@ def test_lm_loss_with_a_context_before_bos_equals_transformers(models):
 
 def test_lm_records_mask_their_prompt(tmp_path):
     tiny_opt_tokenizer().save_pretrained(tmp_path)
-    process = RecordProcessor("lm_opt", None, str(tmp_path), 12)
+    process = RecordProcessor("lm_opt", lm.batch_spec(12), None, str(tmp_path), 12)
     row = process({"id": "x", "text": "a photo of w3 w4", "prompt": "a photo of"}, np.random.default_rng(0))
     # <s> a photo of | w3 w4 (this word-level tokenizer drops "\n"): the prompt and BOS are no targets
     n = int(row["text_mask"].sum())
     assert row["labels"][:4].tolist() == [-100] * 4 and row["labels"][4:n].tolist() == row["text_ids"][4:n].tolist()
     plain = process({"id": "y", "text": "w5 w6"}, np.random.default_rng(0))
-    assert "labels" not in plain and plain["text_mask"].sum() == 3  # <s> w5 w6
+    assert plain["text_mask"].sum() == 3  # <s> w5 w6; every text token a target, as lm_loss without labels
+    np.testing.assert_array_equal(plain["labels"], np.where(plain["text_mask"] == 0, -100, plain["text_ids"]))
     with pytest.raises(KeyError, match="no 'text'"):
         process({"id": "z", "caption": "w1"}, np.random.default_rng(0))
     with pytest.raises(KeyError, match="context_length"):
@@ -78,7 +80,7 @@ def test_lm_records_mask_their_prompt(tmp_path):
 
 def test_lm_record_context_is_left_padded_before_bos(tmp_path):
     tiny_opt_tokenizer().save_pretrained(tmp_path)
-    process = RecordProcessor("lm_opt", None, str(tmp_path), 8, context_length=4)
+    process = RecordProcessor("lm_opt", lm.batch_spec(8, context_length=4), None, str(tmp_path), 8, context_length=4)
     row = process({"id": "x", "context": "w1 w2 .", "text": "what is w3 ? w4", "prompt": "what is w3 ?"},
                   np.random.default_rng(0))
     tok = tiny_opt_tokenizer()

@@ -1,6 +1,6 @@
 """The trainer's input: synthetic batches or a Grain pipeline over a real source, one interface.
 
-`make_loader(config, kind, image_size, vocab_size)` reads `config.data`: `source` is 'synthetic' (per-row
+`make_loader(config, kind, image_size, vocab_size, spec)` reads `config.data`: `source` is 'synthetic' (per-row
 seeded random arrays, the exactness tests' data), 'json' (LAVIS annotation files + image root),
 'arrayrecord' (shards from `blip2-jax data build`), 'tfds', 'easy_vqa' (its questions),
 'easy_vqa_captions' or 'easy_vqa_text' (`data/easy_vqa.py`: the demo's captions and LM text);
@@ -25,6 +25,7 @@ from blip2_jax.data import easy_vqa
 from blip2_jax.data import sources as sources_lib
 from blip2_jax.data import tokenizers, transforms
 from blip2_jax.data.pipeline import Mixture, make_pipeline
+from blip2_jax.data.spec import BatchSpec, conform
 from blip2_jax.data.synthetic import SyntheticData
 from blip2_jax.data.text import pre_caption, pre_question, split_prefix
 
@@ -112,9 +113,11 @@ def positive_key(value: Any) -> np.int32:
 
 @dataclasses.dataclass(frozen=True)
 class RecordProcessor:
-    """record -> the objective's arrays (picklable for Grain workers; the tokenizer loads lazily)."""
+    """record -> the objective's arrays, exactly `spec`'s (picklable for Grain workers; the
+    tokenizer loads lazily)."""
 
     kind: str  # 'stage1', 'stage2_opt', 'stage2_t5' or 'lm_opt' (text only)
+    spec: BatchSpec
     image_transform: transforms.ImageTransform
     tokenizer_path: str
     text_length: int
@@ -136,6 +139,9 @@ class RecordProcessor:
         return tokenizers.language_tokenizer(self.tokenizer_path)
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return conform(self._arrays(record, rng), self.spec, f"record {record.get('id')!r}")
+
+    def _arrays(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.kind == "lm_opt":
             if "text" not in record:
                 raise KeyError(f"record {record.get('id')!r} has no 'text' for language modelling (keys: "
@@ -143,8 +149,7 @@ class RecordProcessor:
             prompt = record.get("prompt", "")  # the part of the text that is no target
             out = tokenizers.opt_text(self.tokenizer, record["text"], prompt=prompt, max_length=self.text_length)
             labels = tokenizers.opt_labels(out["text_ids"][None], out["text_mask"][None], out.pop("prompt_length"))
-            if prompt:
-                out["labels"] = labels[0]
+            out["labels"] = labels[0]  # without a prompt: every text token, as a loss without labels
             if "context" in record or self.context_length:  # every row of a batch has the same keys
                 if "context" not in record or not self.context_length:
                     raise KeyError(f"record {record.get('id')!r}: a 'context' needs data.context_length > 0 and "
@@ -220,14 +225,16 @@ def make_sources(d: ml_collections.ConfigDict) -> sources_lib.Source | Mixture:
     return Mixture(parts, [float(w) for w in weights] if all(given) else None)
 
 
-def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, vocab_size: int) -> Loader:
+def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, vocab_size: int,
+                spec: BatchSpec) -> Loader:
     """This host's loader for `config.data`. kind: 'stage1', 'stage2_opt', 'stage2_t5' or 'lm_opt';
-    images come at `image_size`; synthetic token ids are drawn below `vocab_size`."""
+    images come at `image_size`; synthetic token ids are drawn below `vocab_size`; every row holds
+    exactly the objective's `spec` (`data/spec.py`)."""
     d = config.data
     local = config.batch_size // jax.process_count()
     if d.source == "synthetic" and not d.mixture:  # a mixture names its own sources
         data = SyntheticData(kind=kind, global_batch_size=config.batch_size, image_size=image_size,
-                             text_length=d.text_length, vocab_size=vocab_size, seed=config.seed)
+                             text_length=d.text_length, vocab_size=vocab_size, seed=config.seed, spec=spec)
         return SyntheticLoader(data, range(jax.process_index() * local, (jax.process_index() + 1) * local))
     if d.transform not in TRANSFORMS:
         raise ValueError(f"data.transform must be one of {sorted(TRANSFORMS)}, got {d.transform!r}")
@@ -239,7 +246,7 @@ def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, v
         raise ValueError(f"data.positives marks ITC/ITM positives (stage1); this run is {kind}")
     if d.context_length and kind != "lm_opt":
         raise ValueError(f"data.context_length is the text-only LM's text before BOS (lm_opt); this run is {kind}")
-    process = RecordProcessor(kind, TRANSFORMS[d.transform](image_size), d.tokenizer,
+    process = RecordProcessor(kind, spec, TRANSFORMS[d.transform](image_size), d.tokenizer,
                               d.text_length, d.prompt, d.prefix_lm, d.positives, d.context_length)
     iterator = make_pipeline(make_sources(d), process=process, global_batch_size=config.batch_size,
                              seed=config.seed, process_index=jax.process_index(),

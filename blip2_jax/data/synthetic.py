@@ -11,12 +11,14 @@ import dataclasses
 
 import numpy as np
 
+from blip2_jax.data.spec import BatchSpec, conform
 from blip2_jax.data.tokenizers import opt_labels
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticData:
-    """Batches for `kind` in {'stage1', 'stage2_opt', 'stage2_t5', 'lm_opt'}."""
+    """Batches for `kind` in {'stage1', 'stage2_opt', 'stage2_t5', 'lm_opt'}; with the objective's
+    `spec` (`data/spec.py`), also its optional inputs (ITC positives, an LM context), and checked."""
 
     kind: str
     global_batch_size: int
@@ -26,6 +28,7 @@ class SyntheticData:
     seed: int = 0
     bos_token_id: int = 2
     prompt_length: int = 0
+    spec: BatchSpec | None = None
 
     def __post_init__(self):
         if self.kind not in ("stage1", "stage2_opt", "stage2_t5", "lm_opt"):
@@ -44,7 +47,7 @@ class SyntheticData:
             out.update(text_ids=ids, text_mask=mask)
         elif self.kind == "lm_opt":
             ids[0] = self.bos_token_id
-            out = dict(text_ids=ids, text_mask=mask)
+            out = dict(text_ids=ids, text_mask=mask, labels=opt_labels(ids[None], mask[None], 0)[0])
         elif self.kind == "stage2_opt":
             ids[0] = self.bos_token_id
             labels = opt_labels(ids[None], mask[None], self.prompt_length)[0]
@@ -55,7 +58,17 @@ class SyntheticData:
             out_ids[:m] = rng.integers(5, self.vocab_size, m)
             out.update(input_ids=ids, input_mask=mask, output_ids=out_ids,
                        output_mask=(np.arange(length) < m).astype(np.int32))
-        return out
+        if self.spec is None:
+            return out
+        if "image_id" in self.spec:  # a few equal ids per batch: positives beyond the pair itself
+            out["image_id"] = np.int32(rng.integers(0, max(1, self.global_batch_size // 2)))
+        if "context_ids" in self.spec:  # left-padded, as tokenizers.opt_context pads
+            width = self.spec["context_ids"].shape[0]
+            c = int(rng.integers(1, width + 1))
+            out["context_ids"] = np.zeros(width, np.int32)
+            out["context_ids"][width - c:] = rng.integers(5, self.vocab_size, c)
+            out["context_mask"] = (np.arange(width) >= width - c).astype(np.int32)
+        return conform(out, self.spec, f"synthetic row {row} of batch {step}")
 
     def batch(self, step: int, rows: range | None = None) -> dict[str, np.ndarray]:
         """The rows `rows` (default: all) of global batch number `step`."""

@@ -1,9 +1,10 @@
 """Text-only causal language modelling of a BLIP-2 model's OPT: how `blip2-jax demo` makes the
 language model that BLIP-2 then freezes (the published models start from a pretrained OPT).
 
-Batch: `text_ids`/`text_mask` (B,L), BOS + text + "\\n", right-padded (`tokenizers.opt_text`), and
-optionally `labels` (B,L) from `data.tokenizers.opt_labels`: the loss then covers only the text after a
-record's prompt (the demo's answers after "question: <q> answer:"; a loss over every token is
+Batch (`batch_spec`): `text_ids`/`text_mask` (B,L), BOS + text + "\\n", right-padded
+(`tokenizers.opt_text`), and `labels` (B,L) from `data.tokenizers.opt_labels` (a batch without them
+counts every text token): a record with a prompt has a loss only on the text after it
+(the demo's answers after "question: <q> answer:"; a loss over every token is
 dominated by the unpredictable questions, and the answers, 1 token in 12, are learnt far more
 slowly). Optional `context_ids`/`context_mask` (B,C), left-padded, come before BOS, where stage 2
 puts the image's queries: the demo's captions, so that the LM learns to read them from the slot
@@ -17,9 +18,19 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from blip2_jax.data.spec import BatchSpec, field
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
 from blip2_jax.models.config import OPTConfig
 from blip2_jax.objectives.stage1 import IGNORE, token_cross_entropy
+
+
+def batch_spec(text_length: int, *, context_length: int = 0) -> BatchSpec:
+    """`text_ids`, `text_mask` and `labels` (L,) int32; with a context, `context_ids` and
+    `context_mask` (C,) int32."""
+    spec = {k: field((text_length,), "int32") for k in ("text_ids", "text_mask", "labels")}
+    if context_length:
+        spec.update({k: field((context_length,), "int32") for k in ("context_ids", "context_mask")})
+    return spec
 
 
 def _lm_logits(module: Blip2ForConditionalGeneration, batch: Mapping[str, jax.Array], deterministic: bool) -> jax.Array:

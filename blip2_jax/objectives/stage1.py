@@ -16,8 +16,18 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from blip2_jax.data.spec import BatchSpec, field
 from blip2_jax.data.tokenizers import IGNORE
 from blip2_jax.models.blip2 import Blip2Stage1
+
+
+def batch_spec(image_size: int, text_length: int, *, positives: bool = False) -> BatchSpec:
+    """`image` (S,S,3) float32, normalised; `text_ids`/`text_mask` (L,) int32, [CLS] first (ITG
+    puts [DEC] there). With `positives`, `image_id` () int32: rows of equal id are positives for
+    ITC and are never drawn as ITM's hard negatives (LAVIS's retrieval fine-tuning)."""
+    spec = {"image": field((image_size, image_size, 3), "float32"), "text_ids": field((text_length,), "int32"),
+            "text_mask": field((text_length,), "int32")}
+    return {**spec, "image_id": field((), "int32")} if positives else spec
 
 
 @dataclasses.dataclass(frozen=True)

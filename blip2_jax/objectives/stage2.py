@@ -17,10 +17,22 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from blip2_jax.data.spec import BatchSpec, field
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
 from blip2_jax.models.config import OPTConfig, T5Config
 from blip2_jax.models.t5 import shift_right
 from blip2_jax.objectives.stage1 import IGNORE, token_cross_entropy
+
+
+def batch_spec(image_size: int, text_length: int, model_type: str) -> BatchSpec:
+    """`image` (S,S,3) float32. OPT: `text_ids`/`text_mask` (L,) int32 (BOS + prompt + text + "\\n",
+    right-padded) and `labels` (L,) int32 (`tokenizers.opt_labels`: prompt and padding ignored).
+    FlanT5: `input_ids`/`input_mask` (the encoder's prompt and prefix) and `output_ids`/`output_mask`
+    (the decoder's target), each (L,) int32."""
+    text = ("text_ids", "text_mask", "labels") if model_type == "opt" else \
+        ("input_ids", "input_mask", "output_ids", "output_mask")
+    return {"image": field((image_size, image_size, 3), "float32"),
+            **{k: field((text_length,), "int32") for k in text}}
 
 
 @dataclasses.dataclass(frozen=True)

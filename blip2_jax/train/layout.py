@@ -14,11 +14,9 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from blip2_jax.data.synthetic import SyntheticData
+from blip2_jax.data.spec import BatchSpec
 from blip2_jax.models import blip2, presets
-from blip2_jax.objectives.lm import lm_loss
-from blip2_jax.objectives.stage1 import Stage1Config, stage1_loss
-from blip2_jax.objectives.stage2 import stage2_loss
+from blip2_jax.objectives import lm, stage1, stage2
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train.optim import learning_rate_schedule, make_optimizer
 from blip2_jax.train.partition import partition, patterns_for
@@ -33,9 +31,10 @@ def build_objective(config: ml_collections.ConfigDict) -> tuple[blip2.Blip2Base,
     model_cfg = presets.from_config_dict(config.model)
     model = blip2.build(model_cfg, blip2.STAGES[config.stage])
     if config.stage == "stage1":
-        loss_fn = functools.partial(stage1_loss, model=model, config=Stage1Config(**config.loss.to_dict()))
+        loss_config = stage1.Stage1Config(**config.loss.to_dict())
+        loss_fn = functools.partial(stage1.stage1_loss, model=model, config=loss_config)
     else:
-        loss_fn = functools.partial(stage2_loss if config.stage == "stage2" else lm_loss, model=model)
+        loss_fn = functools.partial(stage2.stage2_loss if config.stage == "stage2" else lm.lm_loss, model=model)
     return model, model_cfg, loss_fn
 
 
@@ -44,13 +43,25 @@ def data_kind(config: ml_collections.ConfigDict, model_cfg) -> str:
     return config.stage if config.stage == "stage1" else f"{config.stage}_{model_cfg.text.model_type}"
 
 
+def batch_spec(config: ml_collections.ConfigDict, model_cfg) -> BatchSpec:
+    """The batch `config.stage`'s objective reads (`data/spec.py`), with the optional inputs the
+    config asks for (`data.positives`, `data.context_length`)."""
+    size, length = model_cfg.vision.image_size, config.data.text_length
+    if config.stage == "stage1":
+        return stage1.batch_spec(size, length, positives=bool(config.data.positives))
+    if config.stage == "stage2":
+        return stage2.batch_spec(size, length, model_cfg.text.model_type)
+    return lm.batch_spec(length, context_length=config.data.context_length)
+
+
 def data_args(config: ml_collections.ConfigDict, model_cfg) -> dict[str, Any]:
     """What the data side needs to know of the model, as plain values (`data/` reads no model config):
-    the batch kind, the image size, and the vocabulary synthetic ids are drawn from (the Q-Former's
-    without the [DEC] token ITG adds, or the LLM's)."""
+    the batch kind, the image size, the vocabulary synthetic ids are drawn from (the Q-Former's
+    without the [DEC] token ITG adds, or the LLM's), and the objective's batch spec."""
     kind = data_kind(config, model_cfg)
     vocab = model_cfg.qformer.vocab_size - 1 if kind == "stage1" else model_cfg.text.vocab_size
-    return dict(kind=kind, image_size=model_cfg.vision.image_size, vocab_size=vocab)
+    return dict(kind=kind, image_size=model_cfg.vision.image_size, vocab_size=vocab,
+                spec=batch_spec(config, model_cfg))
 
 
 def _with_sharding(tree: Any, shardings: Any, dtype: Any = None) -> Any:
@@ -98,11 +109,11 @@ class Layout:
         return TrainState.create(trainable, self.tx, self.init_key)
 
     def batch_abstract(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """The global batch's shapes (from one synthetic row: the real pipeline's are the same)."""
-        row = SyntheticData(global_batch_size=1, text_length=self.config.data.text_length,
-                            **data_args(self.config, self.model_cfg)).batch(0)
-        return {k: jax.ShapeDtypeStruct((self.config.batch_size, *v.shape[1:]), v.dtype,
-                                        sharding=mesh_lib.batch_sharding(self.mesh, v.ndim)) for k, v in row.items()}
+        """The global batch the objective reads (its spec), sharded over the mesh's batch axes: what
+        every loader delivers, so the step compiles before any batch exists."""
+        return {k: jax.ShapeDtypeStruct((self.config.batch_size, *f.shape), f.dtype,
+                                        sharding=mesh_lib.batch_sharding(self.mesh, 1 + len(f.shape)))
+                for k, f in batch_spec(self.config, self.model_cfg).items()}
 
     def step_fn(self, batch_shardings: dict[str, Any]) -> Callable:
         """The jitted train step: state donated, explicit in/out shardings."""

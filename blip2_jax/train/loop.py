@@ -129,7 +129,7 @@ def _train(layout: Layout, workdir: Path, ckpt: Checkpointer) -> dict[str, float
     if start != loader.get_state()["next_step"]:
         raise RuntimeError(f"checkpoint step {start} and data position {loader.get_state()['next_step']} disagree")
     first = loader.next()
-    batch_sh = {k: mesh_lib.batch_sharding(mesh, v.ndim) for k, v in first.items()}
+    batch_sh = {k: v.sharding for k, v in layout.batch_abstract().items()}
     step_fn = layout.step_fn(batch_sh)
 
     def global_batch(host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
