@@ -1,6 +1,7 @@
 """`weights.load`: every source placed straight into its shardings equals, bit for bit, what the
 whole-tree path (`load_pretrained`, `CheckpointParams.tree`) reads and `device_put`s; the shardings
 are the logical ones of the mesh; a non-finite shard is refused like a non-finite tensor."""
+import dataclasses
 import json
 
 import jax
@@ -11,14 +12,16 @@ from flax import linen as nn
 from flax import traverse_util
 
 from blip2_jax.convert import hf_export
-from blip2_jax.models import blip2
+from blip2_jax.models import blip2, presets
 from blip2_jax.parallel import mesh as mesh_lib
+from blip2_jax.train.init import initial_params
+from blip2_jax.train.layout import build_layout
 from blip2_jax.weights import load as weights
 from blip2_jax.weights.hf_checkpoint import load_pretrained
 from blip2_jax.weights.hf_names import CheckpointMismatchError
 from blip2_jax.weights.model_checkpoint import CheckpointParams
 from tests.reference import hf_models as ref
-from tests.test_train import train_tiny_stage1
+from tests.test_train import load_config, train_tiny_stage1
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +119,47 @@ def test_a_non_finite_shard_is_refused(hf_dirs, mesh, tmp_path):
     with pytest.raises(CheckpointMismatchError, match=rf"{name} holds 1 NaN or Inf values"):
         weights.load(bad, mesh=mesh)
     assert json.loads((bad / "config.json").read_text())  # nothing else was written
+
+
+@pytest.fixture(scope="module")
+def bigger_opt(hf_dirs):
+    """The OPT model's config at two more patches a side, and what the whole-tree path makes of the
+    HF directory at that size (its position resize is checked against torch in test_loading)."""
+    config, _ = load_pretrained(hf_dirs["opt"])
+    size = config.vision.image_size + 2 * config.vision.patch_size
+    bigger = config.replace(vision=dataclasses.replace(config.vision, image_size=size))
+    return bigger, _flat(load_pretrained(hf_dirs["opt"], config=bigger)[1])
+
+
+@pytest.mark.parametrize("kind", ["hf", "model checkpoint"])
+def test_a_larger_image_size_resizes_the_position_table(hf_dirs, bigger_opt, mesh, tmp_path, kind):
+    """`like` a config at a larger image size: the ViT position table resized, every other leaf read
+    by shard, all as the whole-tree path; any other difference is refused before a weight is read."""
+    bigger, expected = bigger_opt
+    src = hf_dirs["opt"] if kind == "hf" else hf_export.from_hf(hf_dirs["opt"], tmp_path / "ckpt").source
+    loaded = weights.load(src, mesh=mesh, like=bigger)
+    assert loaded.config == bigger
+    assert_placed_equal(loaded, expected, mesh)
+    with pytest.raises(CheckpointMismatchError, match="does not match the requested config.*\n.*num_query_tokens"):
+        weights.load(src, mesh=mesh, like=bigger.replace(num_query_tokens=bigger.num_query_tokens + 1))
+
+
+def test_init_hf_starts_a_larger_fine_tuning_run_in_its_shardings(hf_dirs, bigger_opt, mesh):
+    """The trainer's `init.hf` (train/init.py) on the layout of a stage-2 run at the larger size:
+    the whole-tree path's parameters, in the layout's shardings, the frozen towers in frozen_dtype."""
+    bigger, expected = bigger_opt
+    config = load_config("configs/stage2_opt.py", "tiny")
+    config.model = presets.to_config_dict(bigger)
+    config.init.hf = str(hf_dirs["opt"])
+    config.frozen_dtype = "bfloat16"
+    layout = build_layout(config, mesh)
+    trainable, frozen = initial_params(config, layout.model, layout.model_cfg, layout.patterns,
+                                       (layout.trainable_shardings, layout.frozen_shardings))
+    got = {**_flat(trainable), **_flat(frozen)}
+    shardings = {**_flat(layout.trainable_shardings), **_flat(layout.frozen_shardings)}
+    assert got.keys() == expected.keys()
+    assert set(_flat(frozen)) and set(_flat(trainable))
+    for path, value in got.items():
+        assert value.sharding == shardings[path], path
+        want = expected[path].astype(ml_dtypes.bfloat16) if path in _flat(frozen) else expected[path]
+        np.testing.assert_array_equal(np.asarray(value), want, err_msg=path)

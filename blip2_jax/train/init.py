@@ -6,6 +6,8 @@ Otherwise the starting weights are, in this order:
   1. `init.hf`: a Hugging Face BLIP-2 checkpoint (directory or hub id) of exactly `config.model`;
   2. `init.checkpoint`: a model checkpoint (`blip2-jax convert`) or another run's workdir that holds
      this stage's architecture with exactly `config.model`;
+     both but for the image size (fine-tuning at 364/490 px from 224 px weights resizes the ViT
+     position table), both read shard by shard into the layout's shardings (`weights.load`);
   3. a random init from `config.seed`, then for stage 1 with `init.bert` the Q-Former (and its text
      side) from BERT;
   4. for stage 2 with `init.stage1`, on top of any of the above: the Q-Former query path and
@@ -22,14 +24,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
-from flax import traverse_util
 
 from blip2_jax.errors import UserError
 from blip2_jax.models import blip2
 from blip2_jax.train.partition import merge, partition
 from blip2_jax.weights.bert_init import init_from_bert, load_bert
-from blip2_jax.weights.hf_checkpoint import config_differences, load_pretrained
-from blip2_jax.weights.model_checkpoint import CheckpointParams
+from blip2_jax.weights.load import check_like, load, open_source
 from blip2_jax.weights.stage1_to_stage2 import load_stage1, stage2_from_stage1
 
 
@@ -54,11 +54,8 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, model_cf
         trainable, frozen = partition(params, patterns)
         return jax.device_put(trainable, trainable_sh), jax.device_put(frozen, frozen_sh)
 
-    if config.init.hf:  # 1
-        _, params = load_pretrained(config.init.hf, config=model_cfg)
-        trainable, frozen = place(params)
-    elif config.init.checkpoint:  # 2: read straight into the shardings, no host copy
-        trainable, frozen = partition(_checkpoint_params(config, model, model_cfg, shardings), patterns)
+    if config.init.hf or config.init.checkpoint:  # 1, 2: read straight into the shardings, no host copy
+        trainable, frozen = partition(_pretrained(config, model_cfg, shardings), patterns)
     else:  # 3
         init_fn = jax.jit(lambda rng: partition(nn.unbox(blip2.init(model_cfg, rng, model)["params"]), patterns),
                           out_shardings=(trainable_sh, frozen_sh))
@@ -72,20 +69,13 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, model_cf
     return trainable, jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
 
 
-def _checkpoint_params(config: ml_collections.ConfigDict, model: nn.Module, model_cfg: Any,
-                       shardings: tuple[Any, Any]) -> Any:
-    """The whole parameter tree of `init.checkpoint` (a model checkpoint or a training workdir),
-    which must hold this run's architecture and config, in the model's dtypes and `shardings`."""
-    source = CheckpointParams.open(config.init.checkpoint)
+def _pretrained(config: ml_collections.ConfigDict, model_cfg: Any, shardings: tuple[Any, Any]) -> Any:
+    """The parameters of `init.hf` or `init.checkpoint` in `shardings` (trainable, frozen): this stage's architecture
+    with exactly `config.model`, but for the image size (the ViT position table is resized)."""
+    field = "hf" if config.init.hf else "checkpoint"
+    source = open_source(config.init[field])
     want = blip2.STAGES[config.stage]
     if source.architecture != want:
-        raise UserError(f"init.checkpoint {source.source} holds a {source.architecture}; {config.stage} trains a "
-                         f"{want}")
-    diffs = config_differences(model_cfg, source.config)
-    if diffs:
-        raise UserError(f"init.checkpoint {source.source} does not match config.model (ours vs checkpoint):\n  "
-                         + "\n  ".join(diffs))
-    abstract = traverse_util.flatten_dict(blip2.abstract_params(model_cfg, model=model), sep="/")
-    flat = source.read_sharded(traverse_util.flatten_dict(merge(*shardings), sep="/"),
-                               {p: leaf.dtype for p, leaf in abstract.items()})
-    return traverse_util.unflatten_dict(flat, sep="/")
+        raise UserError(f"init.{field} {source.name} holds a {source.architecture}; {config.stage} trains a {want}")
+    check_like(source, model_cfg, "config.model")
+    return load(source, shardings=merge(*shardings), like=model_cfg).params

@@ -19,18 +19,22 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
+from blip2_jax.models.interpolate import interpolate_position_embedding
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.weights import hf_names
-from blip2_jax.weights.hf_checkpoint import hf_architecture, hf_tensors, read_config, resolve
+from blip2_jax.weights.hf_checkpoint import config_differences, hf_architecture, hf_tensors, read_config, resolve
+from blip2_jax.weights.hf_names import CheckpointMismatchError
 from blip2_jax.weights.model_checkpoint import METADATA, CheckpointParams
 
 Tree = Any
+POSITIONS = "vision_model/embeddings/position_embedding"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,14 +75,25 @@ def open_source(path_or_id: str | os.PathLike, step: int | None = None) -> Sourc
 
 
 def load(source: str | os.PathLike | Source, *, mesh: Mesh | None = None, shardings: Tree | None = None,
-         dtype: Any = None, step: int | None = None, **overrides) -> Loaded:
+         dtype: Any = None, step: int | None = None, like: config_lib.Blip2Config | None = None,
+         **overrides) -> Loaded:
     """The checkpoint `source` (a path or hub id, or what `open_source` made of one) with its
     parameters placed in `shardings` (a tree like the parameters), else on `mesh` by the default
     logical rules, else on the first device. `dtype` (default: the config's `param_dtype`) is the
     parameters' dtype; `step` picks a workdir's step; `overrides` set non-architectural config
-    fields (`dtype`, `param_dtype`, `remat_policy`)."""
+    fields (`dtype`, `param_dtype`, `remat_policy`).
+
+    `like` is the config the caller's model has: the checkpoint must agree with it in every
+    architecture field but `vision.image_size`. Fine-tuning starts 364 or 490 px models from 224 px
+    weights, so the ViT position table (one small leaf) is then read whole, resized bicubically on
+    the host (align_corners=False, as LAVIS and HF's `interpolate_pos_encoding` do for EVA ViT-g,
+    spec §2.1) and placed in its sharding; every other leaf is read shard by shard as always.
+    """
     source = source if isinstance(source, Source) else open_source(source, step)
-    config = source.config.replace(**overrides) if overrides else source.config
+    stored = source.config.replace(**overrides) if overrides else source.config
+    if like is not None:
+        check_like(source, like)
+    config = stored if like is None else like
     boxed = blip2.abstract_params(config, unbox=False, model=blip2.build(config, source.architecture))
     if shardings is None:
         shardings = (mesh_lib.logical_shardings(boxed, mesh) if mesh is not None else
@@ -88,13 +103,36 @@ def load(source: str | os.PathLike | Source, *, mesh: Mesh | None = None, shardi
     abstract = nn.unbox(boxed)
     dtypes = {p: np.dtype(dtype if dtype is not None else leaf.dtype)
               for p, leaf in traverse_util.flatten_dict(abstract, sep="/").items()}
+    resize = config.vision.image_size != stored.vision.image_size
+    read_shardings = {**flat_shardings, POSITIONS: SingleDeviceSharding(jax.local_devices()[0])} if resize \
+        else flat_shardings
     if isinstance(source.reader, CheckpointParams):
-        flat = source.reader.read_sharded(flat_shardings, dtypes)
+        flat = source.reader.read_sharded(read_shardings, dtypes)
     else:
-        flat = hf_leaves(hf_tensors(source.reader, source.architecture), abstract, flat_shardings, dtypes,
+        stored_abstract = abstract if not resize else blip2.abstract_params(
+            stored, model=blip2.build(stored, source.architecture))
+        flat = hf_leaves(hf_tensors(source.reader, source.architecture), stored_abstract, read_shardings, dtypes,
                          qformer_group=config.qformer.cross_attention_frequency, source=source.name)
+    if resize:
+        table = np.asarray(flat[POSITIONS])
+        resized = interpolate_position_embedding(table.astype(np.float32), (config.vision.grid,) * 2,
+                                                 align_corners=False)
+        flat[POSITIONS] = jax.device_put(np.asarray(resized).astype(table.dtype), flat_shardings[POSITIONS])
+        logging.info("%s: interpolated the ViT position table from %d to %d px (%d to %d positions)", source.name,
+                     stored.vision.image_size, config.vision.image_size, table.shape[1], config.vision.num_positions)
     return Loaded(source.architecture, config, source.tokenizer, traverse_util.unflatten_dict(flat, sep="/"),
                   source.name)
+
+
+def check_like(source: Source, like: config_lib.Blip2Config, requested: str = "the requested config") -> None:
+    """`source` holds weights for `like` (named `requested` in the error), up to the image size
+    (resized on load)."""
+    at_size = source.config.replace(vision=dataclasses.replace(source.config.vision,
+                                                               image_size=like.vision.image_size))
+    diffs = config_differences(like, at_size)
+    if diffs:
+        raise CheckpointMismatchError(f"{source.name} does not match {requested} (requested vs checkpoint):\n  "
+                                      + "\n  ".join(diffs))
 
 
 def hf_leaves(tensors: Mapping[str, Any], abstract: Tree, shardings: dict[str, jax.sharding.Sharding],
