@@ -11,11 +11,15 @@ from flax import linen as nn
 from flax import traverse_util
 
 from blip2_jax.data.tokenizers import DEC_TOKEN, qformer_tokenizer
-from blip2_jax.models import blip2
+from blip2_jax.models import blip2, presets
 from blip2_jax.models import config as config_lib
+from blip2_jax.parallel import mesh as mesh_lib
+from blip2_jax.train.init import initial_params
+from blip2_jax.train.layout import build_layout
 from blip2_jax.weights.bert_init import init_from_bert, load_bert
 from blip2_jax.weights.hf_names import CheckpointMismatchError
 from tests.reference import hf_models as ref
+from tests.test_train import load_config
 
 BERT_VOCAB = ref.QFORMER["vocab_size"] - 1  # the Q-Former adds [DEC]
 
@@ -116,3 +120,31 @@ def test_qformer_tokenizer_adds_dec_after_bert_vocabulary(tmp_path):
     enc = tok("a photo of a cat", padding="max_length", max_length=8, truncation=True)
     assert enc["input_ids"] == [2, 5, 6, 7, 5, 8, 3, 0]
     assert tok("a photo of a cat", max_length=4, truncation=True)["input_ids"] == [2, 5, 6, 3]
+
+
+def test_the_trainers_init_bert_loads_bert_into_the_layouts_shardings(loaded, tmp_path):
+    """`init.bert` as a stage-1 run starts (train/init.py, on a 2x2x2 mesh): the run's random init
+    of `config.seed` with BERT loaded as `init_from_bert` loads it into the whole tree (the trainer
+    hands it only the Q-Former's text side), every leaf in the layout's sharding."""
+    cfg = loaded[1]
+    _bert(cfg.qformer.num_hidden_layers).save_pretrained(tmp_path)
+    config = load_config("configs/stage1.py", "tiny")
+    config.model = presets.to_config_dict(cfg)
+    config.update(seed=3)
+    layout = build_layout(config, mesh_lib.make_mesh(data=2, fsdp=2, tensor=2))
+
+    def start(bert: str) -> dict:
+        config.init.bert = bert
+        trainable, frozen = initial_params(config, layout.model, layout.model_cfg, layout.patterns,
+                                           (layout.trainable_shardings, layout.frozen_shardings))
+        return {**traverse_util.flatten_dict(trainable), **traverse_util.flatten_dict(frozen)}
+
+    got, fresh = start(str(tmp_path)), start("")  # the same seed's random init, without BERT
+    want = traverse_util.flatten_dict(init_from_bert(jax.device_get(traverse_util.unflatten_dict(fresh)),
+                                                     load_bert(tmp_path), cfg.qformer))
+    shardings = {**traverse_util.flatten_dict(layout.trainable_shardings),
+                 **traverse_util.flatten_dict(layout.frozen_shardings)}
+    assert got.keys() == want.keys()
+    for path, value in got.items():
+        assert value.sharding == shardings[path], path
+        np.testing.assert_array_equal(np.asarray(value), want[path], err_msg="/".join(path))

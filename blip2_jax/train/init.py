@@ -33,6 +33,9 @@ from blip2_jax.weights.load import check_like, load, open_source
 from blip2_jax.weights.stage1_to_stage2 import load_stage1, stage2_from_stage1
 
 
+BERT_PARTS = ("embeddings", "qformer", "cls")  # the stage-1 subtrees BERT initialises
+
+
 def check_init(config: ml_collections.ConfigDict) -> None:
     """What the config alone says about the starting weights (cheap: opens nothing)."""
     given = [k for k in ("hf", "checkpoint", "bert") if config.init[k]]
@@ -60,9 +63,11 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, model_cf
         init_fn = jax.jit(lambda rng: partition(nn.unbox(blip2.init(model_cfg, rng, model)["params"]), patterns),
                           out_shardings=(trainable_sh, frozen_sh))
         trainable, frozen = init_fn(jax.random.PRNGKey(config.seed))
-        if config.init.bert:
-            trainable, frozen = place(init_from_bert(jax.device_get(merge(trainable, frozen)),
-                                                     load_bert(config.init.bert), model_cfg.qformer))
+        if config.init.bert:  # only the Q-Former's text side moves to the host, not the ViT
+            params = merge(trainable, frozen)
+            text = jax.device_get({k: params[k] for k in BERT_PARTS})
+            text = init_from_bert(text, load_bert(config.init.bert), model_cfg.qformer)
+            trainable, frozen = place({**params, **text})
     if config.init.stage1:  # 4: only the query path moves to the host; the towers stay where they are
         trainable, frozen = place(stage2_from_stage1(load_stage1(config.init.stage1), merge(trainable, frozen)))
     frozen_dtype = jnp.dtype(config.frozen_dtype)
