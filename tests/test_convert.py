@@ -22,10 +22,13 @@ from safetensors.numpy import load_file
 from blip2_jax import cli
 from blip2_jax.convert import hf_export, lavis
 from blip2_jax.data.images import preprocess_images
+from blip2_jax.errors import UserError
 from blip2_jax.generation.api import Blip2Generator
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.models import blip2, presets
 from blip2_jax.models import config as config_lib
+from blip2_jax.parallel import mesh as mesh_lib
+from blip2_jax.weights import load as weights
 from blip2_jax.weights import model_checkpoint
 from blip2_jax.weights.hf_names import CheckpointMismatchError
 from tests.reference import hf_models as ref
@@ -381,6 +384,20 @@ def test_lavis_stage2_takes_the_towers_from_their_own_files(hf_dirs, tmp_path):
                 [value[:, :d], np.zeros_like(value[:, :d]), value[:, 2 * d:]], axis=-1))
         else:
             np.testing.assert_array_equal(got[path], value, err_msg=path)
+    # the same files read straight into the shardings of a mesh (`weights.load`), no checkpoint written
+    with pytest.raises(UserError, match="a LAVIS .pth names no model config; open it with"):
+        weights.load(tmp_path / "stage2.pth")
+    mesh = mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)
+    placed = weights.load(weights.open_lavis(tmp_path / "stage2.pth", config, vision=tmp_path / "eva_vit_g.pth",
+                                             text=tmp_path / "opt"), mesh=mesh)
+    assert (placed.architecture, placed.tokenizer) == (ours.architecture, str(tmp_path / "opt"))
+    shardings = traverse_util.flatten_dict(mesh_lib.logical_shardings(blip2.abstract_params(config, unbox=False),
+                                                                      mesh), sep="/")
+    leaves = traverse_util.flatten_dict(placed.params, sep="/")
+    assert leaves.keys() == got.keys() and sum(any(v.sharding.spec) for v in leaves.values()) > 10
+    for path, value in leaves.items():
+        assert value.sharding == shardings[path], path
+        np.testing.assert_array_equal(np.asarray(value), got[path], err_msg=path)
 
 
 def test_lavis_inputs_that_are_not_blip2_are_named(stage1_lavis, tmp_path):
@@ -494,7 +511,6 @@ def assert_stage1_run_exports_exactly(workdir: Path, trained: dict[str, np.ndarr
 @pytest.mark.slow
 def test_a_training_run_exports_and_a_new_run_starts_from_the_export(tmp_path):
     """Through the real trainer (slow: compiling the stage-1 step takes about a minute on CPU)."""
-    from blip2_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
     from blip2_jax.train import init as init_lib  # pylint: disable=import-outside-toplevel
     from blip2_jax.train import layout  # pylint: disable=import-outside-toplevel
     from blip2_jax.train.partition import merge, partition, patterns_for  # pylint: disable=import-outside-toplevel

@@ -17,13 +17,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
 from blip2_jax.weights import hf_names
 from blip2_jax.weights import model_checkpoint
-from blip2_jax.weights.hf_checkpoint import read_tensors, resolve
-from blip2_jax.weights.lavis_names import (POSITION_IDS, TIED, TO_LAVIS, LavisTensors, has_prefix, load_pth, rename,
-                                           torch_module)
+from blip2_jax.weights.lavis_names import POSITION_IDS, TIED, TO_LAVIS, rename, torch_module
+from blip2_jax.weights.load import open_lavis
 
 
 def from_lavis(src: str | os.PathLike, out: str | os.PathLike, config: config_lib.Blip2Config, *,
@@ -32,29 +30,12 @@ def from_lavis(src: str | os.PathLike, out: str | os.PathLike, config: config_li
     """A LAVIS `.pth` -> a model checkpoint at `out` for `config` (a preset of ours); `vision` is
     `eva_vit_g.pth` and `text` the LLM's Hugging Face directory or hub id, for the towers the
     LAVIS file leaves out. Returns the checkpoint and the notes on what was dropped or adapted."""
-    state = load_pth(src)
-    if config.vision.variant != "eva":
-        raise ValueError("from-lavis reads EVA ViT-g checkpoints; LAVIS's CLIP ViT-L (pretrain_vitL) has other names")
-    vision_state = None
-    if vision is not None:
-        vision_state = load_pth(vision, "vision tower checkpoint")
-    elif not has_prefix(state, "visual_encoder."):
-        raise ValueError(f"{src} has no vision tower (LAVIS checkpoints leave the frozen ViT out): pass --vision "
-                         "eva_vit_g.pth")
-    text_tensors = None
-    if config.text is not None:
-        if text is not None:
-            text_tensors = read_tensors(resolve(text))
-        elif not has_prefix(state, "opt_model.") and not has_prefix(state, "t5_model."):
-            raise ValueError(f"{src} has no language model (LAVIS checkpoints leave the frozen LLM out): pass "
-                             "--text with its Hugging Face directory or hub id (e.g. facebook/opt-2.7b)")
-    architecture = blip2.architecture_of(config, itg_head="temp" in state)
-    tensors = LavisTensors(state, config, vision=vision_state, text=text_tensors, source=str(src))
-    leaves = hf_names.iter_from_hf(tensors, model_checkpoint.abstract_params(architecture, config),
+    source = open_lavis(src, config, vision=vision, text=text)
+    leaves = hf_names.iter_from_hf(source.reader, model_checkpoint.abstract_params(source.architecture, config),
                                    qformer_group=config.qformer.cross_attention_frequency, dtype=dtype,
                                    source=str(src))
-    model_checkpoint.write(out, architecture, config, leaves, source=str(src), progress=progress)
-    return model_checkpoint.CheckpointParams.open(out), tensors.notes
+    model_checkpoint.write(out, source.architecture, config, leaves, source=str(src), progress=progress)
+    return model_checkpoint.CheckpointParams.open(out), source.reader.notes
 
 
 def to_lavis(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,

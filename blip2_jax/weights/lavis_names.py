@@ -18,7 +18,9 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from blip2_jax.errors import InputNotFound
+from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
+from blip2_jax.weights.hf_checkpoint import read_tensors, resolve
 from blip2_jax.weights.hf_names import CheckpointMismatchError, to_numpy
 
 # LAVIS name <-> HF name (spec §12); {placeholders} match the same text on both sides, and the first
@@ -214,5 +216,30 @@ def _pad_rows(get: Callable[[], np.ndarray], rows: int) -> np.ndarray:
     return np.concatenate([value, np.zeros((rows - value.shape[0], *value.shape[1:]), value.dtype)])
 
 
-def has_prefix(state: Mapping[str, Any], prefix: str) -> bool:
+def _has(state: Mapping[str, Any], prefix: str) -> bool:
     return any(k.startswith(prefix) for k in state)
+
+
+def lavis_tensors(src: str | os.PathLike, config: config_lib.Blip2Config, *, vision: str | os.PathLike | None = None,
+                  text: str | os.PathLike | None = None) -> tuple[str, LavisTensors]:
+    """(architecture, tensors) of the LAVIS `.pth` at `src` for `config` (a preset of ours: a LAVIS
+    file names no config), with the towers the file leaves out from `vision` (`eva_vit_g.pth`) and
+    `text` (the LLM's Hugging Face directory or hub id). Tensors stay in torch's memory map."""
+    state = load_pth(src)
+    if config.vision.variant != "eva":
+        raise ValueError("from-lavis reads EVA ViT-g checkpoints; LAVIS's CLIP ViT-L (pretrain_vitL) has other names")
+    vision_state = None
+    if vision is not None:
+        vision_state = load_pth(vision, "vision tower checkpoint")
+    elif not _has(state, "visual_encoder."):
+        raise ValueError(f"{src} has no vision tower (LAVIS checkpoints leave the frozen ViT out): pass --vision "
+                         "eva_vit_g.pth")
+    text_tensors = None
+    if config.text is not None:
+        if text is not None:
+            text_tensors = read_tensors(resolve(text))
+        elif not _has(state, "opt_model.") and not _has(state, "t5_model."):
+            raise ValueError(f"{src} has no language model (LAVIS checkpoints leave the frozen LLM out): pass "
+                             "--text with its Hugging Face directory or hub id (e.g. facebook/opt-2.7b)")
+    architecture = blip2.architecture_of(config, itg_head="temp" in state)
+    return architecture, LavisTensors(state, config, vision=vision_state, text=text_tensors, source=str(src))

@@ -1,6 +1,7 @@
 """`load(path_or_id, mesh=..., shardings=...)`: a Hugging Face directory or hub id, a model
-checkpoint (`blip2-jax convert`), a training workdir or one of its steps -> architecture, config,
-tokenizer source and parameters, each leaf placed straight into its sharding.
+checkpoint (`blip2-jax convert`), a training workdir or one of its steps, or a LAVIS `.pth`
+(`open_lavis`) -> architecture, config, tokenizer source and parameters, each leaf placed straight
+into its sharding.
 
 No host copy of the model is ever made. Orbax sources restore with sharded targets, so each
 device's shard is read from the checkpoint and nothing else. Safetensors leaves are built by
@@ -8,7 +9,7 @@ device's shard is read from the checkpoint and nothing else. Safetensors leaves 
 map (through the layout transform, a view), so the host holds about one shard at a time. On
 accelerators the arrays then leave the host entirely; on simulated CPU devices they are the host
 memory the model needs, and only the transient copies are saved (`benchmarks/load_memory.py`).
-A LAVIS `.pth` is read through `blip2-jax convert from-lavis` first (a pickle cannot be sliced).
+A LAVIS `.pth` is opened by torch with `mmap=True`, so its tensors are read the same way.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from blip2_jax.models.interpolate import interpolate_position_embedding
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.weights import hf_names
 from blip2_jax.weights.hf_checkpoint import config_differences, hf_architecture, hf_tensors, read_config, resolve
+from blip2_jax.errors import UserError
 from blip2_jax.weights.hf_names import CheckpointMismatchError
+from blip2_jax.weights.lavis_names import LavisTensors, lavis_tensors
 from blip2_jax.weights.model_checkpoint import METADATA, CheckpointParams
 
 Tree = Any
@@ -60,11 +63,15 @@ class Source:
     config: config_lib.Blip2Config
     tokenizer: str  # where the checkpoint's tokenizer is ("" if it has none)
     name: str
-    reader: CheckpointParams | Path  # an Orbax checkpoint's, or the Hugging Face directory
+    reader: CheckpointParams | Path | LavisTensors  # Orbax, a Hugging Face directory, a LAVIS .pth
 
 
 def open_source(path_or_id: str | os.PathLike, step: int | None = None) -> Source:
     """The checkpoint at `path_or_id` (a workdir's latest step, or `step`), weights not yet read."""
+    if Path(path_or_id).suffix == ".pth":
+        raise UserError(f"{path_or_id}: a LAVIS .pth names no model config; open it with weights.load.open_lavis("
+                        "path, presets.get(<preset>), vision=..., text=...), or convert it (blip2-jax convert "
+                        "from-lavis)")
     if is_model_checkpoint(path_or_id):
         params = CheckpointParams.open(path_or_id, step)
         return Source(params.architecture, params.config, params.tokenizer, params.source, params)
@@ -72,6 +79,15 @@ def open_source(path_or_id: str | os.PathLike, step: int | None = None) -> Sourc
     config = config_lib.from_hf(read_config(directory))
     tokenizer = str(directory) if Path(path_or_id).is_dir() else str(path_or_id)
     return Source(hf_architecture(directory, config), config, tokenizer, str(directory), directory)
+
+
+def open_lavis(src: str | os.PathLike, config: config_lib.Blip2Config, *, vision: str | os.PathLike | None = None,
+               text: str | os.PathLike | None = None) -> Source:
+    """A LAVIS `.pth` for `config` (a preset of ours), with `vision` (`eva_vit_g.pth`) and `text`
+    (the LLM's Hugging Face directory or hub id, also its tokenizer) for the towers LAVIS leaves
+    out. `load` then reads each device's shard from torch's memory map of the file."""
+    architecture, tensors = lavis_tensors(src, config, vision=vision, text=text)
+    return Source(architecture, config, str(text) if text is not None else "", str(src), tensors)
 
 
 def load(source: str | os.PathLike | Source, *, mesh: Mesh | None = None, shardings: Tree | None = None,
@@ -111,7 +127,9 @@ def load(source: str | os.PathLike | Source, *, mesh: Mesh | None = None, shardi
     else:
         stored_abstract = abstract if not resize else blip2.abstract_params(
             stored, model=blip2.build(stored, source.architecture))
-        flat = hf_leaves(hf_tensors(source.reader, source.architecture), stored_abstract, read_shardings, dtypes,
+        tensors = hf_tensors(source.reader, source.architecture) if isinstance(source.reader, Path) \
+            else source.reader
+        flat = hf_leaves(tensors, stored_abstract, read_shardings, dtypes,
                          qformer_group=config.qformer.cross_attention_frequency, source=source.name)
     if resize:
         table = np.asarray(flat[POSITIONS])
