@@ -182,7 +182,61 @@ class T5Config:
         return self.d_model
 
 
-TextConfig = OPTConfig | T5Config
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """HF `LlamaConfig` (decoder-only LM: LLaMA, Vicuna, and the family transformers builds with
+    it). The rotary scaling is HF's `rope_parameters`, flattened into `rope_*` fields: `rope_type`
+    one of ROPE_TYPES, with the fields that type reads (transformers' `modeling_rope_utils`)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float | None = None
+    rope_original_max_position_embeddings: int | None = None
+    rope_low_freq_factor: float | None = None  # llama3
+    rope_high_freq_factor: float | None = None  # llama3
+    rope_attention_factor: float | None = None  # yarn
+    rope_beta_fast: float | None = None  # yarn
+    rope_beta_slow: float | None = None  # yarn
+    rope_mscale: float | None = None  # yarn
+    rope_mscale_all_dim: float | None = None  # yarn
+    rope_truncate: bool = True  # yarn
+    pad_token_id: int | None = None
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    model_type = "llama"
+    is_encoder_decoder = False
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:  # HF: multi-head attention unless given
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported; blip2_jax has {', '.join(ROPE_TYPES)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+
+
+TextConfig = OPTConfig | T5Config | LlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +249,7 @@ class Blip2Config:
 
     vision: VisionConfig = VisionConfig()
     qformer: QFormerConfig = QFormerConfig()
-    text: OPTConfig | T5Config | None = OPTConfig()
+    text: TextConfig | None = OPTConfig()
     num_query_tokens: int = 32
     image_text_hidden_size: int = 256
     image_token_index: int | None = None
@@ -240,7 +294,37 @@ def text_config_from_hf(d: Mapping[str, Any]) -> TextConfig:
             act = "gelu_new" if cfg.feed_forward_proj == "gated-gelu" else cfg.feed_forward_proj.split("-")[-1]
             cfg = dataclasses.replace(cfg, dense_act_fn=act)
         return cfg
-    raise ValueError(f"unsupported text_config.model_type {model_type!r}: blip2_jax supports 'opt' and 't5'")
+    if model_type == "llama":
+        return llama_config_from_hf(d)
+    raise ValueError(f"unsupported text_config.model_type {model_type!r}: blip2_jax supports 'opt', 't5' and "
+                     "'llama'")
+
+
+_ROPE_KEYS = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
+              "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
+
+
+def llama_config_from_hf(d: Mapping[str, Any]) -> LlamaConfig:
+    """HF LLaMA config dict -> ours: transformers 5's `rope_parameters`, or the older `rope_theta`
+    with a `rope_scaling` dict (its `type` or `rope_type`)."""
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("rope_parameters.partial_rotary_factor != 1 is not a LLaMA rotary embedding")
+    if d.get("pretraining_tp", 1) not in (None, 1):
+        raise ValueError(f"pretraining_tp={d['pretraining_tp']} (sliced matmuls) is not supported; it must be 1")
+    fields = {f"rope_{k}": rope[k] for k in _ROPE_KEYS if rope.get(k) is not None}
+    return _take(LlamaConfig, {**d, **fields, "rope_theta": float(rope["rope_theta"]), "rope_type": rope_type})
+
+
+def llama_config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta,
+            **{k: getattr(cfg, f"rope_{k}") for k in _ROPE_KEYS if getattr(cfg, f"rope_{k}") is not None}}
+    if cfg.rope_type != "yarn" or cfg.rope_truncate:  # HF reads a missing `truncate` as True
+        rope.pop("truncate", None)
+    out = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("rope_")}
+    return {**out, "rope_parameters": rope, "model_type": "llama"}
 
 
 def vision_config_from_hf(d: Mapping[str, Any]) -> VisionConfig:
@@ -301,7 +385,7 @@ def to_hf(cfg: Blip2Config) -> dict[str, Any]:
         out["architectures"] = ["Blip2ForImageTextRetrieval"]
     else:
         out["architectures"] = ["Blip2ForConditionalGeneration"]
-        text = _as_dict(cfg.text)
+        text = llama_config_to_hf(cfg.text) if isinstance(cfg.text, LlamaConfig) else _as_dict(cfg.text)
         if isinstance(cfg.text, OPTConfig):
             text["_remove_final_layer_norm"] = text.pop("remove_final_layer_norm")
         text["model_type"] = cfg.text.model_type

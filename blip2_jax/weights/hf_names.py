@@ -72,15 +72,17 @@ _SPECIAL = {
     "decoder/relative_attention_bias/embedding": "decoder/block/0/layer/0/SelfAttention/relative_attention_bias/weight",
 }
 
-# Hugging Face tensors that duplicate another (tied weights): alias -> canonical, relative to the
-# language model's prefix. Written by some checkpoints, required by none.
-_ALIASES = {
-    "lm_head/weight": "model/decoder/embed_tokens/weight",  # OPT: head tied to the input embedding
-    "encoder/embed_tokens/weight": "shared/weight",  # T5: both stacks embed with `shared`
-    "decoder/embed_tokens/weight": "shared/weight",
-}
+# Hugging Face tensors that duplicate another (tied weights): (alias, canonical), relative to the
+# language model's prefix; an alias applies where its canonical tensor exists. Written by some
+# checkpoints, required by none.
+_ALIASES = (
+    ("lm_head/weight", "model/decoder/embed_tokens/weight"),  # OPT: head tied to the input embedding
+    ("lm_head/weight", "model/embed_tokens/weight"),  # LLaMA with tie_word_embeddings (no lm_head of ours)
+    ("encoder/embed_tokens/weight", "shared/weight"),  # T5: both stacks embed with `shared`
+    ("decoder/embed_tokens/weight", "shared/weight"),
+)
 # A T5 checkpoint without `lm_head.weight` ties the head to `shared` (what transformers does).
-_FALLBACKS = {"lm_head/weight": "shared/weight"}
+_FALLBACKS = (("lm_head/weight", "shared/weight"),)
 
 
 _QFORMER_GROUP = re.compile(r"^(.*?qformer/encoder)/(layers|remainder)/layer_(\d+)/(.*)$")
@@ -109,8 +111,8 @@ def _split_stack(path: str, qformer_group: int) -> tuple[str, str, Callable[[int
     m = re.match(r"^(.*?(?:^|/)(?:encoder|decoder)/block)/layer_(\d+)/(.*)$", path)
     if m:  # T5 block: layer_N child -> layer.N
         return m.group(1), f"layer/{m.group(2)}/{m.group(3)}", lambda i: i
-    m = re.match(r"^(.*?(?:^|/)(?:encoder|decoder)/layers)/(.*)$", path)
-    if m:  # ViT encoder layers, OPT decoder layers
+    m = re.match(r"^(.*?(?:^|/)(?:encoder|decoder|model)/layers)/(.*)$", path)
+    if m:  # ViT encoder layers, OPT decoder layers, LLaMA layers
         return m.group(1), m.group(2), lambda i: i
     return None
 
@@ -161,11 +163,11 @@ def slots(flat_shapes: Mapping[str, tuple[int, ...]], *, qformer_group: int = 2)
     return out
 
 
-def _lm_prefixed(table: Mapping[str, str], keys: set[str]) -> dict[str, str]:
+def _lm_prefixed(table: tuple[tuple[str, str], ...], keys: set[str]) -> dict[str, str]:
     """`table` (relative to a language model) resolved against the LM prefixes present in `keys`."""
     out = {}
     for prefix in ("language_model.", ""):
-        for alias, canon in table.items():
+        for alias, canon in table:
             a, c = prefix + alias.replace("/", "."), prefix + canon.replace("/", ".")
             if c in keys:
                 out[a] = c
@@ -207,7 +209,7 @@ def leaf_sources(tensors: Mapping[str, Any], abstract: Tree, *, qformer_group: i
     shapes = flat_shapes(abstract)
     table = slots(shapes, qformer_group=qformer_group)
     keys = set(tensors)
-    aliases = _lm_prefixed(_ALIASES, set(table))
+    aliases = {a: c for a, c in _lm_prefixed(_ALIASES, set(table)).items() if a not in table}  # untied: own slot
     fallbacks = _lm_prefixed(_FALLBACKS, keys)
 
     def source_for(name: str) -> str:
