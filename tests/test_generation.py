@@ -14,8 +14,6 @@ from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.decode import decoding_params, generate_fn
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
-from blip2_jax.models.opt import OPTForCausalLM
-from blip2_jax.models.t5 import T5ForConditionalGeneration
 from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from tests.reference import hf_models as ref
 
@@ -25,7 +23,8 @@ MAX_NEW = 10
 # by the encoder's depth), so the T5 here is symmetric; tests/test_t5.py covers the asymmetric one.
 T5 = dict(ref.T5, num_decoder_layers=2)
 # The tiny T5 never emits its real EOS in 10 tokens; a frequent id as EOS exercises finished beams.
-EOS = {"opt": ref.OPT["eos_token_id"], "t5": 86}
+EOS = {"opt": ref.OPT["eos_token_id"], "t5": 86, "llama": 98}  # the tiny LLaMA never emits its real EOS either
+TEXT = {"opt": ref.OPT, "t5": T5, "llama": ref.LLAMA}
 SETTINGS = {
     "greedy_repetition": dict(num_beams=1, repetition_penalty=1.3, min_new_tokens=2),
     "beam3": dict(num_beams=3, length_penalty=0.7, min_new_tokens=2, repetition_penalty=1.2),
@@ -38,24 +37,25 @@ SETTINGS = {
 
 
 def _prompts(kind: str, lengths: list[int], seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """[<image>]*Q + text, OPT left-padded with pad 1 (its real prompts start with BOS), T5 right-padded."""
-    text = ref.OPT if kind == "opt" else T5
-    ids, mask = ref.padded_text(lengths, max(lengths), text["vocab_size"], left=kind == "opt", avoid=(IMAGE,),
-                                seed=seed, first=ref.OPT["bos_token_id"] if kind == "opt" else None)
+    """[<image>]*Q + text, decoder-only (OPT, LLaMA) left-padded with their pad id (their real prompts
+    start with BOS), T5 right-padded."""
+    text, decoder_only = TEXT[kind], kind != "t5"
+    ids, mask = ref.padded_text(lengths, max(lengths), text["vocab_size"], left=decoder_only, avoid=(IMAGE,),
+                                seed=seed, first=text["bos_token_id"] if decoder_only else None)
     ids = np.where(mask == 1, ids, text["pad_token_id"])
     image = np.full((len(lengths), Q), IMAGE)
     return np.concatenate([image, ids], 1), np.concatenate([np.ones_like(image), mask], 1)
 
 
 def _lm(kind: str, qformer_layers: int = ref.QFORMER["num_hidden_layers"]) -> dict:
-    hf = ref.generation_model(ref.OPT if kind == "opt" else T5, seed=3, qformer_layers=qformer_layers)
+    hf = ref.generation_model(TEXT[kind], seed=3, qformer_layers=qformer_layers)
     cfg = config_lib.from_hf(hf.config.to_dict())
     ids, mask = _prompts(kind, [3, 1, 5])
     return dict(kind=kind, hf=hf, model=blip2.build(cfg), params=params_from_state_dict(ref.state_dict(hf), cfg),
                 pixels=ref.pixels(3, seed=1), ids=ids, mask=mask, eos=EOS[kind])
 
 
-@pytest.fixture(scope="module", params=["opt", "t5"])
+@pytest.fixture(scope="module", params=["opt", "t5", "llama"])
 def lm(request):
     return _lm(request.param)
 
@@ -80,13 +80,13 @@ def _ours(lm, settings, pixels=None, ids=None, mask=None):
 
 
 def _theirs(lm, settings):
-    text = ref.OPT if lm["kind"] == "opt" else T5
+    text = TEXT[lm["kind"]]
     with torch.no_grad():
         out = lm["hf"].generate(pixel_values=torch.tensor(lm["pixels"]), input_ids=torch.tensor(lm["ids"]),
                                 attention_mask=torch.tensor(lm["mask"]), do_sample=False, max_new_tokens=MAX_NEW,
                                 eos_token_id=lm["eos"], pad_token_id=text["pad_token_id"], **settings).numpy()
     # Decoder-only outputs repeat the prompt; encoder-decoder ones start with the decoder start id.
-    return out[:, lm["ids"].shape[1]:] if lm["kind"] == "opt" else out[:, 1:]
+    return out[:, lm["ids"].shape[1]:] if lm["kind"] != "t5" else out[:, 1:]
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
@@ -115,9 +115,9 @@ def test_each_sample_alone_equals_its_row_in_the_padded_batch(lm):
     batch, _ = _ours(lm, SETTINGS[name])
     for row, n in enumerate(lengths[:2]):
         ids, mask = _prompts(lm["kind"], lengths)
-        keep = slice(ids.shape[1] - Q - n, None) if lm["kind"] == "opt" else slice(0, Q + n)
+        keep = slice(ids.shape[1] - Q - n, None) if lm["kind"] != "t5" else slice(0, Q + n)
         alone_ids = np.concatenate([ids[row:row + 1, :Q], ids[row:row + 1, Q:][:, keep]], 1) \
-            if lm["kind"] == "opt" else ids[row:row + 1, keep]
+            if lm["kind"] != "t5" else ids[row:row + 1, keep]
         alone_mask = np.ones_like(alone_ids)
         alone, _ = _ours(lm, SETTINGS[name], lm["pixels"][row:row + 1], alone_ids, alone_mask)
         np.testing.assert_array_equal(alone[0], batch[row])
@@ -145,12 +145,12 @@ def test_decoding_layout_computes_what_the_scanned_model_does(lm):
     model, params = lm["model"], lm["params"]
     unrolled = decoding_params(model, params)
     node = unrolled["language_model"]
-    for key in (OPTForCausalLM if lm["kind"] == "opt" else T5ForConditionalGeneration).DECODER_LAYERS:
+    for key in blip2.LANGUAGE_MODELS[type(model.config.text)].DECODER_LAYERS:
         node = node[key]
-    depth = ref.OPT["num_hidden_layers"] if lm["kind"] == "opt" else T5["num_decoder_layers"]
+    depth = TEXT[lm["kind"]].get("num_decoder_layers", TEXT[lm["kind"]].get("num_hidden_layers"))
     assert sorted(node) == [str(i) for i in range(depth)]
     args = (jnp.asarray(ref.nhwc(lm["pixels"])), jnp.asarray(lm["ids"]), jnp.asarray(lm["mask"]))
-    extra = {} if lm["kind"] == "opt" else dict(decoder_input_ids=jnp.asarray(lm["ids"][:, -4:] % 50))
+    extra = {} if lm["kind"] != "t5" else dict(decoder_input_ids=jnp.asarray(lm["ids"][:, -4:] % 50))
     scanned = model.apply({"params": params}, *args, **extra).logits
     flat = model.clone(scan_lm_layers=False).apply({"params": unrolled}, *args, **extra).logits
     np.testing.assert_allclose(np.asarray(flat), np.asarray(scanned), rtol=0, atol=1e-5)  # fp32 fusion order

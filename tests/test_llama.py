@@ -1,8 +1,9 @@
 """The LLaMA-family decoder against transformers' `LlamaForCausalLM` (issue 21 Done-when 1, the LM
 part): tiny random models with perturbed weights, odd sizes, grouped-query attention, a
 non-default `rope_theta`, every rotary scaling, biases and a tied head; padded batches; each row
-alone equal to its row in the batch; cached incremental decoding equal to the full pass; and the
-Hugging Face name map both ways."""
+alone equal to its row in the batch; cached incremental decoding equal to the full pass; the
+Hugging Face name map both ways; and BLIP-2 with a LLaMA text model (its generation against
+`generate` is in test_generation)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +12,17 @@ import torch
 import transformers
 from flax import linen as nn
 
+from blip2_jax.convert import hf_export
+from blip2_jax.models import blip2
+from blip2_jax.models import config as config_lib
 from blip2_jax.models.config import llama_config_from_hf, llama_config_to_hf
 from blip2_jax.models.llama import LlamaForCausalLM, position_ids_from_mask
+from blip2_jax.objectives.stage2 import stage2_loss
+from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from blip2_jax.weights.hf_names import from_hf, to_hf
+from tests.reference import hf_models as ref
 from tests.reference.hf_models import padded_text, perturb
+from tests.reference.tokenizers import tiny_opt_tokenizer
 
 VOCAB = 101
 # odd sizes: 6 query heads of 6 dims over 2 K/V heads (3 per group), an intermediate of 37
@@ -118,3 +126,46 @@ def test_names_and_config_round_trip():
     rebuilt = transformers.LlamaConfig(**llama_config_to_hf(cfg))
     assert rebuilt.rope_parameters == hf.config.rope_parameters
     assert llama_config_from_hf(rebuilt.to_dict()) == cfg
+
+
+def test_blip2_with_a_llama_matches_transformers_and_converts_both_ways(tmp_path):
+    """`Blip2ForConditionalGeneration` with a LLaMA text config (grouped-query attention, rope_theta
+    500): logits equal transformers' on a right-padded batch (its forward counts positions from 0,
+    ours from the mask: the same on real tokens); HF -> model checkpoint -> HF reproduces every
+    tensor bit for bit and transformers loads it with nothing missing."""
+    hf = ref.generation_model(ref.LLAMA, seed=5)
+    cfg = config_lib.from_hf(hf.config.to_dict())
+    assert isinstance(cfg.text, config_lib.LlamaConfig) and cfg.text.num_key_value_heads == 2
+    params = params_from_state_dict(ref.state_dict(hf), cfg)
+    text, mask = padded_text([6, 2, 4], 6, ref.LLAMA["vocab_size"], avoid=(ref.IMAGE_TOKEN_INDEX,), seed=2)
+    image = np.full((3, ref.NUM_QUERY_TOKENS), ref.IMAGE_TOKEN_INDEX)
+    ids, mask = np.concatenate([image, text], 1), np.concatenate([np.ones_like(image), mask], 1)
+    pixels = ref.pixels(3, seed=4)
+    got = np.asarray(blip2.build(cfg).apply({"params": params}, jnp.asarray(ref.nhwc(pixels)), jnp.asarray(ids),
+                                            jnp.asarray(mask)).logits)
+    with torch.no_grad():
+        want = hf(pixel_values=torch.tensor(pixels), input_ids=torch.tensor(ids),
+                  attention_mask=torch.tensor(mask)).logits.numpy()
+    assert np.abs(got - want)[mask.astype(bool)].max() <= 1e-4
+    # the stage-2 loss (LAVIS's concatenation, no <image> tokens) is transformers' loss with the
+    # queries' labels ignored
+    labels = np.where(text_mask := mask[:, ref.NUM_QUERY_TOKENS:], text, -100)
+    loss, _ = stage2_loss(params, {"image": jnp.asarray(ref.nhwc(pixels)), "text_ids": jnp.asarray(text),
+                                   "text_mask": jnp.asarray(text_mask), "labels": jnp.asarray(labels)},
+                          jax.random.PRNGKey(0), model=blip2.build(cfg), deterministic=True)
+    with torch.no_grad():
+        hf_loss = hf(pixel_values=torch.tensor(pixels), input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     labels=torch.tensor(np.concatenate([np.full_like(image, -100), labels], 1))).loss
+    assert float(loss) == pytest.approx(float(hf_loss), rel=1e-5)
+    hf.save_pretrained(tmp_path / "hf")
+    tiny_opt_tokenizer().save_pretrained(tmp_path / "hf")  # any LLM tokenizer: the export adds <image> to it
+    hf_export.from_hf(tmp_path / "hf", tmp_path / "ours")
+    hf_export.to_hf(tmp_path / "ours", tmp_path / "back")
+    back, info = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "back",
+                                                                            output_loading_info=True)
+    assert not any(info.values()), info
+    assert back.config.text_config.rope_parameters == hf.config.text_config.rope_parameters
+    original, written = ref.state_dict(hf), ref.state_dict(back)
+    assert written.keys() == original.keys()
+    for name, value in original.items():
+        np.testing.assert_array_equal(written[name], value, err_msg=name)

@@ -87,7 +87,7 @@ def prompt_arrays(token_lists: Sequence[Sequence[int]], config: Blip2Config) -> 
     ids = np.full((len(token_lists), width), text.pad_token_id, np.int32)
     mask = np.zeros_like(ids)
     for row, tokens in enumerate(token_lists):
-        span = slice(width - len(tokens), width) if isinstance(text, OPTConfig) else slice(0, len(tokens))
+        span = slice(width - len(tokens), width) if not text.is_encoder_decoder else slice(0, len(tokens))
         ids[row, span], mask[row, span] = tokens, 1
     if config.image_token_index is None:  # legacy checkpoints: the model prepends the visual prompt
         return ids, mask

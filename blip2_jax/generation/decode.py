@@ -1,8 +1,8 @@
 """BLIP-2 generation: image -> visual prompt -> prefilled LLM cache -> search.
 
 The prompt is prefilled once per image, so the vision tower, the Q-Former and the prompt run B
-times, not B*K. Decoder-only (OPT) prompts are left-padded and positions follow the attention-mask
-cumsum (spec §13.14); the prompt's K/V stay one copy per sample (a prefix every beam attends to)
+times, not B*K. Decoder-only (OPT, LLaMA) prompts are left-padded and positions follow the
+attention-mask cumsum (spec §13.14; `generate`'s for LLaMA); the prompt's K/V stay one copy per sample (a prefix every beam attends to)
 and only the new tokens' cache is per beam, so reordering beams moves max_new_tokens slots, not
 the whole prompt. Encoder-decoder (T5) runs the encoder once, projects every layer's cross-attention
 K/V of it once per sample (not per beam and step), and decodes from `decoder_start_token_id`.
@@ -19,7 +19,7 @@ from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.search import SearchOutput, beam_search, sample_search
 from blip2_jax.models.attention import CACHE_ROWS_AXIS, cache_shape
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration, unscan_language_model
-from blip2_jax.models.config import Blip2Config, OPTConfig
+from blip2_jax.models.config import Blip2Config
 from blip2_jax.models.opt import position_ids_from_mask
 
 
@@ -81,7 +81,7 @@ def _history(config: Blip2Config, input_ids: jax.Array, attention_mask: jax.Arra
     lavis_paper (decoder-only): the prompt's text ids, neither image tokens nor padding, counted.
     """
     text, b = config.text, input_ids.shape[0]
-    decoder_only = isinstance(text, OPTConfig)
+    decoder_only = not text.is_encoder_decoder
     if semantics == "lavis_paper" and decoder_only:
         is_text = (attention_mask == 1) & (input_ids != (-1 if config.image_token_index is None
                                                           else config.image_token_index))
@@ -110,7 +110,7 @@ def generate(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attenti
     # caller holds `decoding_params`.
     model = model.clone(scan_lm_layers=False)
     variables = {"params": unscan_language_model(model.config, params)}
-    decoder_only = isinstance(text, OPTConfig)
+    decoder_only = not text.is_encoder_decoder
     prefill, step_method = (_opt_prefill, _opt_step) if decoder_only else (_t5_prefill, _t5_step)
     copies = config.num_beams if config.num_beams > 1 else config.num_return_sequences
     logits, cache, rows, shared = model.apply(variables, pixel_values, input_ids, attention_mask,

@@ -17,7 +17,8 @@ from flax import struct
 from blip2_jax.errors import UnknownName
 from blip2_jax.models import layers
 from blip2_jax.models.attention import qformer_mask
-from blip2_jax.models.config import Blip2Config, OPTConfig, T5Config
+from blip2_jax.models.config import Blip2Config, LlamaConfig, OPTConfig, T5Config
+from blip2_jax.models.llama import LlamaForCausalLM
 from blip2_jax.models.opt import OPTForCausalLM
 from blip2_jax.models.qformer import KV, QFormer, QFormerTextEmbeddings
 from blip2_jax.models.t5 import T5ForConditionalGeneration
@@ -97,13 +98,10 @@ class Blip2ForConditionalGeneration(Blip2Base):
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
         self.language_projection = layers.dense(cfg.text.hidden_size, ("embed", "mlp"), name="language_projection",
                                                 **kw)
-        if isinstance(cfg.text, OPTConfig):
-            self.language_model = OPTForCausalLM(cfg.text, cfg.remat_policy, **kw, scan_layers=self.scan_lm_layers)
-        elif isinstance(cfg.text, T5Config):
-            self.language_model = T5ForConditionalGeneration(cfg.text, remat_policy=cfg.remat_policy, **kw,
-                                                             scan_layers=self.scan_lm_layers)
-        else:
-            raise ValueError(f"Blip2ForConditionalGeneration needs an OPT or T5 text config, got {cfg.text!r}")
+        if type(cfg.text) not in LANGUAGE_MODELS:
+            raise ValueError(f"Blip2ForConditionalGeneration needs an OPT, LLaMA or T5 text config, got {cfg.text!r}")
+        self.language_model = LANGUAGE_MODELS[type(cfg.text)](cfg.text, remat_policy=cfg.remat_policy, **kw,
+                                                              scan_layers=self.scan_lm_layers)
 
     def language_inputs(self, query_output: jax.Array) -> jax.Array:
         """Q-Former output (B,Q,Dq) -> soft visual prompt for the LLM (B,Q,D_llm)."""
@@ -135,7 +133,7 @@ class Blip2ForConditionalGeneration(Blip2Base):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         embeds, mask = self.embed_prompt(input_ids, attention_mask, image_inputs)
-        if isinstance(self.config.text, OPTConfig):
+        if not self.config.text.is_encoder_decoder:
             logits, _ = self.language_model(embeds, mask, deterministic=deterministic)
         else:
             if decoder_input_ids is None:
@@ -146,12 +144,17 @@ class Blip2ForConditionalGeneration(Blip2Base):
                            language_inputs=image_inputs)
 
 
+# The LLM class of each text config; decoder-only ones share OPT's interface (embed, init_cache, a
+# call with a cache and a shared prefix), encoder-decoder T5 its own (encode, cross_memory, decode).
+LANGUAGE_MODELS: dict[type, type[nn.Module]] = {OPTConfig: OPTForCausalLM, LlamaConfig: LlamaForCausalLM,
+                                                T5Config: T5ForConditionalGeneration}
+
+
 def unscan_language_model(config: Blip2Config, params: dict[str, Any]) -> dict[str, Any]:
     """Parameters of `Blip2ForConditionalGeneration(config)` in the layout of the same model with
     `scan_lm_layers=False`: the LLM decoder's stacked layers split into one tree per layer
     (parameters already in that layout come back as they are)."""
-    lm = OPTForCausalLM if isinstance(config.text, OPTConfig) else T5ForConditionalGeneration
-    *parents, leaf = lm.DECODER_LAYERS
+    *parents, leaf = LANGUAGE_MODELS[type(config.text)].DECODER_LAYERS
     out = dict(params)
     node = out["language_model"] = dict(out["language_model"])
     for key in parents:

@@ -226,8 +226,8 @@ class _LlamaModel(nn.Module):
         self.embed_tokens = layers.embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="embed_tokens",
                                          **kw)
         stack = layers.stack_layers(LlamaDecoderLayer, length=cfg.num_hidden_layers, remat_policy=self.remat_policy,
-                                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast,
-                                             nn.broadcast, nn.broadcast),
+                                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast,
+                                             nn.broadcast),  # per layer: its cache and its prefix K/V
                                     static_argnums=(8,), scan=self.scan_layers)
         self.layers = stack(cfg, self.dtype, self.param_dtype)
         self.norm = LlamaRMSNorm(cfg.rms_norm_eps, **kw)

@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 from blip2_jax.errors import UnknownName
-from blip2_jax.models.config import Blip2Config, OPTConfig, QFormerConfig, T5Config, VisionConfig
+from blip2_jax.models.config import Blip2Config, LlamaConfig, OPTConfig, QFormerConfig, T5Config, VisionConfig
 
 EVA_G = VisionConfig()  # EVA ViT-g/14, 39 blocks, 224 px
 CLIP_L = VisionConfig(variant="clip", hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
@@ -128,7 +128,7 @@ def to_config_dict(cfg: Blip2Config) -> ml_collections.ConfigDict:
 def from_config_dict(cd: ml_collections.ConfigDict | dict) -> Blip2Config:
     """Inverse of `to_config_dict`."""
     d = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
-    text_cls = {"opt": OPTConfig, "t5": T5Config, None: None}[d.pop("text_type")]
+    text_cls = {"opt": OPTConfig, "t5": T5Config, "llama": LlamaConfig, None: None}[d.pop("text_type")]
     return Blip2Config(vision=VisionConfig(**d.pop("vision")), qformer=QFormerConfig(**d.pop("qformer")),
                        text=None if text_cls is None else text_cls(**d.pop("text")),
                        **{k: v for k, v in d.items() if k != "text"})

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from blip2_jax.data.spec import BatchSpec, field
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
-from blip2_jax.models.config import OPTConfig
 from blip2_jax.objectives.stage1 import IGNORE, token_cross_entropy
 
 
@@ -46,8 +45,8 @@ def _lm_logits(module: Blip2ForConditionalGeneration, batch: Mapping[str, jax.Ar
 def lm_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, model: Blip2ForConditionalGeneration,
             deterministic: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy over the real tokens after BOS; metrics `loss`, `accuracy`."""
-    if not isinstance(model.config.text, OPTConfig):
-        raise ValueError(f"the text-only LM objective trains a decoder-only OPT, got {model.config.text!r}")
+    if model.config.text.is_encoder_decoder:
+        raise ValueError(f"the text-only LM objective trains a decoder-only LM, got {model.config.text!r}")
     logits = model.apply({"params": params}, batch, deterministic, method=_lm_logits, rngs={"dropout": rng})[:, :-1]
     labels = batch["labels"] if "labels" in batch else jnp.where(batch["text_mask"] == 0, IGNORE, batch["text_ids"])
     targets = labels[:, 1:]

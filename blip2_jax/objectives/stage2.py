@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from blip2_jax.data.spec import BatchSpec, field
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
-from blip2_jax.models.config import OPTConfig, T5Config
+from blip2_jax.models.config import T5Config
 from blip2_jax.models.t5 import shift_right
 from blip2_jax.objectives.stage1 import IGNORE, token_cross_entropy
 
@@ -89,7 +89,7 @@ def stage2_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
     variables = {"params": params}
     rngs = {"dropout": rng}
     text_cfg = model.config.text
-    if isinstance(text_cfg, OPTConfig):
+    if not text_cfg.is_encoder_decoder:  # OPT, LLaMA
         logits = model.apply(variables, batch["image"], batch["text_ids"], batch["text_mask"], deterministic,
                              method=_opt_logits, rngs=rngs)
         # Shifted causal LM: position t predicts token t+1, so the last query predicts text token 0.

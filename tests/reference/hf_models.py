@@ -21,6 +21,11 @@ OPT = dict(model_type="opt", vocab_size=99, hidden_size=16, num_hidden_layers=2,
 T5 = dict(model_type="t5", vocab_size=99, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_decoder_layers=3,
           num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dense_act_fn="gelu",
           tie_word_embeddings=False, eos_token_id=1, pad_token_id=0, bos_token_id=1, decoder_start_token_id=0)
+# grouped-query attention (6 heads over 2 K/V heads), a non-default rope_theta
+LLAMA = dict(model_type="llama", vocab_size=99, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+             rope_parameters=dict(rope_type="default", rope_theta=500.0), bos_token_id=1, eos_token_id=2,
+             pad_token_id=0)
 NUM_QUERY_TOKENS = 10
 IMAGE_TOKEN_INDEX = 4
 
