@@ -2,9 +2,9 @@
 
 The prompt is prefilled once per image, so the vision tower, the Q-Former and the prompt run B
 times, not B*K. Decoder-only (OPT, LLaMA) prompts are left-padded and positions follow the
-attention-mask cumsum (spec §13.14; `generate`'s for LLaMA); the prompt's K/V stay one copy per sample (a prefix every beam attends to)
-and only the new tokens' cache is per beam, so reordering beams moves max_new_tokens slots, not
-the whole prompt. Encoder-decoder (T5) runs the encoder once, projects every layer's cross-attention
+attention-mask cumsum (spec §13.14; `generate`'s for LLaMA); the prompt's K/V stay one copy per
+sample (a prefix every beam attends to) and only the new tokens' cache is per beam, so reordering
+beams moves max_new_tokens slots, not the whole prompt. Encoder-decoder (T5) runs the encoder once, projects every layer's cross-attention
 K/V of it once per sample (not per beam and step), and decodes from `decoder_start_token_id`.
 """
 from __future__ import annotations
