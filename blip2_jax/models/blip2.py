@@ -20,7 +20,7 @@ from blip2_jax.models.attention import qformer_mask
 from blip2_jax.models.config import Blip2Config, LlamaConfig, OPTConfig, T5Config
 from blip2_jax.models.llama import LlamaForCausalLM
 from blip2_jax.models.opt import OPTForCausalLM
-from blip2_jax.models.qformer import KV, QFormer, QFormerTextEmbeddings
+from blip2_jax.models.qformer import KV, InstructionQFormer, QFormer, QFormerTextEmbeddings
 from blip2_jax.models.t5 import T5ForConditionalGeneration
 from blip2_jax.models.vit import VisionModel
 
@@ -52,7 +52,7 @@ class Blip2Base(nn.Module):
         self.query_tokens = self.param(
             "query_tokens", layers.partitioned(layers.default_init, (None, None, "embed")),
             (1, cfg.num_query_tokens, cfg.qformer.hidden_size), cfg.weight_dtype)
-        self.qformer = QFormer(cfg.qformer, cfg.remat_policy, **kw)
+        self.qformer = (InstructionQFormer if cfg.instruction_aware else QFormer)(cfg.qformer, cfg.remat_policy, **kw)
 
     def encode_image(self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False,
                      deterministic: bool = True) -> jax.Array:
@@ -129,6 +129,13 @@ class Blip2ForConditionalGeneration(Blip2Base):
         image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                          deterministic=deterministic)
         query_output = self.query_features(image_embeds, deterministic=deterministic)
+        return self.language_logits(image_embeds, query_output, input_ids, attention_mask, decoder_input_ids,
+                                    decoder_attention_mask, deterministic=deterministic)
+
+    def language_logits(self, image_embeds: jax.Array, query_output: jax.Array, input_ids: jax.Array,
+                        attention_mask: jax.Array | None, decoder_input_ids: jax.Array | None,
+                        decoder_attention_mask: jax.Array | None, *, deterministic: bool) -> Blip2Output:
+        """The LLM's logits over the prompt holding the projected queries (`__call__`'s second half)."""
         image_inputs = self.language_inputs(query_output)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -142,6 +149,35 @@ class Blip2ForConditionalGeneration(Blip2Base):
                                          deterministic=deterministic)
         return Blip2Output(logits=logits, image_embeds=image_embeds, query_output=query_output,
                            language_inputs=image_inputs)
+
+
+class InstructBlipForConditionalGeneration(Blip2ForConditionalGeneration):
+    """InstructBLIP (Dai et al. 2023; HF `InstructBlipForConditionalGeneration`): BLIP-2 whose
+    Q-Former reads the instruction's tokens (`qformer_input_ids`, its own BERT vocabulary) beside
+    the queries; only the query rows go to the projection and the LLM, whose prompt holds the
+    instruction too."""
+
+    def instruction_features(self, image_embeds: jax.Array, qformer_input_ids: jax.Array,
+                             qformer_attention_mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """(B, N, Dv) image embeddings and the instruction (B, L) -> query rows Z (B, Q, Dq)."""
+        queries = jnp.broadcast_to(self.query_tokens, (image_embeds.shape[0], *self.query_tokens.shape[1:]))
+        return self.qformer(queries, qformer_input_ids, qformer_attention_mask, image_embeds,
+                            deterministic=deterministic)
+
+    def query_features(self, image_embeds: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        raise TypeError("InstructBLIP's queries read an instruction: call instruction_features")
+
+    def __call__(self, pixel_values: jax.Array, qformer_input_ids: jax.Array, qformer_attention_mask: jax.Array,
+                 input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 decoder_input_ids: jax.Array | None = None, decoder_attention_mask: jax.Array | None = None,
+                 *, interpolate_pos_encoding: bool = False, deterministic: bool = True) -> Blip2Output:
+        """Logits of the LLM conditioned on the image and the instruction (as the parent's)."""
+        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                         deterministic=deterministic)
+        query_output = self.instruction_features(image_embeds, qformer_input_ids, qformer_attention_mask,
+                                                 deterministic=deterministic)
+        return self.language_logits(image_embeds, query_output, input_ids, attention_mask, decoder_input_ids,
+                                    decoder_attention_mask, deterministic=deterministic)
 
 
 # The LLM class of each text config; decoder-only ones share OPT's interface (embed, init_cache, a
@@ -340,13 +376,16 @@ Model = Blip2ForConditionalGeneration | Blip2ForImageTextRetrieval
 # checkpoint is. The names are what model checkpoints store (the two Hugging Face classes and
 # LAVIS's stage-1 model, which adds the Q-Former's LM head and `temp`).
 ARCHITECTURES: dict[str, type[Model]] = {
-    cls.__name__: cls for cls in (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Stage1)}
+    cls.__name__: cls for cls in (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Stage1,
+                                  InstructBlipForConditionalGeneration)}
 STAGES = {"stage1": "Blip2Stage1", "stage2": "Blip2ForConditionalGeneration", "lm": "Blip2ForConditionalGeneration"}
 
 
 def architecture_of(config: Blip2Config, *, itg_head: bool = False) -> str:
     """The architecture of weights for `config`: the generation model when it has an LLM, else the
     retrieval model, or stage 1 when the weights also hold the Q-Former's LM head (`itg_head`)."""
+    if config.instruction_aware:
+        return "InstructBlipForConditionalGeneration"
     if config.text is not None:
         return "Blip2ForConditionalGeneration"
     return "Blip2Stage1" if itg_head else "Blip2ForImageTextRetrieval"
@@ -365,6 +404,8 @@ def _dummy_inputs(config: Blip2Config) -> dict[str, jax.Array]:
     batch = {"pixel_values": jnp.zeros((1, size, size, 3), jnp.float32), "input_ids": jnp.ones((1, 2), jnp.int32)}
     if isinstance(config.text, T5Config):
         batch["decoder_input_ids"] = jnp.zeros((1, 2), jnp.int32)
+    if config.instruction_aware:
+        batch.update(qformer_input_ids=jnp.ones((1, 2), jnp.int32), qformer_attention_mask=jnp.ones((1, 2), jnp.int32))
     if config.image_token_index is not None and config.text is not None:
         batch["input_ids"] = jnp.concatenate(
             [jnp.full((1, config.num_query_tokens), config.image_token_index, jnp.int32), batch["input_ids"]], 1)

@@ -253,6 +253,9 @@ class Blip2Config:
     num_query_tokens: int = 32
     image_text_hidden_size: int = 256
     image_token_index: int | None = None
+    # InstructBLIP: the Q-Former reads the instruction's tokens beside its queries (HF
+    # `InstructBlipForConditionalGeneration`, model_type "instructblip")
+    instruction_aware: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -328,7 +331,7 @@ def llama_config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
 
 
 def vision_config_from_hf(d: Mapping[str, Any]) -> VisionConfig:
-    if d.get("model_type", "blip_2_vision_model") != "blip_2_vision_model":
+    if d.get("model_type", "blip_2_vision_model") not in ("blip_2_vision_model", "instructblip_vision_model"):
         raise ValueError(f"unsupported vision_config.model_type {d.get('model_type')!r}")
     if not d.get("qkv_bias", True):
         raise ValueError("vision_config.qkv_bias=False is not a BLIP-2 vision tower")
@@ -341,12 +344,16 @@ def from_hf(d: Mapping[str, Any], **overrides) -> Blip2Config:
     The retrieval model (`Blip2ForImageTextRetrieval`, no LLM) is recognised by `architectures`,
     or without it by a Q-Former with text input.
     """
-    if d.get("model_type") not in (None, "blip-2"):
-        raise ValueError(f"config.json model_type is {d.get('model_type')!r}, expected 'blip-2'")
+    if d.get("model_type") not in (None, "blip-2", "instructblip"):
+        raise ValueError(f"config.json model_type is {d.get('model_type')!r}, expected 'blip-2' or 'instructblip'")
     vision = vision_config_from_hf(d.get("vision_config") or {})
-    qformer = _take(QFormerConfig, dict(d.get("qformer_config") or {}, encoder_hidden_size=vision.hidden_size))
+    instruction_aware = d.get("model_type") == "instructblip"
+    qformer = _take(QFormerConfig, dict(d.get("qformer_config") or {}, encoder_hidden_size=vision.hidden_size,
+                                        **({"use_qformer_text_input": True} if instruction_aware else {})))
     architectures = d.get("architectures") or []
-    if architectures:
+    if instruction_aware:
+        is_retrieval = False
+    elif architectures:
         is_retrieval = "Blip2ForImageTextRetrieval" in architectures
     else:  # HF configs always carry a (default) text_config; the text Q-Former marks retrieval
         is_retrieval = qformer.use_qformer_text_input or not d.get("text_config")
@@ -355,7 +362,7 @@ def from_hf(d: Mapping[str, Any], **overrides) -> Blip2Config:
     return Blip2Config(vision=vision, qformer=qformer, text=text,
                        num_query_tokens=d.get("num_query_tokens", 32),
                        image_text_hidden_size=d.get("image_text_hidden_size", 256),
-                       image_token_index=image_token_index, **overrides)
+                       image_token_index=image_token_index, instruction_aware=instruction_aware, **overrides)
 
 
 def _as_dict(cfg: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -370,11 +377,12 @@ def to_hf(cfg: Blip2Config) -> dict[str, Any]:
     if cfg.vision.post_layernorm_eps not in (None, cfg.vision.layer_norm_eps):
         raise ValueError("Hugging Face builds post_layernorm with vision layer_norm_eps; "
                          f"post_layernorm_eps={cfg.vision.post_layernorm_eps} cannot be expressed")
-    vision.update(model_type="blip_2_vision_model", qkv_bias=True)
+    instruct = cfg.instruction_aware
+    vision.update(model_type="instructblip_vision_model" if instruct else "blip_2_vision_model", qkv_bias=True)
     qformer = _as_dict(cfg.qformer)
-    qformer["model_type"] = "blip_2_qformer"
+    qformer["model_type"] = "instructblip_qformer" if instruct else "blip_2_qformer"
     out: dict[str, Any] = {
-        "model_type": "blip-2",
+        "model_type": "instructblip" if instruct else "blip-2",
         "vision_config": vision,
         "qformer_config": qformer,
         "num_query_tokens": cfg.num_query_tokens,
@@ -384,7 +392,7 @@ def to_hf(cfg: Blip2Config) -> dict[str, Any]:
     if cfg.text is None:
         out["architectures"] = ["Blip2ForImageTextRetrieval"]
     else:
-        out["architectures"] = ["Blip2ForConditionalGeneration"]
+        out["architectures"] = ["InstructBlipForConditionalGeneration" if instruct else "Blip2ForConditionalGeneration"]
         text = llama_config_to_hf(cfg.text) if isinstance(cfg.text, LlamaConfig) else _as_dict(cfg.text)
         if isinstance(cfg.text, OPTConfig):
             text["_remove_final_layer_norm"] = text.pop("remove_final_layer_norm")

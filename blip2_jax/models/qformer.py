@@ -276,3 +276,39 @@ class QFormer(nn.Module):
             image_embeds = image_embeds.astype(self.dtype)
         return QFormerEncoder(cfg, query_length, deterministic, self.remat_policy, self.dtype,
                               self.param_dtype, name="encoder")(x, mask, image_embeds, prefix, image_rows)
+
+
+class InstructionEmbeddings(QFormerTextEmbeddings):
+    """HF `InstructBlipQFormerEmbeddings`: the instruction's word + position embeddings (positions
+    from 0), after the queries, and one LayerNorm over both, held here (`embeddings/layernorm`)."""
+
+    def setup(self):
+        super().setup()
+        self.layernorm = layers.layer_norm(self.config.layer_norm_eps, param_dtype=self.param_dtype, name="layernorm")
+
+    def rows(self, queries: jax.Array, input_ids: jax.Array) -> jax.Array:
+        """LayerNorm([queries (B,Q,D) ; embed(input_ids) (B,L,D)]) in float32."""
+        return self.layernorm(jnp.concatenate([queries.astype(jnp.float32), self(input_ids)], axis=1))
+
+
+class InstructionQFormer(nn.Module):
+    """HF `InstructBlipQFormerModel`: the queries and the instruction in one pass, both ways visible
+    (padding masked), cross-attention for the query rows only: the query rows come back."""
+
+    config: QFormerConfig
+    remat_policy: str = "none"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, queries: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, image_embeds: jax.Array,
+                 *, deterministic: bool = True) -> jax.Array:
+        """queries (B,Q,D), the instruction's input_ids/attention_mask (B,L), image_embeds (B,S,Dv)
+        -> the query rows (B,Q,D)."""
+        cfg, q = self.config, queries.shape[1]
+        embeddings = InstructionEmbeddings(cfg, self.dtype, self.param_dtype, name="embeddings")
+        x = nn.Dropout(cfg.hidden_dropout_prob)(embeddings.rows(queries, input_ids), deterministic=deterministic)
+        mask = padding_mask(jnp.concatenate([jnp.ones(queries.shape[:2], attention_mask.dtype), attention_mask], 1))
+        out, _ = QFormerEncoder(cfg, q, deterministic, self.remat_policy, self.dtype, self.param_dtype,
+                                name="encoder")(x, mask, image_embeds.astype(self.dtype), None, None)
+        return out[:, :q]

@@ -1,0 +1,85 @@
+"""InstructBLIP against transformers' `InstructBlipForConditionalGeneration` (issue 21 Done-when 1
+and 2, the model): tiny perturbed models with a LLaMA (grouped-query attention) and a FlanT5-style
+T5; the instruction read by the Q-Former beside the queries, padded; logits to 1e-4; the Hugging
+Face names and config both ways."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from blip2_jax.models import blip2
+from blip2_jax.models import config as config_lib
+from blip2_jax.weights.hf_checkpoint import params_from_state_dict
+from blip2_jax.weights.hf_names import to_hf
+from tests.reference import hf_models as ref
+
+Q, IMAGE = ref.NUM_QUERY_TOKENS, ref.IMAGE_TOKEN_INDEX
+TEXT = {"llama": ref.LLAMA, "t5": ref.T5}
+
+
+def instructblip(text: dict, seed: int = 0) -> transformers.InstructBlipForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = transformers.InstructBlipConfig(vision_config=dict(ref.VISION), qformer_config=dict(ref.QFORMER),
+                                             text_config=dict(text), num_query_tokens=Q, image_token_index=IMAGE)
+    model = transformers.InstructBlipForConditionalGeneration(config)
+    if text["model_type"] == "t5":
+        ref.untie_t5_head(model)
+    return ref.perturb(model, seed)
+
+
+@pytest.fixture(scope="module", params=["llama", "t5"])
+def pair(request):
+    hf = instructblip(TEXT[request.param], seed=6)
+    cfg = config_lib.from_hf(hf.config.to_dict())
+    return dict(kind=request.param, hf=hf, cfg=cfg, params=params_from_state_dict(ref.state_dict(hf), cfg))
+
+
+def test_the_config_reads_as_an_instruction_aware_blip2(pair):
+    cfg = pair["cfg"]
+    assert cfg.instruction_aware and cfg.qformer.use_qformer_text_input
+    assert blip2.architecture_of(cfg) == "InstructBlipForConditionalGeneration"
+    assert type(blip2.build(cfg)).__name__ == "InstructBlipForConditionalGeneration"
+    back = config_lib.to_hf(cfg)
+    assert back["model_type"] == "instructblip" and back["architectures"] == ["InstructBlipForConditionalGeneration"]
+    assert config_lib.from_hf(transformers.InstructBlipConfig(**back).to_dict()) == cfg
+
+
+def test_logits_equal_transformers_with_padded_instructions(pair):
+    """Instructions of 7, 3 and 5 Q-Former tokens (right-padded); LLM prompts right-padded after the
+    image tokens (transformers' forward counts LLaMA positions from 0, ours from the mask: the same
+    on real tokens); T5 decodes a padded target."""
+    text = TEXT[pair["kind"]]
+    qids, qmask = ref.padded_text([7, 3, 5], 7, ref.QFORMER["vocab_size"], seed=1)
+    tids, tmask = ref.padded_text([4, 6, 2], 6, text["vocab_size"], avoid=(IMAGE,), seed=2)
+    image = np.full((3, Q), IMAGE)
+    ids, mask = np.concatenate([image, tids], 1), np.concatenate([np.ones_like(image), tmask], 1)
+    pixels = ref.pixels(3, seed=3)
+    extra, hf_extra = {}, {}
+    if pair["kind"] == "t5":
+        dec, dmask = ref.padded_text([3, 5, 4], 5, text["vocab_size"], seed=4)
+        extra = dict(decoder_input_ids=jnp.asarray(dec), decoder_attention_mask=jnp.asarray(dmask))
+        hf_extra = dict(decoder_input_ids=torch.tensor(dec), decoder_attention_mask=torch.tensor(dmask))
+    got = blip2.build(pair["cfg"]).apply({"params": pair["params"]}, jnp.asarray(ref.nhwc(pixels)),
+                                         jnp.asarray(qids), jnp.asarray(qmask), jnp.asarray(ids), jnp.asarray(mask),
+                                         **extra)
+    with torch.no_grad():
+        want = pair["hf"](pixel_values=torch.tensor(pixels), qformer_input_ids=torch.tensor(qids),
+                          qformer_attention_mask=torch.tensor(qmask), input_ids=torch.tensor(ids),
+                          attention_mask=torch.tensor(mask), **hf_extra).logits.numpy()
+    valid = (dmask if pair["kind"] == "t5" else mask).astype(bool)
+    assert np.abs(np.asarray(got.logits) - want)[valid].max() <= 1e-4
+    # the instruction is read: another instruction gives other logits
+    other = blip2.build(pair["cfg"]).apply({"params": pair["params"]}, jnp.asarray(ref.nhwc(pixels)),
+                                           jnp.asarray((qids + 1) * qmask), jnp.asarray(qmask), jnp.asarray(ids),
+                                           jnp.asarray(mask), **extra)
+    assert np.abs(np.asarray(other.logits) - np.asarray(got.logits))[valid].max() > 1e-3
+
+
+def test_names_round_trip_bit_for_bit(pair):
+    state = ref.state_dict(pair["hf"])
+    back = dict(to_hf(pair["params"], qformer_group=pair["cfg"].qformer.cross_attention_frequency))
+    tied = {f"language_model.{part}.embed_tokens.weight" for part in ("encoder", "decoder")}  # T5: = shared
+    assert back.keys() <= state.keys() and state.keys() - back.keys() <= tied
+    for name, value in back.items():
+        np.testing.assert_array_equal(value, state[name], err_msg=name)
