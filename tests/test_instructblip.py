@@ -1,13 +1,15 @@
 """InstructBLIP against transformers' `InstructBlipForConditionalGeneration` (issue 21 Done-when 1
 and 2, the model): tiny perturbed models with a LLaMA (grouped-query attention) and a FlanT5-style
-T5; the instruction read by the Q-Former beside the queries, padded; logits to 1e-4; the Hugging
-Face names and config both ways."""
+T5; the instruction read by the Q-Former beside the queries, padded; logits to 1e-4; greedy and
+beam-search ids equal `generate`'s; the Hugging Face names and config both ways."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from blip2_jax.generation.config import GenerationConfig
+from blip2_jax.generation.decode import generate_fn
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
 from blip2_jax.weights.hf_checkpoint import params_from_state_dict
@@ -15,7 +17,8 @@ from blip2_jax.weights.hf_names import to_hf
 from tests.reference import hf_models as ref
 
 Q, IMAGE = ref.NUM_QUERY_TOKENS, ref.IMAGE_TOKEN_INDEX
-TEXT = {"llama": ref.LLAMA, "t5": ref.T5}
+# a symmetric T5: transformers 5's generate sizes the decoder's cache by the encoder's depth
+TEXT = {"llama": ref.LLAMA, "t5": dict(ref.T5, num_decoder_layers=2)}
 
 
 def instructblip(text: dict, seed: int = 0) -> transformers.InstructBlipForConditionalGeneration:
@@ -83,3 +86,36 @@ def test_names_round_trip_bit_for_bit(pair):
     assert back.keys() <= state.keys() and state.keys() - back.keys() <= tied
     for name, value in back.items():
         np.testing.assert_array_equal(value, state[name], err_msg=name)
+
+
+@pytest.mark.parametrize("settings", [dict(num_beams=1, repetition_penalty=1.3, min_new_tokens=2),
+                                      dict(num_beams=3, length_penalty=0.7, min_new_tokens=2)],
+                         ids=["greedy_repetition", "beam3"])
+def test_generation_equals_transformers_generate(pair, settings):
+    """Our jitted search (`generate_fn` with the instruction) against `generate`: the same ids for a
+    padded batch of instructions and prompts (decoder-only prompts left-padded, T5's right)."""
+    text, decoder_only = TEXT[pair["kind"]], pair["kind"] != "t5"
+    eos = 98 if decoder_only else 86  # frequent ids of these tiny models, so beams finish early too
+    qids, qmask = ref.padded_text([5, 2], 5, ref.QFORMER["vocab_size"], seed=5)
+    tids, tmask = ref.padded_text([3, 1], 3, text["vocab_size"], left=decoder_only, avoid=(IMAGE,), seed=6,
+                                  first=text["bos_token_id"] if decoder_only else None)
+    tids = np.where(tmask == 1, tids, text["pad_token_id"])
+    image = np.full((2, Q), IMAGE)
+    ids, mask = np.concatenate([image, tids], 1), np.concatenate([np.ones_like(image), tmask], 1)
+    pixels = ref.pixels(2, seed=7)
+    cfg = GenerationConfig(max_new_tokens=8, eos_token_id=eos, **settings)
+    out = generate_fn(blip2.build(pair["cfg"]), cfg)(
+        pair["params"], jnp.asarray(ref.nhwc(pixels)), jnp.asarray(ids), jnp.asarray(mask),
+        qformer_input_ids=jnp.asarray(qids), qformer_attention_mask=jnp.asarray(qmask))
+    with torch.no_grad():
+        theirs = pair["hf"].generate(pixel_values=torch.tensor(pixels), qformer_input_ids=torch.tensor(qids),
+                                     qformer_attention_mask=torch.tensor(qmask), input_ids=torch.tensor(ids),
+                                     attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=8,
+                                     eos_token_id=eos, pad_token_id=text["pad_token_id"], **settings).numpy()
+    theirs = theirs[:, ids.shape[1]:] if decoder_only else theirs[:, 1:]
+    ours = np.asarray(out.tokens)[:, 0]
+
+    def cut(rows):
+        return [r[:r.index(eos) + 1] if eos in r else r for r in rows.tolist()]
+
+    assert cut(ours) == cut(theirs)

@@ -4,8 +4,9 @@ The prompt is prefilled once per image, so the vision tower, the Q-Former and th
 times, not B*K. Decoder-only (OPT, LLaMA) prompts are left-padded and positions follow the
 attention-mask cumsum (spec §13.14; `generate`'s for LLaMA); the prompt's K/V stay one copy per
 sample (a prefix every beam attends to) and only the new tokens' cache is per beam, so reordering
-beams moves max_new_tokens slots, not the whole prompt. Encoder-decoder (T5) runs the encoder once, projects every layer's cross-attention
-K/V of it once per sample (not per beam and step), and decodes from `decoder_start_token_id`.
+beams moves max_new_tokens slots, not the whole prompt. Encoder-decoder (T5) runs the encoder
+once, projects every layer's cross-attention K/V of it once per sample (not per beam and step),
+and decodes from `decoder_start_token_id`. InstructBLIP's Q-Former also reads the instruction.
 """
 from __future__ import annotations
 
@@ -20,19 +21,23 @@ from blip2_jax.generation.search import SearchOutput, beam_search, sample_search
 from blip2_jax.models.attention import CACHE_ROWS_AXIS, cache_shape
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration, unscan_language_model
 from blip2_jax.models.config import Blip2Config
+
+Instruction = tuple[jax.Array, jax.Array]  # InstructBLIP's Q-Former input: ids and mask (B,L)
 from blip2_jax.models.opt import position_ids_from_mask
 
 
 def _llm_inputs(module: Blip2ForConditionalGeneration, pixel_values: jax.Array, input_ids: jax.Array,
-                attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+                attention_mask: jax.Array, instruction: Instruction | None) -> tuple[jax.Array, jax.Array]:
     image_embeds = module.encode_image(pixel_values)
-    return module.embed_prompt(input_ids, attention_mask, module.language_inputs(module.query_features(image_embeds)))
+    queries = module.query_features(image_embeds) if instruction is None else \
+        module.instruction_features(image_embeds, *instruction)
+    return module.embed_prompt(input_ids, attention_mask, module.language_inputs(queries))
 
 
-def _opt_prefill(module: Blip2ForConditionalGeneration, pixel_values, input_ids, attention_mask, max_new_tokens,
-                 copies):
+def _decoder_only_prefill(module: Blip2ForConditionalGeneration, pixel_values, input_ids, attention_mask,
+                          max_new_tokens, copies, instruction):
     """The prompt's cache becomes the shared prefix; the new tokens get a cache of their own per row."""
-    embeds, mask = _llm_inputs(module, pixel_values, input_ids, attention_mask)
+    embeds, mask = _llm_inputs(module, pixel_values, input_ids, attention_mask, instruction)
     b, t = mask.shape
     lm = module.language_model
     logits, prefix = lm(embeds, mask, position_ids=position_ids_from_mask(mask), cache=lm.init_cache(b, t),
@@ -42,7 +47,7 @@ def _opt_prefill(module: Blip2ForConditionalGeneration, pixel_values, input_ids,
     return logits[:, 0], lm.init_cache(b * copies, max_new_tokens), rows, shared
 
 
-def _opt_step(module: Blip2ForConditionalGeneration, token, cache, i, rows, shared):
+def _decoder_only_step(module: Blip2ForConditionalGeneration, token, cache, i, rows, shared):
     lm = module.language_model
     own_mask = jnp.ones(cache_shape(cache), jnp.int32)  # the causal mask hides the slots not written yet
     logits, cache = lm(lm.embed(token[:, None]), own_mask, position_ids=(rows["next_position"] + i)[:, None],
@@ -51,10 +56,10 @@ def _opt_step(module: Blip2ForConditionalGeneration, token, cache, i, rows, shar
 
 
 def _t5_prefill(module: Blip2ForConditionalGeneration, pixel_values, input_ids, attention_mask, max_new_tokens,
-                copies):
+                copies, instruction):
     """The encoder runs once and its cross-attention K/V are projected once per sample (shared by
     the beams); the decoder start token's self-attention cache is repeated per row."""
-    embeds, mask = _llm_inputs(module, pixel_values, input_ids, attention_mask)
+    embeds, mask = _llm_inputs(module, pixel_values, input_ids, attention_mask, instruction)
     lm = module.language_model
     memory = lm.cross_memory(lm.encode(embeds, mask))
     start = jnp.full((mask.shape[0], 1), module.config.text.decoder_start_token_id, jnp.int32)
@@ -94,14 +99,16 @@ def _history(config: Blip2Config, input_ids: jax.Array, attention_mask: jax.Arra
 
 
 def generate(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
-             rng: jax.Array | None = None, *, model: Blip2ForConditionalGeneration,
-             config: GenerationConfig) -> SearchOutput:
+             rng: jax.Array | None = None, *, model: Blip2ForConditionalGeneration, config: GenerationConfig,
+             qformer_input_ids: jax.Array | None = None,
+             qformer_attention_mask: jax.Array | None = None) -> SearchOutput:
     """Generate for a batch of images and prompts; a pure function (jit it with `generate_fn`).
 
     pixel_values (B,H,W,3); input_ids/attention_mask (B,P) as `transformers`' Blip2Processor
     builds them: with `image_token_index` set they start with the Q `<image>` tokens. OPT
     prompts are left-padded; T5 prompts may be padded either side. Returns tokens (B,R,L), the
-    generated ids only, and their lengths and scores.
+    generated ids only, and their lengths and scores. InstructBLIP also takes the instruction its
+    Q-Former reads, `qformer_input_ids`/`qformer_attention_mask` (B,L).
     """
     text = model.config.text
     eos = text.eos_token_id if config.eos_token_id is None else config.eos_token_id
@@ -111,10 +118,11 @@ def generate(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attenti
     model = model.clone(scan_lm_layers=False)
     variables = {"params": unscan_language_model(model.config, params)}
     decoder_only = not text.is_encoder_decoder
-    prefill, step_method = (_opt_prefill, _opt_step) if decoder_only else (_t5_prefill, _t5_step)
+    prefill, step_method = (_decoder_only_prefill, _decoder_only_step) if decoder_only else (_t5_prefill, _t5_step)
+    instruction = None if qformer_input_ids is None else (qformer_input_ids, qformer_attention_mask)
     copies = config.num_beams if config.num_beams > 1 else config.num_return_sequences
     logits, cache, rows, shared = model.apply(variables, pixel_values, input_ids, attention_mask,
-                                              config.max_new_tokens, copies, method=prefill)
+                                              config.max_new_tokens, copies, instruction, method=prefill)
     history, counted = _history(model.config, input_ids.astype(jnp.int32), attention_mask, config.semantics)
     if copies > 1:  # per-row state follows the beams (or samples); `shared` stays one per sample
         repeat = functools.partial(jnp.repeat, repeats=copies, axis=0)
@@ -137,5 +145,6 @@ def decoding_params(model: Blip2ForConditionalGeneration, params: Any) -> Any:
 
 
 def generate_fn(model: Blip2ForConditionalGeneration, config: GenerationConfig) -> Callable[..., SearchOutput]:
-    """`generate` compiled for one model and setting: (params, pixel_values, input_ids, attention_mask[, rng])."""
+    """`generate` compiled for one model and setting: (params, pixel_values, input_ids, attention_mask[, rng]
+    [, qformer_input_ids=, qformer_attention_mask=])."""
     return jax.jit(functools.partial(generate, model=model, config=config))
