@@ -28,9 +28,16 @@ def _tower_counts(flat: dict[tuple[str, ...], tuple[int, ...]]) -> dict[str, int
     return counts
 
 
+def _hf_config(cfg: config_lib.Blip2Config):
+    return (transformers.InstructBlipConfig if cfg.instruction_aware else transformers.Blip2Config)(
+        **config_lib.to_hf(cfg))
+
+
 def _hf_counts(cfg: config_lib.Blip2Config) -> dict[str, int]:
-    hf_cfg = transformers.Blip2Config(**config_lib.to_hf(cfg))
-    cls = transformers.Blip2ForImageTextRetrieval if cfg.text is None else transformers.Blip2ForConditionalGeneration
+    hf_cfg = _hf_config(cfg)
+    cls = transformers.Blip2ForImageTextRetrieval if cfg.text is None else \
+        transformers.InstructBlipForConditionalGeneration if cfg.instruction_aware else \
+        transformers.Blip2ForConditionalGeneration
     with torch.device("meta"):
         model = cls(hf_cfg)
         if isinstance(cfg.text, config_lib.T5Config):
@@ -87,8 +94,7 @@ def test_presets_round_trip_through_config_dict(name):
 @pytest.mark.parametrize("name", [n for n in presets.names() if presets.get(n).vision.variant == "eva"])
 def test_presets_round_trip_through_hf_config_json(name):
     cfg = presets.get(name)
-    hf = transformers.Blip2Config(**config_lib.to_hf(cfg))
-    assert config_lib.from_hf(hf.to_dict()) == cfg
+    assert config_lib.from_hf(_hf_config(cfg).to_dict()) == cfg
 
 
 def _config_presets():

@@ -29,6 +29,13 @@ OPT_6_7B = dataclasses.replace(OPT_2_7B, hidden_size=4096, ffn_dim=16384, word_e
 FLAN_T5_XL = T5Config(d_model=2048, d_ff=5120, num_layers=24, num_heads=32, bos_token_id=1)
 FLAN_T5_XXL = dataclasses.replace(FLAN_T5_XL, d_model=4096, d_ff=10240, num_heads=64)
 OPT_IMAGE_TOKEN, T5_IMAGE_TOKEN = 50265, 32100
+# InstructBLIP's Vicuna (transformers' conversion: LLaMA 7B/13B configs with the vocabulary grown by
+# [PAD] to 32001; the LLaMA tokenizer's <s>=1, </s>=2, [PAD]=32000). No <image> token: the
+# published configs prepend the visual prompt (legacy layout).
+VICUNA_7B = LlamaConfig(vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                        num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, pad_token_id=32000)
+VICUNA_13B = dataclasses.replace(VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                 num_attention_heads=40, num_key_value_heads=40, head_dim=128)
 
 
 def _coco(cfg: Blip2Config) -> Blip2Config:
@@ -89,6 +96,10 @@ _PRESETS: dict[str, Blip2Config] = {
                                                                      relative_attention_num_buckets=8),
                            image_token_index=127, **_tiny_base()),
     "tiny_itm": Blip2Config(qformer=_tiny_qformer(use_qformer_text_input=True), text=None, **_tiny_base()),
+    # InstructBLIP: the Q-Former (BERT-base + [DEC], with its text embeddings and FFN) reads the instruction
+    **{f"instruct_{name}": Blip2Config(vision=EVA_G, qformer=QFORMER_TEXT, text=text, instruction_aware=True)
+       for name, text in (("vicuna7b", VICUNA_7B), ("vicuna13b", VICUNA_13B), ("flant5xl", FLAN_T5_XL),
+                          ("flant5xxl", FLAN_T5_XXL))},
     "demo": _demo(DEMO_OPT),
     "demo_itm": _demo(None),
 }
@@ -102,8 +113,12 @@ HUB_IDS = {
     "flant5xl": "Salesforce/blip2-flan-t5-xl", "flant5xl-coco": "Salesforce/blip2-flan-t5-xl-coco",
     "flant5xxl": "Salesforce/blip2-flan-t5-xxl",
     "itm_vit_g": "Salesforce/blip2-itm-vit-g", "itm_vit_g-coco": "Salesforce/blip2-itm-vit-g-coco",
+    **{f"instruct_{name}": f"Salesforce/instructblip-{hub}" for name, hub in (
+        ("vicuna7b", "vicuna-7b"), ("vicuna13b", "vicuna-13b"), ("flant5xl", "flan-t5-xl"),
+        ("flant5xxl", "flan-t5-xxl"))},
 }
-PUBLISHED = ("opt2.7b", "opt6.7b", "flant5xl", "flant5xxl", "itm_vit_g")
+PUBLISHED = ("opt2.7b", "opt6.7b", "flant5xl", "flant5xxl", "itm_vit_g", "instruct_vicuna7b", "instruct_vicuna13b",
+             "instruct_flant5xl", "instruct_flant5xxl")
 
 
 def names() -> list[str]:
