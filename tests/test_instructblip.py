@@ -8,13 +8,16 @@ import pytest
 import torch
 import transformers
 
+from blip2_jax.convert import hf_export
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.decode import generate_fn
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
 from blip2_jax.weights.hf_checkpoint import params_from_state_dict
+from blip2_jax.weights import load as weights
 from blip2_jax.weights.hf_names import to_hf
 from tests.reference import hf_models as ref
+from tests.reference.tokenizers import tiny_opt_tokenizer
 
 Q, IMAGE = ref.NUM_QUERY_TOKENS, ref.IMAGE_TOKEN_INDEX
 # a symmetric T5: transformers 5's generate sizes the decoder's cache by the encoder's depth
@@ -119,3 +122,32 @@ def test_generation_equals_transformers_generate(pair, settings):
         return [r[:r.index(eos) + 1] if eos in r else r for r in rows.tolist()]
 
     assert cut(ours) == cut(theirs)
+
+
+def test_a_hugging_face_directory_converts_both_ways_with_its_processor(tmp_path):
+    """HF InstructBLIP directory (weights, config, InstructBlipProcessor with its Q-Former tokenizer)
+    -> model checkpoint -> HF directory: every tensor bit for bit, nothing missing, and the processor
+    (both tokenizers) loads again and encodes as before; `weights.load` reads the directory too."""
+    hf = instructblip(ref.LLAMA, seed=8)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "this", "?"]))
+    qformer_tok = transformers.BertTokenizerFast(str(vocab))
+    image_processor = transformers.BlipImageProcessorPil(size={"height": 30, "width": 30})
+    transformers.InstructBlipProcessor(image_processor, tiny_opt_tokenizer(), qformer_tok,
+                                       num_query_tokens=Q).save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "hf")
+    ours = hf_export.from_hf(tmp_path / "hf", tmp_path / "ours")
+    assert ours.architecture == "InstructBlipForConditionalGeneration"
+    hf_export.to_hf(tmp_path / "ours", tmp_path / "back")
+    back, info = transformers.InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "back",
+                                                                                   output_loading_info=True)
+    assert not any(info.values()), info
+    original, written = ref.state_dict(hf), ref.state_dict(back)
+    assert written.keys() == original.keys()
+    for name, value in original.items():
+        np.testing.assert_array_equal(written[name], value, err_msg=name)
+    processor = transformers.InstructBlipProcessor.from_pretrained(tmp_path / "back")
+    assert processor.qformer_tokenizer("what is this ?")["input_ids"] == qformer_tok("what is this ?")["input_ids"]
+    loaded = weights.load(tmp_path / "hf")
+    assert loaded.architecture == "InstructBlipForConditionalGeneration"
+    np.testing.assert_array_equal(np.asarray(loaded.params["query_tokens"]), original["query_tokens"])

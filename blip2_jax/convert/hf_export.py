@@ -35,6 +35,7 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "preprocessor_config.json",
                    "processor_config.json", "chat_template.jinja", "generation_config.json")
 IMAGE_TOKEN = "<image>"
+QFORMER_TOKENIZER = "qformer_tokenizer"  # InstructBlipProcessor's subfolder for the Q-Former's BERT tokenizer
 
 
 def _is_stage1_extra(name: str) -> bool:
@@ -62,7 +63,7 @@ def from_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None
             progress: Callable[[int], None] | None = None) -> model_checkpoint.CheckpointParams:
     """A Hugging Face BLIP-2 directory or hub id -> a model checkpoint at `out` (see
     `model_checkpoint`), validated in full before anything is written."""
-    directory = resolve(src, extra_patterns=PROCESSOR_FILES + (STAGE1_EXTRAS,))
+    directory = resolve(src, extra_patterns=PROCESSOR_FILES + (STAGE1_EXTRAS, f"{QFORMER_TOKENIZER}/*"))
     config = config_lib.from_hf(read_config(directory))
     architecture = hf_architecture(directory, config)
     tensors = hf_tensors(directory, architecture)
@@ -70,6 +71,7 @@ def from_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None
                                    qformer_group=config.qformer.cross_attention_frequency, dtype=dtype,
                                    source=str(directory))
     files = [directory / f for f in PROCESSOR_FILES if (directory / f).is_file()]
+    files += [directory / QFORMER_TOKENIZER] if (directory / QFORMER_TOKENIZER).is_dir() else []
     model_checkpoint.write(out, architecture, config, leaves, source=str(src), copy_files=files, progress=progress)
     return model_checkpoint.CheckpointParams.open(out)
 
@@ -84,7 +86,7 @@ def _hf_config(params: model_checkpoint.CheckpointParams, image_token_index: int
     if params.config.text is None:
         d.pop("text_config", None)
         d.pop("image_token_index", None)
-    cfg = transformers.Blip2Config(**d)
+    cfg = (transformers.InstructBlipConfig if params.config.instruction_aware else transformers.Blip2Config)(**d)
     cfg.architectures = list(d["architectures"])
     return cfg
 
@@ -176,8 +178,25 @@ def _write_processor(directory: Path, params: model_checkpoint.CheckpointParams,
         tokenizer, image_token_index = _language_tokenizer_with_image_token(tokenizer_source, config)
     size = config.vision.image_size
     image_processor = BlipImageProcessorPil(size={"height": size, "width": size})
-    Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens).save_pretrained(directory)
+    if config.instruction_aware:
+        _instruct_processor(image_processor, tokenizer, Path(tokenizer_source) / QFORMER_TOKENIZER,
+                            config).save_pretrained(directory)
+    else:
+        Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens).save_pretrained(directory)
     return image_token_index
+
+
+def _instruct_processor(image_processor: Any, tokenizer: Any, qformer_tokenizer: Path,
+                        config: config_lib.Blip2Config) -> Any:
+    """InstructBLIP's processor: the LLM tokenizer and the Q-Former's own (the `qformer_tokenizer/`
+    subfolder `from-hf` kept beside the LLM tokenizer)."""
+    from transformers import AutoTokenizer, InstructBlipProcessor  # pylint: disable=import-outside-toplevel
+
+    if not qformer_tokenizer.is_dir():
+        raise InputNotFound(f"InstructBLIP's processor needs the Q-Former tokenizer: {qformer_tokenizer} not found "
+                            "(a directory holding it, beside the language model tokenizer)")
+    return InstructBlipProcessor(image_processor, tokenizer, AutoTokenizer.from_pretrained(str(qformer_tokenizer)),
+                                 num_query_tokens=config.num_query_tokens)
 
 
 def to_hf(checkpoint: str | os.PathLike | model_checkpoint.CheckpointParams, out: str | os.PathLike, *,

@@ -232,8 +232,8 @@ def write(out: str | os.PathLike, architecture: str, config: config_lib.Blip2Con
             flush()
         with context:
             ocp_v1.partial.finalize(tmp / PARAMS)
-        for file in copy_files:
-            shutil.copy(file, tmp / file.name)
+        for file in copy_files:  # a directory (InstructBLIP's qformer_tokenizer/) with its files
+            (shutil.copytree if file.is_dir() else shutil.copy)(file, tmp / file.name)
         (tmp / METADATA).write_text(json.dumps({"architecture": architecture,
                                                 "config": presets.to_config_dict(config).to_dict(),
                                                 "source": source}, indent=2))
