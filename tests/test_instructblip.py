@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import traverse_util
+from safetensors.numpy import save_file
 
-from blip2_jax.convert import hf_export
+from blip2_jax.convert import hf_export, lavis
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.decode import generate_fn
 from blip2_jax.models import blip2
@@ -151,3 +153,60 @@ def test_a_hugging_face_directory_converts_both_ways_with_its_processor(tmp_path
     loaded = weights.load(tmp_path / "hf")
     assert loaded.architecture == "InstructBlipForConditionalGeneration"
     np.testing.assert_array_equal(np.asarray(loaded.params["query_tokens"]), original["query_tokens"])
+
+
+# transformers' conversion of LAVIS's InstructBLIP files, HF -> LAVIS (first match), written
+# independently of weights/lavis_names.py
+_LAVIS = [("vision_model.embeddings.class_embedding", "visual_encoder.cls_token"),
+          ("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed"),
+          ("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj"),
+          ("vision_model.encoder.layers.", "visual_encoder.blocks."), ("vision_model.post_layernorm", "ln_vision"),
+          ("qformer.embeddings.layernorm", "Qformer.bert.embeddings.LayerNorm"), ("qformer.", "Qformer.bert."),
+          ("language_projection", "llm_proj"), ("language_model.", "llm_model."), ("query_tokens", "query_tokens")]
+
+
+def test_a_lavis_instruct_checkpoint_imports_to_the_models_parameters(tmp_path):
+    """`blip2_vicuna_instruct` as LAVIS saves it (trainable parts only: the Q-Former with its text
+    embeddings, the queries, llm_proj; ViT and Vicuna from their own files, Vicuna one row short of
+    the [PAD] the model adds) -> the HF model's parameters it was cut from (padded row zero)."""
+    hf = instructblip(ref.LLAMA, seed=9)
+    cfg = config_lib.from_hf(hf.config.to_dict())
+    state = {}
+    for name, value in ref.state_dict(hf).items():
+        old, new = next((o, n) for o, n in _LAVIS if name.startswith(o))
+        name = (new + name[len(old):]).replace("attention.attention.", "attention.self.").replace(
+            "layer_norm", "norm").replace("self_attn.projection", "attn.proj").replace("self_attn.qkv", "attn.qkv")
+        if name.endswith("attn.qkv.bias"):
+            d = value.shape[0] // 3
+            state[name.replace("qkv.bias", "q_bias")] = value[:d]
+            state[name.replace("qkv.bias", "v_bias")] = value[2 * d:]
+        else:
+            state[name] = value
+    vit = {k[len("visual_encoder."):]: torch.from_numpy(np.array(state.pop(k))) for k in list(state)
+           if k.startswith("visual_encoder.")}
+    llm = {k[len("llm_model."):]: state.pop(k) for k in list(state) if k.startswith("llm_model.")}
+    rows = cfg.text.vocab_size - 1
+    llm = {k: v[:rows] if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in llm.items()}
+    torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, tmp_path / "instruct.pth")
+    torch.save(vit, tmp_path / "eva_vit_g.pth")
+    (tmp_path / "vicuna").mkdir()
+    save_file({k: np.ascontiguousarray(v) for k, v in llm.items()}, tmp_path / "vicuna" / "model.safetensors")
+    (tmp_path / "vicuna" / "config.json").write_text(hf.config.text_config.to_json_string())
+    ours, notes = lavis.from_lavis(tmp_path / "instruct.pth", tmp_path / "ours", cfg, vision=tmp_path / "eva_vit_g.pth",
+                                   text=tmp_path / "vicuna")
+    assert ours.architecture == "InstructBlipForConditionalGeneration"
+    assert sum(f"from {rows} to {cfg.text.vocab_size} rows" in n for n in notes) == 2
+    want = traverse_util.flatten_dict(params_from_state_dict(ref.state_dict(hf), cfg), sep="/")
+    got = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(ours.tree(), sep="/").items()}
+    assert got.keys() == want.keys()
+    for path, value in want.items():
+        if path in ("language_model/model/embed_tokens/embedding", "language_model/lm_head/kernel"):
+            row_axis = 0 if "embed" in path else 1
+            np.testing.assert_array_equal(np.take(got[path], range(rows), axis=row_axis),
+                                          np.take(value, range(rows), axis=row_axis))
+            assert not np.take(got[path], [rows], axis=row_axis).any()
+        elif path.endswith("qkv/bias"):  # LAVIS has no key bias: zero there
+            d = value.shape[-1] // 3
+            np.testing.assert_array_equal(got[path][..., d:2 * d], 0)
+        else:
+            np.testing.assert_array_equal(got[path], value, err_msg=path)

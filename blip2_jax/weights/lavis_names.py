@@ -47,8 +47,14 @@ _NAMES = [
     ("{llm}_proj.{w}", "language_projection.{w}"),  # stage 2 only: to-lavis writes stage 1
     ("{llm}_model.{rest}", "language_model.{rest}"),
 ]
+# InstructBLIP (`blip2_vicuna_instruct`, `blip2_t5_instruct`): the Q-Former's text embeddings and
+# their LayerNorm sit in its own `embeddings` (transformers' conversion of these files).
+_INSTRUCT_NAMES = [
+    ("Qformer.bert.embeddings.LayerNorm.{w}", "qformer.embeddings.layernorm.{w}"),
+    ("Qformer.bert.embeddings.{table}_embeddings.weight", "qformer.embeddings.{table}_embeddings.weight"),
+] + [(lavis, hf) for lavis, hf in _NAMES if not lavis.startswith("Qformer.bert.embeddings.")]
 _PLACEHOLDERS = {"n": r"\d+", "i": "[12]", "w": r"\w+", "rest": ".+", "table": "word|position",
-                 "attn": "attention|crossattention", "llm": "opt|t5"}
+                 "attn": "attention|crossattention", "llm": "opt|t5|llm"}
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -58,6 +64,7 @@ def _pattern(template: str) -> re.Pattern:
 
 
 _TO_HF = [(_pattern(lavis_name), hf_name) for lavis_name, hf_name in _NAMES]
+_INSTRUCT_TO_HF = [(_pattern(lavis_name), hf_name) for lavis_name, hf_name in _INSTRUCT_NAMES]
 TO_LAVIS = [(_pattern(hf_name), lavis_name) for lavis_name, hf_name in _NAMES if "{llm}" not in lavis_name]
 _QV_BIAS = re.compile(r"visual_encoder\.blocks\.(\d+)\.attn\.([qv])_bias")
 _VIT_BLOCK = re.compile(r"visual_encoder\.blocks\.(\d+)\.")
@@ -141,7 +148,7 @@ class LavisTensors(Mapping[str, Any]):
                 if qv.group(2) == "q":
                     self._qkv_bias(state, int(qv.group(1)))
                 continue
-            name = rename(key, _TO_HF)
+            name = rename(key, _INSTRUCT_TO_HF if config.instruction_aware else _TO_HF)
             if name is None:
                 unknown.append(key)
                 continue
@@ -168,8 +175,11 @@ class LavisTensors(Mapping[str, Any]):
 
     @staticmethod
     def _text_name(key: str, config: config_lib.Blip2Config) -> str:
-        """An LLM checkpoint saved as the bare `OPTModel` has `decoder.*`; ours is under `model.`."""
+        """An LLM checkpoint saved as the bare `OPTModel` (`decoder.*`) or `LlamaModel` (`layers.*`,
+        `embed_tokens`, `norm`) lacks the `model.` its causal-LM class puts before them."""
         if isinstance(config.text, config_lib.OPTConfig) and key.startswith("decoder."):
+            return "model." + key
+        if isinstance(config.text, config_lib.LlamaConfig) and not key.startswith(("model.", "lm_head.")):
             return "model." + key
         return key
 
@@ -179,13 +189,15 @@ class LavisTensors(Mapping[str, Any]):
         grid (spec §2.1), each with a note."""
         if config.text is not None:
             for name, tied in (("language_model.model.decoder.embed_tokens.weight", False),
-                               ("language_model.shared.weight", False), ("language_model.lm_head.weight", True)):
+                               ("language_model.model.embed_tokens.weight", False),
+                               ("language_model.shared.weight", False),
+                               ("language_model.lm_head.weight", isinstance(config.text, config_lib.OPTConfig))):
                 if name in self._shape and self._shape[name][0] < config.text.vocab_size:
                     rows = self._shape[name][0]
                     self._get[name] = functools.partial(_pad_rows, self._get[name], config.text.vocab_size)
                     self._shape[name] = (config.text.vocab_size, self._shape[name][1])
                     self.notes.append(f"padded {name} from {rows} to {config.text.vocab_size} rows with zeros "
-                                      f"({'the tied head' if tied else 'room for <image>'}: ids >= {rows} did not "
+                                      f"({'the tied head' if tied else 'rows the model adds: <image>, [PAD]'}: ids >= {rows} did not "
                                       "exist in the source model and now score logit 0)")
         pos = "vision_model.embeddings.position_embedding"
         if pos in self._shape and self._shape[pos][1] != config.vision.num_positions:
@@ -238,7 +250,7 @@ def lavis_tensors(src: str | os.PathLike, config: config_lib.Blip2Config, *, vis
     if config.text is not None:
         if text is not None:
             text_tensors = read_tensors(resolve(text))
-        elif not _has(state, "opt_model.") and not _has(state, "t5_model."):
+        elif not any(_has(state, f"{llm}_model.") for llm in ("opt", "t5", "llm")):
             raise ValueError(f"{src} has no language model (LAVIS checkpoints leave the frozen LLM out): pass "
                              "--text with its Hugging Face directory or hub id (e.g. facebook/opt-2.7b)")
     architecture = blip2.architecture_of(config, itg_head="temp" in state)
