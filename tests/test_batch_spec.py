@@ -16,10 +16,11 @@ from tests.test_train import load_config
 # (config file, preset, overrides): every objective, and each optional input
 CASES = [("configs/stage1.py", "tiny", {}), ("configs/stage1.py", "tiny", {"positives": "image_id"}),
          ("configs/stage2_opt.py", "tiny", {}), ("configs/stage2_t5.py", "tiny", {}),
-         ("configs/demo.py", "lm", {"context_length": 6}), ("configs/demo.py", "lm", {"context_length": 0})]
+         ("configs/demo.py", "lm", {"context_length": 6}), ("configs/demo.py", "lm", {"context_length": 0}),
+         ("configs/instruct.py", "tiny", {})]
 SPECS = {"stage1": {"image", "text_ids", "text_mask"}, "stage2_opt": {"image", "text_ids", "text_mask", "labels"},
          "stage2_t5": {"image", "input_ids", "input_mask", "output_ids", "output_mask"},
-         "lm_opt": {"text_ids", "text_mask", "labels"}}
+         "lm_opt": {"text_ids", "text_mask", "labels"}, "stage2_llama": {"image", "text_ids", "text_mask", "labels"}}
 
 
 class Reads(dict):
@@ -52,7 +53,8 @@ def test_the_spec_is_what_the_objective_reads_and_what_the_loader_builds(file, p
     config, layout = _layout(file, preset, overrides)
     batch = layout.batch_abstract()
     optional = {"image_id"} if overrides.get("positives") else \
-        {"context_ids", "context_mask"} if overrides.get("context_length") else set()
+        {"context_ids", "context_mask"} if overrides.get("context_length") else \
+        {"qformer_ids", "qformer_mask"} if layout.model_cfg.instruction_aware else set()
     kind = data_args(config, layout.model_cfg)["kind"]
     assert set(batch) == SPECS[kind] | optional
     seen: set = set()

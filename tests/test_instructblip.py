@@ -2,6 +2,7 @@
 and 2, the model): tiny perturbed models with a LLaMA (grouped-query attention) and a FlanT5-style
 T5; the instruction read by the Q-Former beside the queries, padded; logits to 1e-4; greedy and
 beam-search ids equal `generate`'s; the Hugging Face names and config both ways."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,11 +16,15 @@ from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.decode import generate_fn
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
+from blip2_jax.objectives.stage2 import stage2_loss
+from blip2_jax.train import loop
 from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from blip2_jax.weights import load as weights
 from blip2_jax.weights.hf_names import to_hf
+from blip2_jax.weights.model_checkpoint import CheckpointParams
 from tests.reference import hf_models as ref
 from tests.reference.tokenizers import tiny_opt_tokenizer
+from tests.test_train import load_config
 
 Q, IMAGE = ref.NUM_QUERY_TOKENS, ref.IMAGE_TOKEN_INDEX
 # a symmetric T5: transformers 5's generate sizes the decoder's cache by the encoder's depth
@@ -210,3 +215,48 @@ def test_a_lavis_instruct_checkpoint_imports_to_the_models_parameters(tmp_path):
             np.testing.assert_array_equal(got[path][..., d:2 * d], 0)
         else:
             np.testing.assert_array_equal(got[path], value, err_msg=path)
+
+
+def test_the_instruction_tuning_loss_is_transformers_loss():
+    """Stage 2 of an instruction-aware model (configs/instruct.py): the LM loss with the instruction
+    through the Q-Former equals transformers' loss with the queries' labels ignored."""
+    hf = instructblip(ref.LLAMA, seed=10)
+    cfg = config_lib.from_hf(hf.config.to_dict())
+    params = params_from_state_dict(ref.state_dict(hf), cfg)
+    qids, qmask = ref.padded_text([6, 3], 6, ref.QFORMER["vocab_size"], seed=11)
+    text, tmask = ref.padded_text([5, 3], 5, ref.LLAMA["vocab_size"], avoid=(IMAGE,), seed=12)
+    labels = np.where(tmask == 1, text, -100)
+    labels[:, :2] = -100  # the instruction part of the LLM's text is no target
+    pixels = ref.pixels(2, seed=13)
+    batch = {"image": ref.nhwc(pixels), "text_ids": text, "text_mask": tmask, "labels": labels, "qformer_ids": qids,
+             "qformer_mask": qmask}
+    loss, _ = stage2_loss(params, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.PRNGKey(0),
+                          model=blip2.build(cfg), deterministic=True)
+    image = np.full((2, Q), IMAGE)  # transformers holds the queries at <image> tokens, first
+    with torch.no_grad():
+        want = hf(pixel_values=torch.tensor(pixels), qformer_input_ids=torch.tensor(qids),
+                  qformer_attention_mask=torch.tensor(qmask), input_ids=torch.tensor(np.concatenate([image, text], 1)),
+                  attention_mask=torch.tensor(np.concatenate([np.ones_like(image), tmask], 1)),
+                  labels=torch.tensor(np.concatenate([np.full_like(image, -100), labels], 1))).loss
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.slow  # compiles the tiny instruction-tuning step: ~40 s on 2 cores
+def test_the_instruct_preset_trains_the_qformer_through_the_instruction(tmp_path):
+    """`configs/instruct.py:tiny` through the real trainer: the checkpoint is an InstructBLIP, the
+    Q-Former's instruction embeddings and the queries moved (the instruction is in the gradient),
+    the ViT and the LLM did not."""
+    config = load_config("configs/instruct.py", "tiny")
+    config.total_steps, config.optim.warmup_steps = 2, 1
+    config.mesh.update(num_devices=1, data=1)
+    config.checkpoint.update(every=1, async_save=False)
+    config.log.tensorboard = False
+    loop.train(config, tmp_path)
+    first = CheckpointParams.open(tmp_path / "checkpoints" / "1")
+    last = CheckpointParams.open(tmp_path)
+    assert last.architecture == "InstructBlipForConditionalGeneration" and last.source.endswith("step 2")
+    a = traverse_util.flatten_dict(first.tree(), sep="/")
+    b = traverse_util.flatten_dict(last.tree(), sep="/")
+    moved = {p for p in a if not np.array_equal(a[p], b[p])}
+    assert {"qformer/embeddings/word_embeddings/embedding", "query_tokens", "language_projection/kernel"} <= moved
+    assert not any(p.startswith(("language_model/", "vision_model/encoder")) for p in moved)

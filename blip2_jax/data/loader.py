@@ -29,6 +29,7 @@ from blip2_jax.data.spec import BatchSpec, conform
 from blip2_jax.data.synthetic import SyntheticData
 from blip2_jax.data.text import pre_caption, pre_question, split_prefix
 
+RECORD_KINDS = ("stage1", "stage2_opt", "stage2_t5", "lm_opt")  # what RecordProcessor tokenises
 TRANSFORMS = {"blip2_image_train": transforms.blip2_image_train, "blip_image_train": transforms.blip_image_train,
               "blip_image_eval": transforms.blip_image_eval}
 
@@ -226,7 +227,7 @@ def make_sources(d: ml_collections.ConfigDict) -> sources_lib.Source | Mixture:
 
 
 def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, vocab_size: int,
-                spec: BatchSpec) -> Loader:
+                spec: BatchSpec, instruction_vocab_size: int = 100) -> Loader:
     """This host's loader for `config.data`. kind: 'stage1', 'stage2_opt', 'stage2_t5' or 'lm_opt';
     images come at `image_size`; synthetic token ids are drawn below `vocab_size`; every row holds
     exactly the objective's `spec` (`data/spec.py`)."""
@@ -234,8 +235,12 @@ def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, v
     local = config.batch_size // jax.process_count()
     if d.source == "synthetic" and not d.mixture:  # a mixture names its own sources
         data = SyntheticData(kind=kind, global_batch_size=config.batch_size, image_size=image_size,
-                             text_length=d.text_length, vocab_size=vocab_size, seed=config.seed, spec=spec)
+                             text_length=d.text_length, vocab_size=vocab_size, seed=config.seed, spec=spec,
+                             instruction_vocab_size=instruction_vocab_size)
         return SyntheticLoader(data, range(jax.process_index() * local, (jax.process_index() + 1) * local))
+    if kind not in RECORD_KINDS or "qformer_ids" in spec:
+        raise ValueError(f"records are tokenised for {', '.join(RECORD_KINDS)} (without instructions); this run is "
+                         f"{kind}{' with an instruction' if 'qformer_ids' in spec else ''}: use data.source=synthetic")
     if d.transform not in TRANSFORMS:
         raise ValueError(f"data.transform must be one of {sorted(TRANSFORMS)}, got {d.transform!r}")
     if not d.tokenizer:

@@ -15,10 +15,14 @@ from blip2_jax.data.spec import BatchSpec, conform
 from blip2_jax.data.tokenizers import opt_labels
 
 
+KINDS = ("stage1", "stage2_opt", "stage2_llama", "stage2_t5", "lm_opt", "lm_llama")
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticData:
-    """Batches for `kind` in {'stage1', 'stage2_opt', 'stage2_t5', 'lm_opt'}; with the objective's
-    `spec` (`data/spec.py`), also its optional inputs (ITC positives, an LM context), and checked."""
+    """Batches for `kind` (KINDS); with the objective's `spec` (`data/spec.py`), also its optional
+    inputs (ITC positives, an LM context, InstructBLIP's instruction below `instruction_vocab_size`),
+    and checked."""
 
     kind: str
     global_batch_size: int
@@ -29,9 +33,10 @@ class SyntheticData:
     bos_token_id: int = 2
     prompt_length: int = 0
     spec: BatchSpec | None = None
+    instruction_vocab_size: int = 100
 
     def __post_init__(self):
-        if self.kind not in ("stage1", "stage2_opt", "stage2_t5", "lm_opt"):
+        if self.kind not in KINDS:
             raise ValueError(f"unknown synthetic data kind {self.kind!r}")
 
     def _row(self, step: int, row: int) -> dict[str, np.ndarray]:
@@ -45,10 +50,10 @@ class SyntheticData:
         if self.kind == "stage1":
             ids[0] = 1  # a [CLS]-like first token that ITG replaces by [DEC]
             out.update(text_ids=ids, text_mask=mask)
-        elif self.kind == "lm_opt":
+        elif self.kind.startswith("lm_"):
             ids[0] = self.bos_token_id
             out = dict(text_ids=ids, text_mask=mask, labels=opt_labels(ids[None], mask[None], 0)[0])
-        elif self.kind == "stage2_opt":
+        elif self.kind != "stage2_t5":  # decoder-only: OPT, LLaMA
             ids[0] = self.bos_token_id
             labels = opt_labels(ids[None], mask[None], self.prompt_length)[0]
             out.update(text_ids=ids, text_mask=mask, labels=labels)
@@ -62,6 +67,12 @@ class SyntheticData:
             return out
         if "image_id" in self.spec:  # a few equal ids per batch: positives beyond the pair itself
             out["image_id"] = np.int32(rng.integers(0, max(1, self.global_batch_size // 2)))
+        if "qformer_ids" in self.spec:  # right-padded, as the Q-Former's tokenizer pads
+            width = self.spec["qformer_ids"].shape[0]
+            n = int(rng.integers(1, width + 1))
+            out["qformer_ids"] = np.zeros(width, np.int32)
+            out["qformer_ids"][:n] = rng.integers(5, self.instruction_vocab_size, n)
+            out["qformer_mask"] = (np.arange(width) < n).astype(np.int32)
         if "context_ids" in self.spec:  # left-padded, as tokenizers.opt_context pads
             width = self.spec["context_ids"].shape[0]
             c = int(rng.integers(1, width + 1))

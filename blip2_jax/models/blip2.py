@@ -391,6 +391,14 @@ def architecture_of(config: Blip2Config, *, itg_head: bool = False) -> str:
     return "Blip2Stage1" if itg_head else "Blip2ForImageTextRetrieval"
 
 
+def stage_architecture(stage: str, config: Blip2Config) -> str:
+    """The architecture a training `stage` trains for `config`: stage 2 of an instruction-aware
+    config is InstructBLIP's instruction tuning (its Q-Former reads the instruction)."""
+    if stage == "stage2" and config.instruction_aware:
+        return architecture_of(config)
+    return STAGES[stage]
+
+
 def build(config: Blip2Config, architecture: str | None = None) -> Model:
     """The composite named `architecture` (default: `architecture_of(config)`)."""
     name = architecture or architecture_of(config)

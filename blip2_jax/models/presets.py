@@ -96,6 +96,12 @@ _PRESETS: dict[str, Blip2Config] = {
                                                                      relative_attention_num_buckets=8),
                            image_token_index=127, **_tiny_base()),
     "tiny_itm": Blip2Config(qformer=_tiny_qformer(use_qformer_text_input=True), text=None, **_tiny_base()),
+    # InstructBLIP at test size: a LLaMA with 2 K/V heads for 4 query heads, the instruction-reading Q-Former
+    "tiny_instruct": Blip2Config(qformer=_tiny_qformer(use_qformer_text_input=True), instruction_aware=True,
+                                 text=LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  max_position_embeddings=64, pad_token_id=0),
+                                 **_tiny_base()),
     # InstructBLIP: the Q-Former (BERT-base + [DEC], with its text embeddings and FFN) reads the instruction
     **{f"instruct_{name}": Blip2Config(vision=EVA_G, qformer=QFORMER_TEXT, text=text, instruction_aware=True)
        for name, text in (("vicuna7b", VICUNA_7B), ("vicuna13b", VICUNA_13B), ("flant5xl", FLAN_T5_XL),

@@ -21,18 +21,24 @@ from blip2_jax.data.spec import BatchSpec, field
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
 from blip2_jax.models.config import T5Config
 from blip2_jax.models.t5 import shift_right
+
+Instruction = tuple[jax.Array, jax.Array]  # InstructBLIP's Q-Former input: ids and mask (B,I)
 from blip2_jax.objectives.stage1 import IGNORE, token_cross_entropy
 
 
-def batch_spec(image_size: int, text_length: int, model_type: str) -> BatchSpec:
-    """`image` (S,S,3) float32. OPT: `text_ids`/`text_mask` (L,) int32 (BOS + prompt + text + "\\n",
-    right-padded) and `labels` (L,) int32 (`tokenizers.opt_labels`: prompt and padding ignored).
-    FlanT5: `input_ids`/`input_mask` (the encoder's prompt and prefix) and `output_ids`/`output_mask`
-    (the decoder's target), each (L,) int32."""
-    text = ("text_ids", "text_mask", "labels") if model_type == "opt" else \
-        ("input_ids", "input_mask", "output_ids", "output_mask")
-    return {"image": field((image_size, image_size, 3), "float32"),
-            **{k: field((text_length,), "int32") for k in text}}
+def batch_spec(image_size: int, text_length: int, model_type: str, instruction_length: int = 0) -> BatchSpec:
+    """`image` (S,S,3) float32. Decoder-only (OPT, LLaMA): `text_ids`/`text_mask` (L,) int32 (BOS +
+    prompt + text + end, right-padded) and `labels` (L,) int32 (`tokenizers.opt_labels`: prompt and
+    padding ignored). FlanT5: `input_ids`/`input_mask` (the encoder's prompt and prefix) and
+    `output_ids`/`output_mask` (the decoder's target), each (L,) int32. InstructBLIP (instruction
+    tuning) also: `qformer_ids`/`qformer_mask` (I,) int32, the instruction in the Q-Former's BERT
+    vocabulary."""
+    text = ("input_ids", "input_mask", "output_ids", "output_mask") if model_type == "t5" else \
+        ("text_ids", "text_mask", "labels")
+    spec = {"image": field((image_size, image_size, 3), "float32"), **{k: field((text_length,), "int32") for k in text}}
+    if instruction_length:
+        spec.update({k: field((instruction_length,), "int32") for k in ("qformer_ids", "qformer_mask")})
+    return spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +48,15 @@ class Stage2Config:
     label_smoothing: float = 0.0  # LAVIS's OPT and T5 LM losses use none
 
 
-def _visual_prompt(module: Blip2ForConditionalGeneration, image: jax.Array, deterministic: bool) -> jax.Array:
-    """Image (B,H,W,3) -> projected query outputs (B,Q,D_llm). The ViT runs deterministic: BLIP-2's
-    ViTs have no dropout (attention dropout 0, LAVIS's drop path 0), frozen or fine-tuned."""
+def _visual_prompt(module: Blip2ForConditionalGeneration, image: jax.Array, instruction: Instruction | None,
+                   deterministic: bool) -> jax.Array:
+    """Image (B,H,W,3) -> projected query outputs (B,Q,D_llm); InstructBLIP's queries also read the
+    instruction. The ViT runs deterministic: BLIP-2's ViTs have no dropout (attention dropout 0,
+    LAVIS's drop path 0), frozen or fine-tuned."""
     image_embeds = module.encode_image(image)
-    return module.language_inputs(module.query_features(image_embeds, deterministic=deterministic))
+    queries = module.query_features(image_embeds, deterministic=deterministic) if instruction is None else \
+        module.instruction_features(image_embeds, *instruction, deterministic=deterministic)
+    return module.language_inputs(queries)
 
 
 def _prepend(module: Blip2ForConditionalGeneration, image_inputs: jax.Array, ids: jax.Array,
@@ -58,20 +68,20 @@ def _prepend(module: Blip2ForConditionalGeneration, image_inputs: jax.Array, ids
             jnp.concatenate([ones, mask], axis=1))
 
 
-def _opt_logits(module: Blip2ForConditionalGeneration, image: jax.Array, text_ids: jax.Array,
-                text_mask: jax.Array, deterministic: bool) -> jax.Array:
-    """OPT logits (B, L+1, V) over [visual prompt ; text] from the last query on: the positions
-    that predict text tokens (and the last, which predicts nothing)."""
-    visual = _visual_prompt(module, image, deterministic)
+def _decoder_only_logits(module: Blip2ForConditionalGeneration, image: jax.Array, instruction: Instruction | None,
+                         text_ids: jax.Array, text_mask: jax.Array, deterministic: bool) -> jax.Array:
+    """Decoder-only logits (B, L+1, V) over [visual prompt ; text] from the last query on: the
+    positions that predict text tokens (and the last, which predicts nothing)."""
+    visual = _visual_prompt(module, image, instruction, deterministic)
     embeds, mask = _prepend(module, visual, text_ids, text_mask)
     return module.language_model(embeds, mask, deterministic=deterministic, logits_from=visual.shape[1] - 1)[0]
 
 
-def _t5_logits(module: Blip2ForConditionalGeneration, image: jax.Array, input_ids: jax.Array,
-               input_mask: jax.Array, decoder_input_ids: jax.Array, decoder_mask: jax.Array,
+def _t5_logits(module: Blip2ForConditionalGeneration, image: jax.Array, instruction: Instruction | None,
+               input_ids: jax.Array, input_mask: jax.Array, decoder_input_ids: jax.Array, decoder_mask: jax.Array,
                deterministic: bool) -> jax.Array:
     """T5 decoder logits (B, T, V): encoder over [visual prompt ; prefix]."""
-    embeds, mask = _prepend(module, _visual_prompt(module, image, deterministic), input_ids, input_mask)
+    embeds, mask = _prepend(module, _visual_prompt(module, image, instruction, deterministic), input_ids, input_mask)
     return module.language_model(embeds, mask, decoder_input_ids, decoder_mask, deterministic=deterministic)
 
 
@@ -89,17 +99,18 @@ def stage2_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
     variables = {"params": params}
     rngs = {"dropout": rng}
     text_cfg = model.config.text
+    instruction = (batch["qformer_ids"], batch["qformer_mask"]) if model.config.instruction_aware else None
     if not text_cfg.is_encoder_decoder:  # OPT, LLaMA
-        logits = model.apply(variables, batch["image"], batch["text_ids"], batch["text_mask"], deterministic,
-                             method=_opt_logits, rngs=rngs)
+        logits = model.apply(variables, batch["image"], instruction, batch["text_ids"], batch["text_mask"],
+                             deterministic, method=_decoder_only_logits, rngs=rngs)
         # Shifted causal LM: position t predicts token t+1, so the last query predicts text token 0.
         loss = token_cross_entropy(logits[:, :-1], batch["labels"], config.label_smoothing)
     elif isinstance(text_cfg, T5Config):
         targets = jnp.where(batch["output_mask"] == 0, IGNORE, batch["output_ids"])  # = pad -> -100
         decoder_input_ids = shift_right(targets, text_cfg.decoder_start_token_id, text_cfg.pad_token_id)
-        logits = model.apply(variables, batch["image"], batch["input_ids"], batch["input_mask"], decoder_input_ids,
-                             batch["output_mask"], deterministic, method=_t5_logits, rngs=rngs)
+        logits = model.apply(variables, batch["image"], instruction, batch["input_ids"], batch["input_mask"],
+                             decoder_input_ids, batch["output_mask"], deterministic, method=_t5_logits, rngs=rngs)
         loss = token_cross_entropy(logits, targets, config.label_smoothing)
     else:
-        raise ValueError(f"stage 2 needs an OPT or T5 language model, got {text_cfg!r}")
+        raise ValueError(f"stage 2 needs an OPT, LLaMA or T5 language model, got {text_cfg!r}")
     return loss, {"loss": loss, "loss_lm": loss}

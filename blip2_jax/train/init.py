@@ -79,7 +79,7 @@ def _pretrained(config: ml_collections.ConfigDict, model_cfg: Any, shardings: tu
     with exactly `config.model`, but for the image size (the ViT position table is resized)."""
     field = "hf" if config.init.hf else "checkpoint"
     source = open_source(config.init[field])
-    want = blip2.STAGES[config.stage]
+    want = blip2.stage_architecture(config.stage, model_cfg)
     if source.architecture != want:
         raise UserError(f"init.{field} {source.name} holds a {source.architecture}; {config.stage} trains a {want}")
     check_like(source, model_cfg, "config.model")

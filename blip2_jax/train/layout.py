@@ -29,7 +29,7 @@ def build_objective(config: ml_collections.ConfigDict) -> tuple[blip2.Blip2Base,
     if config.stage not in blip2.STAGES:
         raise ValueError(f"config.stage must be one of {', '.join(blip2.STAGES)}, got {config.stage!r}")
     model_cfg = presets.from_config_dict(config.model)
-    model = blip2.build(model_cfg, blip2.STAGES[config.stage])
+    model = blip2.build(model_cfg, blip2.stage_architecture(config.stage, model_cfg))
     if config.stage == "stage1":
         loss_config = stage1.Stage1Config(**config.loss.to_dict())
         loss_fn = functools.partial(stage1.stage1_loss, model=model, config=loss_config)
@@ -49,8 +49,9 @@ def batch_spec(config: ml_collections.ConfigDict, model_cfg) -> BatchSpec:
     size, length = model_cfg.vision.image_size, config.data.text_length
     if config.stage == "stage1":
         return stage1.batch_spec(size, length, positives=bool(config.data.positives))
-    if config.stage == "stage2":
-        return stage2.batch_spec(size, length, model_cfg.text.model_type)
+    if config.stage == "stage2":  # InstructBLIP: the Q-Former reads the instruction too
+        return stage2.batch_spec(size, length, model_cfg.text.model_type,
+                                 config.data.instruction_length if model_cfg.instruction_aware else 0)
     return lm.batch_spec(length, context_length=config.data.context_length)
 
 
@@ -61,7 +62,7 @@ def data_args(config: ml_collections.ConfigDict, model_cfg) -> dict[str, Any]:
     kind = data_kind(config, model_cfg)
     vocab = model_cfg.qformer.vocab_size - 1 if kind == "stage1" else model_cfg.text.vocab_size
     return dict(kind=kind, image_size=model_cfg.vision.image_size, vocab_size=vocab,
-                spec=batch_spec(config, model_cfg))
+                spec=batch_spec(config, model_cfg), instruction_vocab_size=model_cfg.qformer.vocab_size - 1)
 
 
 def _with_sharding(tree: Any, shardings: Any, dtype: Any = None) -> Any:

@@ -137,7 +137,7 @@ class CheckpointParams:
             ckpt.close()
         run = json.loads(meta["config"])
         config = presets.from_config_dict(run["model"])
-        architecture = blip2.STAGES[run["stage"]]
+        architecture = blip2.stage_architecture(run["stage"], config)
         # the train state holds `params` beside the optimizer state, step and RNG key
         trees = [(state_dir, "params")]
         if frozen_dir.exists():  # a run with nothing frozen has none
