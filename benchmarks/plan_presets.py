@@ -44,6 +44,9 @@ PRESETS = {
     **{("finetune.py", p): _FSDP8 for p in (
         "caption_coco_opt2.7b", "caption_coco_opt6.7b", "caption_coco_flant5xl", "vqa_opt2.7b", "vqa_opt6.7b",
         "vqa_flant5xl", "retrieval_coco_vit_g", "retrieval_coco_vit_l")},
+    # InstructBLIP instruction tuning: the frozen 13B / 11B LLM sharded over fsdp as stage 2's largest
+    ("instruct.py", "vicuna13b"): {**_FSDP8, "v4-32": ("data=2,fsdp=8", "full")},
+    ("instruct.py", "flant5xxl"): {**_FSDP8, "v4-32": ("data=4,fsdp=4", "full")},
 }
 
 
@@ -94,8 +97,8 @@ def table(path: Path) -> str:
         batch = f"{r['batch']}" + ("" if r["batch"] == r["paper_batch"] else f" (paper {r['paper_batch']})")
         fits = " / ".join("yes" if r["fits"][k] else "no" for k in ("v4", "v5e", "h100"))
         state = (r["params"] + r["optimizer"]) / gib
-        # the paper's compute (spec §16) is its pre-training; fine-tuning has no published rate
-        mfu = "—" if r["config"] == "finetune.py" else f"{r['mfu_to_match_paper']:.1%}"
+        # the paper's compute (spec §16) is its pre-training; fine-tuning and instruction tuning have no published rate
+        mfu = "—" if r["config"] in ("finetune.py", "instruct.py") else f"{r['mfu_to_match_paper']:.1%}"
         lines.append(f"| `{Path(r['config']).stem}:{r['preset']}` | {r['device']}: {mesh}, {batch}, {r['remat']} | "
                      f"{state:.2f} / {r['frozen'] / gib:.2f} / {r['temp'] / gib:.1f} = **{r['peak'] / gib:.1f}** | "
                      f"{fits} | {r['flops_per_sample']:.2e} | {mfu} |")

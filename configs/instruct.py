@@ -8,8 +8,15 @@ Presets: `tiny` and the published models' `vicuna7b`, `vicuna13b`, `flant5xl`, `
 paper (Dai et al. 2023, §3.4): AdamW b1 0.9, b2 0.999, weight decay 0.05; the learning rate warms
 up linearly from 1e-8 to 1e-5 over 1,000 steps, then cosine decay to 0; at most 60K steps; batch
 192, 128 and 64 for the 3/4B, 7B and 11/13B models; the instruction reaches the Q-Former truncated
-to 128 tokens (LAVIS `max_txt_len`). Records are not tokenised for instruction tuning yet: the
-runs read synthetic data (data.source=synthetic).
+to 128 tokens (LAVIS `max_txt_len`). A real source's VQA and caption records become
+instruction-tuning rows as LAVIS builds them: the LLM text is BOS + instruction (`data.prompt`
+formatted with the question) + answer + EOS, the instruction no target, and the instruction also
+reaches the Q-Former through `data.instruction_tokenizer` (its BERT tokenizer):
+
+  blip2-jax train --config configs/instruct.py:vicuna7b --workdir gs://bucket/ib \
+      --config.data.source=json --config.data.annotations=vqav2_train.json --config.data.image_root=/data/coco \
+      --config.data.tokenizer=lmsys/vicuna-7b-v1.1 --config.data.instruction_tokenizer=bert-base-uncased \
+      --config.data.prompt="Question: {} Short answer:"
 """
 import ml_collections
 

@@ -2,6 +2,7 @@
 and 2, the model): tiny perturbed models with a LLaMA (grouped-query attention) and a FlanT5-style
 T5; the instruction read by the Q-Former beside the queries, padded; logits to 1e-4; greedy and
 beam-search ids equal `generate`'s; the Hugging Face names and config both ways."""
+import easy_vqa
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +13,13 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from blip2_jax.convert import hf_export, lavis
+from blip2_jax.data.loader import RecordProcessor
+from blip2_jax.data.transforms import blip_image_eval
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.decode import generate_fn
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
+from blip2_jax.objectives import stage2
 from blip2_jax.objectives.stage2 import stage2_loss
 from blip2_jax.train import loop
 from blip2_jax.weights.hf_checkpoint import params_from_state_dict
@@ -260,3 +264,35 @@ def test_the_instruct_preset_trains_the_qformer_through_the_instruction(tmp_path
     moved = {p for p in a if not np.array_equal(a[p], b[p])}
     assert {"qformer/embeddings/word_embeddings/embedding", "query_tokens", "language_projection/kernel"} <= moved
     assert not any(p.startswith(("language_model/", "vision_model/encoder")) for p in moved)
+
+
+def test_an_instruction_record_is_tokenised_as_lavis_does(tmp_path):
+    """A VQA record for InstructBLIP-Vicuna (`stage2_llama` with an instruction): the LLM text is
+    BOS + instruction, then the answer + EOS without a BOS of its own, right-padded, the instruction
+    no target (LAVIS `concat_text_input_output`); the instruction also reaches the Q-Former in its
+    BERT vocabulary ([CLS] ... [SEP], cut from the left), all as the batch spec says."""
+    llm = tiny_opt_tokenizer()  # prepends BOS and has an EOS, as LAVIS's LLaMA tokenizer
+    llm.save_pretrained(tmp_path / "llm")
+    (tmp_path / "bert").mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "question", ":", "what", "is", "the", "w3", "?", "answer"]
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words))
+    spec = stage2.batch_spec(32, 12, "llama", instruction_length=6)
+    process = RecordProcessor("stage2_llama", spec, blip_image_eval(32), str(tmp_path / "llm"), 12,
+                              prompt="Question: {} Answer:", instruction_tokenizer_path=str(tmp_path / "bert"),
+                              instruction_length=6)
+    image = sorted(easy_vqa.get_train_image_paths().values())[0]
+    row = process({"id": "q", "image": image, "question": "What is the w3?", "answer": ["w5"]},
+                  np.random.default_rng(0))
+    assert set(row) == set(spec)
+    full = llm("Question: what is the w3 ? Answer:")["input_ids"]  # pre_question's form, BOS first
+    instruction = [full[0]] + full[len(full) - 5:]  # cut from the left to 6, as the Q-Former's (LAVIS max_txt_len)
+    answer = llm("w5</s>")["input_ids"][1:]
+    n = len(instruction) + len(answer)
+    assert row["text_ids"][:n].tolist() == instruction + answer and row["text_mask"].sum() == n
+    assert answer[-1] == llm.eos_token_id
+    assert row["labels"][:len(instruction)].tolist() == [-100] * len(instruction)
+    assert row["labels"][len(instruction):n].tolist() == answer and (row["labels"][n:] == -100).all()
+    bert = transformers.BertTokenizerFast(str(tmp_path / "bert" / "vocab.txt"))
+    words = bert("Question: what is the w3 ? Answer:")["input_ids"]  # longer than 6: its start is cut
+    assert row["qformer_ids"].tolist() == [words[0]] + words[len(words) - 5:]
+    assert row["qformer_mask"].tolist() == [1] * 6

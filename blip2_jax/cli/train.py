@@ -85,7 +85,8 @@ def _plan(values: flags.FlagValues) -> None:
     mesh = plan_lib.parse_mesh(values.mesh)
     need = math.prod(mesh.values())  # one simulated device per mesh position, up to a limit
     simulated_cpu_devices(need if need <= plan_lib.MAX_SIMULATED_DEVICES else need // mesh["data"])
-    print(plan_lib.make_plan(config, mesh).report(config.stage, values.device_kind))
+    run = "instruct" if config.model.instruction_aware else config.stage  # the paper's figures are BLIP-2's
+    print(plan_lib.make_plan(config, mesh).report(run, values.device_kind))
 
 
 DEMO = Command(("demo",), "[--workdir DIR]",

@@ -29,7 +29,7 @@ from blip2_jax.data.spec import BatchSpec, conform
 from blip2_jax.data.synthetic import SyntheticData
 from blip2_jax.data.text import pre_caption, pre_question, split_prefix
 
-RECORD_KINDS = ("stage1", "stage2_opt", "stage2_t5", "lm_opt")  # what RecordProcessor tokenises
+RECORD_KINDS = ("stage1", "stage2_opt", "stage2_llama", "stage2_t5", "lm_opt")  # what RecordProcessor tokenises
 TRANSFORMS = {"blip2_image_train": transforms.blip2_image_train, "blip_image_train": transforms.blip_image_train,
               "blip_image_eval": transforms.blip_image_eval}
 
@@ -132,6 +132,20 @@ class RecordProcessor:
     # 'lm_opt': a record's optional 'context' (text before BOS, `tokenizers.opt_context`) is padded to
     # this many tokens; 0 = records have none.
     context_length: int = 0
+    # InstructBLIP (a spec with qformer_ids): the instruction (the LLM's text input) also goes to the
+    # Q-Former, in its BERT vocabulary, cut from the left to this many tokens
+    instruction_tokenizer_path: str = ""
+    instruction_length: int = 0
+
+    @functools.cached_property
+    def instruction_tokenizer(self) -> Any:
+        return tokenizers.qformer_tokenizer(self.instruction_tokenizer_path, truncation_side="left")
+
+    def _instruction(self, text_input: str) -> dict[str, np.ndarray]:
+        if "qformer_ids" not in self.spec:
+            return {}
+        text = tokenizers.qformer_text(self.instruction_tokenizer, text_input, self.instruction_length)
+        return {"qformer_ids": text["text_ids"], "qformer_mask": text["text_mask"]}
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -168,12 +182,16 @@ class RecordProcessor:
             if self.positives:
                 out["image_id"] = positive_key(record[self.positives])
             return out
-        if self.kind == "stage2_opt":
-            out = tokenizers.opt_text(self.tokenizer, joined, prompt=text_input, max_length=self.text_length)
+        if self.kind in ("stage2_opt", "stage2_llama"):
+            if self.kind == "stage2_opt":
+                out = tokenizers.opt_text(self.tokenizer, joined, prompt=text_input, max_length=self.text_length)
+            else:  # LAVIS's Vicuna: instruction and answer tokenised apart, the instruction cut as the Q-Former's
+                out = tokenizers.llama_text(self.tokenizer, text_input, text_output, self.text_length,
+                                            self.instruction_length or self.text_length)
             labels = tokenizers.opt_labels(out["text_ids"][None], out["text_mask"][None], out.pop("prompt_length"))
-            return {"image": image, **out, "labels": labels[0]}
+            return {"image": image, **out, "labels": labels[0], **self._instruction(text_input)}
         return {"image": image, **tokenizers.t5_text(self.tokenizer, text_input, text_output, self.text_length,
-                                                     self.text_length)}
+                                                     self.text_length), **self._instruction(text_input)}
 
 
 def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:
@@ -238,9 +256,12 @@ def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, v
                              text_length=d.text_length, vocab_size=vocab_size, seed=config.seed, spec=spec,
                              instruction_vocab_size=instruction_vocab_size)
         return SyntheticLoader(data, range(jax.process_index() * local, (jax.process_index() + 1) * local))
-    if kind not in RECORD_KINDS or "qformer_ids" in spec:
-        raise ValueError(f"records are tokenised for {', '.join(RECORD_KINDS)} (without instructions); this run is "
-                         f"{kind}{' with an instruction' if 'qformer_ids' in spec else ''}: use data.source=synthetic")
+    if kind not in RECORD_KINDS:
+        raise ValueError(f"records are tokenised for {', '.join(RECORD_KINDS)}; this run is {kind}: use "
+                         "data.source=synthetic")
+    if "qformer_ids" in spec and not d.instruction_tokenizer:
+        raise ValueError("InstructBLIP's records need data.instruction_tokenizer (the Q-Former's BERT tokenizer, a "
+                         "directory or hub id) for the instruction its Q-Former reads")
     if d.transform not in TRANSFORMS:
         raise ValueError(f"data.transform must be one of {sorted(TRANSFORMS)}, got {d.transform!r}")
     if not d.tokenizer:
@@ -252,7 +273,8 @@ def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, v
     if d.context_length and kind != "lm_opt":
         raise ValueError(f"data.context_length is the text-only LM's text before BOS (lm_opt); this run is {kind}")
     process = RecordProcessor(kind, spec, TRANSFORMS[d.transform](image_size), d.tokenizer,
-                              d.text_length, d.prompt, d.prefix_lm, d.positives, d.context_length)
+                              d.text_length, d.prompt, d.prefix_lm, d.positives, d.context_length,
+                              d.instruction_tokenizer, d.instruction_length)
     iterator = make_pipeline(make_sources(d), process=process, global_batch_size=config.batch_size,
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count(), worker_count=d.workers, strict=d.strict)

@@ -23,11 +23,12 @@ IGNORE = -100  # the label every loss skips (torch's cross-entropy ignore_index,
 DEC_TOKEN = "[DEC]"
 
 
-def qformer_tokenizer(path_or_id: str | os.PathLike = "bert-base-uncased"):
-    """BERT tokenizer + `[DEC]` as bos; `[DEC]` gets the first id after BERT's vocabulary."""
+def qformer_tokenizer(path_or_id: str | os.PathLike = "bert-base-uncased", truncation_side: str = "right"):
+    """BERT tokenizer + `[DEC]` as bos; `[DEC]` gets the first id after BERT's vocabulary.
+    InstructBLIP cuts an instruction from the left (LAVIS), keeping its question at the end."""
     from transformers import BertTokenizerFast  # pylint: disable=import-outside-toplevel
 
-    tokenizer = BertTokenizerFast.from_pretrained(str(path_or_id), truncation_side="right")
+    tokenizer = BertTokenizerFast.from_pretrained(str(path_or_id), truncation_side=truncation_side)
     tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
     return tokenizer
 
@@ -113,6 +114,22 @@ def opt_text(tokenizer: Any, text: str, prompt: str = "", max_length: int = 32) 
     text_ids, text_mask = _pad(ids, max_length, tokenizer.pad_token_id)
     prompt_length = len(_encode(tokenizer, prompt, max_length)) if prompt else 0
     return {"text_ids": text_ids, "text_mask": text_mask, "prompt_length": np.int32(prompt_length)}
+
+
+def llama_text(tokenizer: Any, text_input: str, text_output: str, max_length: int,
+               max_input_length: int) -> dict[str, np.ndarray]:
+    """InstructBLIP-Vicuna's LLM text (LAVIS `concat_text_input_output`): BOS + the instruction, then
+    the answer + EOS without a BOS of its own, right-padded to `max_length`; `prompt_length` (BOS +
+    instruction) is no target. An instruction longer than `max_input_length` loses its start (LAVIS
+    truncates it from the left, keeping BOS); the answer is cut at the end."""
+    ids_in = tokenizer(text_input)["input_ids"]
+    _require_bos(tokenizer, ids_in)
+    if len(ids_in) > max_input_length:
+        ids_in = ids_in[:1] + ids_in[len(ids_in) - max_input_length + 1:]
+    ids_out = tokenizer(text_output + tokenizer.eos_token)["input_ids"]
+    ids_out = ids_out[1:] if ids_out and ids_out[0] == tokenizer.bos_token_id else ids_out
+    text_ids, text_mask = _pad((ids_in + ids_out)[:max_length], max_length, tokenizer.pad_token_id)
+    return {"text_ids": text_ids, "text_mask": text_mask, "prompt_length": np.int32(min(len(ids_in), max_length))}
 
 
 def opt_context(tokenizer: Any, context: str, length: int) -> dict[str, np.ndarray]:

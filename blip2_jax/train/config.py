@@ -46,11 +46,12 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     # positives: stage 1's record field whose equal values are positive pairs (LAVIS retrieval: image_id).
     # context_length: the text-only LM's tokens before BOS, where stage 2 puts the image queries (the
     # demo's captions, data/easy_vqa.py); 0 for none. instruction_length: InstructBLIP's instruction
-    # tokens for its Q-Former (stage 2 of an instruction-aware model: configs/instruct.py).
+    # tokens for its Q-Former (stage 2 of an instruction-aware model: configs/instruct.py), in the
+    # vocabulary of instruction_tokenizer (the Q-Former's BERT tokenizer; the LLM's is `tokenizer`).
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", text_length=32, annotations="", image_root="", path="", tfds_name="", split="train",
         tokenizer="", prompt="", transform="blip2_image_train", workers=0, strict=False, prefix_lm=False,
-        positives="", context_length=0, instruction_length=32, mixture=[]))
+        positives="", context_length=0, instruction_length=32, instruction_tokenizer="", mixture=[]))
     # hf: a HF BLIP-2 checkpoint; checkpoint: a model checkpoint (`blip2-jax convert from-hf/from-lavis`)
     # or a training workdir with this run's model; bert: stage 1's Q-Former from BERT; stage1: a stage-1
     # workdir or model checkpoint whose Q-Former query path and ln_vision start stage 2

@@ -103,10 +103,11 @@ class Plan:
                         f"{len(self.replicated)} parameters, {_size(extra).strip()} more per device")
             rows += [f"  {r.describe()}" for r in self.replicated[:5]]
         kinds = [device_kind] if device_kind else list(DEVICES)
-        for kind in kinds:
-            rows.append(f"  {kind:<5} {DEVICES[kind][0]:>3} GiB: {'fits' if self.fits(kind) else 'does NOT fit'}; "
-                        f"MFU {self.mfu_to_match_paper(kind, stage):.1%} matches the paper's "
-                        f"{PAPER_SAMPLES_PER_S[stage]:.0f} samples/s")
+        for kind in kinds:  # a run the paper reports no throughput for (instruction tuning, the LM) has no MFU bar
+            paper = (f"; MFU {self.mfu_to_match_paper(kind, stage):.1%} matches the paper's "
+                     f"{PAPER_SAMPLES_PER_S[stage]:.0f} samples/s") if stage in PAPER_SAMPLES_PER_S else ""
+            fit = "fits" if self.fits(kind) else "does NOT fit"
+            rows.append(f"  {kind:<5} {DEVICES[kind][0]:>3} GiB: {fit}{paper}")
         return "\n".join(rows)
 
 
