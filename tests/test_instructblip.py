@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 from blip2_jax.convert import hf_export, lavis
 from blip2_jax.data.loader import RecordProcessor
 from blip2_jax.data.transforms import blip_image_eval
+from blip2_jax.generation.api import Blip2Generator
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.decode import generate_fn
 from blip2_jax.models import blip2
@@ -296,3 +297,31 @@ def test_an_instruction_record_is_tokenised_as_lavis_does(tmp_path):
     words = bert("Question: what is the w3 ? Answer:")["input_ids"]  # longer than 6: its start is cut
     assert row["qformer_ids"].tolist() == [words[0]] + words[len(words) - 5:]
     assert row["qformer_mask"].tolist() == [1] * 6
+
+
+def test_the_generator_reads_an_instructblip_directory_as_transformers_does(tmp_path):
+    """`Blip2Generator.from_pretrained` on an InstructBLIP directory (both tokenizers beside the
+    weights, as InstructBlipProcessor saves them): the prompt reaches the Q-Former and the LLM, and
+    beam search gives the text transformers' processor + generate give."""
+    hf = instructblip(ref.LLAMA, seed=14)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "this", "?", "a"]))
+    processor = transformers.InstructBlipProcessor(
+        transformers.BlipImageProcessorPil(size={"height": 30, "width": 30}), tiny_opt_tokenizer(),
+        transformers.BertTokenizerFast(str(vocab), truncation_side="left"), num_query_tokens=Q)
+    processor.save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "hf")
+    image = np.random.default_rng(0).integers(0, 256, (30, 30, 3), dtype=np.uint8)
+    prompts = ["what is this ?", "a photo of"]
+    generator = Blip2Generator.from_pretrained(tmp_path / "hf", batch_size=2)
+    cfg = GenerationConfig(num_beams=3, max_new_tokens=6, semantics="transformers", min_length=0)
+    ours = generator.generate([image, image[::-1]], prompts, cfg)
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=[Image.fromarray(image), Image.fromarray(image[::-1])], text=prompts,
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = hf.generate(**inputs, num_beams=3, max_new_tokens=6, do_sample=False)
+    theirs = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert ours == [t.strip() for t in theirs] and all(ours)  # words, not an empty text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import string
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -20,17 +21,19 @@ import numpy as np
 from PIL import Image
 
 from blip2_jax.data.images import ImageInput, preprocess_images
-from blip2_jax.data.tokenizers import language_tokenizer
+from blip2_jax.data.tokenizers import language_tokenizer, qformer_tokenizer
 from blip2_jax.errors import UserError
 from blip2_jax.generation.config import CAPTION, PROMPTS, VQA_OPT, VQA_T5, GenerationConfig
 from blip2_jax.generation.decode import decoding_params, generate_fn
 from blip2_jax.generation.search import SearchOutput
-from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
+from blip2_jax.models.blip2 import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration, build
 from blip2_jax.models.config import Blip2Config, OPTConfig, T5Config
 from blip2_jax.weights.load import load, open_source
 
 PROMPT_BUCKET = 8  # prompt lengths round up to a multiple of this: one compile covers prompts of similar length
+INSTRUCTION_LENGTH = 128  # InstructBLIP's instruction in the Q-Former, cut from the left (LAVIS max_txt_len)
 
+GENERATORS = (Blip2ForConditionalGeneration.__name__, InstructBlipForConditionalGeneration.__name__)
 Images = Sequence[ImageInput] | ImageInput  # a single image, a list of them, or a uint8 (B,H,W,3) array
 
 
@@ -95,15 +98,33 @@ def prompt_arrays(token_lists: Sequence[Sequence[int]], config: Blip2Config) -> 
     return np.concatenate([image, ids], 1), np.concatenate([np.ones_like(image), mask], 1)
 
 
-class Blip2Generator:
-    """A BLIP-2 model, its parameters and its LLM tokenizer, with one compiled generate per setting."""
+def instruction_arrays(tokenizer: Any, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """InstructBLIP's Q-Former input for `prompts`: [CLS] ... [SEP] in its BERT vocabulary, cut from
+    the left at INSTRUCTION_LENGTH, right-padded to a multiple of PROMPT_BUCKET."""
+    token_lists = [tokenizer(p, truncation=True, max_length=INSTRUCTION_LENGTH)["input_ids"] for p in prompts]
+    width = -(-max(len(t) for t in token_lists) // PROMPT_BUCKET) * PROMPT_BUCKET
+    ids = np.full((len(prompts), width), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros_like(ids)
+    for row, tokens in enumerate(token_lists):
+        ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
+    return ids, mask
 
-    def __init__(self, model: Blip2ForConditionalGeneration, params: Any, tokenizer: Any, *, batch_size: int = 8):
+
+class Blip2Generator:
+    """A BLIP-2 (or InstructBLIP) model, its parameters and its LLM tokenizer (and InstructBLIP's
+    Q-Former tokenizer), with one compiled generate per setting."""
+
+    def __init__(self, model: Blip2ForConditionalGeneration, params: Any, tokenizer: Any, *, batch_size: int = 8,
+                 qformer_tokenizer: Any = None):
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if model.config.text is None:
             raise UserError("this is a BLIP-2 retrieval model (no language model): it cannot generate text")
+        if model.config.instruction_aware and qformer_tokenizer is None:
+            raise UserError("an InstructBLIP model reads each prompt in its Q-Former too: it needs the Q-Former "
+                            "tokenizer (qformer_tokenizer)")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.qformer_tokenizer = qformer_tokenizer
         self.params = decoding_params(model, params)  # on the device and split per layer once, not per call
         self._compiled: dict[GenerationConfig, Callable[..., SearchOutput]] = {}
 
@@ -118,15 +139,24 @@ class Blip2Generator:
         is both the storage and the compute dtype; default float32.
         """
         source = open_source(path_or_id, step)  # metadata only: the checks below come before the weights
-        if source.architecture != Blip2ForConditionalGeneration.__name__:
+        if source.architecture not in GENERATORS:
             raise UserError(f"{source.name} holds {source.architecture} weights; captions and answers need a "
-                            "stage-2 checkpoint (Blip2ForConditionalGeneration: a Q-Former and an LLM)")
+                            "stage-2 checkpoint (Blip2ForConditionalGeneration or InstructBlipForConditionalGeneration:"
+                            " a Q-Former and an LLM)")
         if not (tokenizer or source.tokenizer):
             raise UserError(f"{source.name} names no tokenizer: give the LLM's tokenizer (a directory or hub id)")
+        qformer = None
+        if source.config.instruction_aware:  # its processor keeps the Q-Former's tokenizer in a subfolder
+            qformer_dir = Path(tokenizer or source.tokenizer) / "qformer_tokenizer"
+            if not qformer_dir.is_dir():
+                raise UserError(f"{source.name} is an InstructBLIP model: its Q-Former tokenizer is expected in "
+                                f"{qformer_dir} (as InstructBlipProcessor saves it)")
+            qformer = qformer_tokenizer(qformer_dir, truncation_side="left")
         tokenizer = language_tokenizer(tokenizer or source.tokenizer)
         overrides = {} if dtype is None else dict(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
         loaded = load(source, dtype=dtype, **overrides)
-        return cls(Blip2ForConditionalGeneration(loaded.config), loaded.params, tokenizer, batch_size=batch_size)
+        return cls(build(loaded.config, source.architecture), loaded.params, tokenizer, batch_size=batch_size,
+                   qformer_tokenizer=qformer)
 
     @property
     def config(self) -> Blip2Config:
@@ -176,7 +206,12 @@ class Blip2Generator:
             ids, mask = prompt_arrays(token_lists[start:start + real] + [token_lists[start]] * (rows - real),
                                       self.config)
             keys = () if rng is None else (jax.random.fold_in(rng, start),)
-            out = self._compiled[config](self.params, pixels, ids, mask, *keys)
+            instruction = {}
+            if self.qformer_tokenizer is not None:  # the prompt also reaches InstructBLIP's Q-Former
+                chunk = prompts[start:start + real] + [prompts[start]] * (rows - real)
+                qids, qmask = instruction_arrays(self.qformer_tokenizer, chunk)
+                instruction = dict(qformer_input_ids=qids, qformer_attention_mask=qmask)
+            out = self._compiled[config](self.params, pixels, ids, mask, *keys, **instruction)
             tokens, lengths = np.asarray(out.tokens[:real, 0]), np.asarray(out.lengths[:real, 0])
             texts += self.tokenizer.batch_decode([t[:n].tolist() for t, n in zip(tokens, lengths)],
                                                  skip_special_tokens=True)
