@@ -38,7 +38,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         return c
     c.batch_size, c.total_steps = _PAPER_BATCH[arg], 60_000
     c.optim.update(lr=1e-5, min_lr=0.0, warmup_lr=1e-8, warmup_steps=1000, b1=0.9, b2=0.999, weight_decay=0.05)
-    c.data.instruction_length = 128
+    c.data.update(instruction_length=128, mixture_balance="sqrt")  # the paper's balancing of its sets
     c.frozen_dtype = "bfloat16"
     c.mesh.fsdp = 8
     return c

@@ -265,6 +265,10 @@ def test_mixture_draws_in_proportion_to_weights():
     it = make_pipeline(Mixture([big, small]), process=lambda r, rng: {"source": np.int32(r["source"])},
                        global_batch_size=8, seed=0)  # default: in proportion to size, as LAVIS concatenates
     assert abs(np.mean(np.concatenate([next(it)["source"] for _ in range(50)]) == 0) - 0.25) < 0.05
+    it = make_pipeline(Mixture([big, small], balance="sqrt"), process=lambda r, rng: {"source": np.int32(r["source"])},
+                       global_batch_size=8, seed=0)  # sqrt(10) : sqrt(30), InstructBLIP's balancing
+    share = np.sqrt(10) / (np.sqrt(10) + np.sqrt(30))
+    assert abs(np.mean(np.concatenate([next(it)["source"] for _ in range(50)]) == 0) - share) < 0.05
 
 
 def test_config_mixture_builds_weighted_sources():
@@ -276,6 +280,12 @@ def test_config_mixture_builds_weighted_sources():
                                                  len(easy_vqa.get_test_questions()[0])]
     data.mixture = [dict(), dict(split="test")]  # no weights: in proportion to size, as LAVIS concatenates
     assert make_sources(data).proportions() == [float(len(s)) for s in mixture.sources]
+    data.mixture_balance = "sqrt"  # InstructBLIP's balancing: in proportion to the square root of the size
+    assert make_sources(data).proportions() == [float(len(s)) ** 0.5 for s in mixture.sources]
+    data.mixture = [dict(weight=1.0), dict(split="test", weight=2.0)]
+    with pytest.raises(ValueError, match="weights and data.mixture_balance='sqrt' both set the proportions"):
+        make_sources(data)
+    data.mixture_balance = "size"
     data.mixture = [dict(weight=1.0), dict(split="test")]
     with pytest.raises(ValueError, match="for every source or for none"):
         make_sources(data)

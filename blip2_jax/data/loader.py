@@ -217,7 +217,8 @@ SOURCE_FIELDS = ("source", "annotations", "image_root", "path", "tfds_name", "sp
 def make_sources(d: ml_collections.ConfigDict) -> sources_lib.Source | Mixture:
     """The configured source, or with `data.mixture` (a list of dicts, each a source's fields as
     above plus an optional `weight`) a `Mixture` of them: the fields an entry leaves out come from
-    `data`; weights are all given (LAVIS's sample ratios) or all left out (in proportion to size)."""
+    `data`; weights are all given (LAVIS's sample ratios) or all left out (in proportion to size, or
+    with `data.mixture_balance='sqrt'` to its square root, InstructBLIP's)."""
     if not d.mixture:
         return make_source(d)
     parts, weights = [], []
@@ -241,7 +242,11 @@ def make_sources(d: ml_collections.ConfigDict) -> sources_lib.Source | Mixture:
     given = [w is not None for w in weights]
     if any(given) and not all(given):
         raise ValueError(f"data.mixture weights must be given for every source or for none, got {weights}")
-    return Mixture(parts, [float(w) for w in weights] if all(given) else None)
+    balance = d.get("mixture_balance", "size")
+    if all(given) and balance != "size":
+        raise ValueError(f"data.mixture weights and data.mixture_balance={balance!r} both set the proportions: "
+                         "give one")
+    return Mixture(parts, [float(w) for w in weights] if all(given) else None, balance)
 
 
 def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, vocab_size: int,

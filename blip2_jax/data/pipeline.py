@@ -29,7 +29,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from blip2_jax.data.sources import Record, Source
+from blip2_jax.data.sources import BALANCES, Record, Source
 from blip2_jax.errors import UserError
 
 Example = dict[str, np.ndarray]
@@ -59,21 +59,28 @@ class BadRecordError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Mixture:
-    """Sources drawn in proportion to `weights` (LAVIS's per-data-set sample ratios). The default,
-    weights proportional to the sources' sizes, is LAVIS's own behaviour: it concatenates its
-    training sets (e.g. COCO + VG captions, spec §9.2)."""
+    """Sources drawn in proportion to `weights` (LAVIS's per-data-set sample ratios). Without them,
+    `balance` 'size' draws in proportion to the sources' sizes, LAVIS's own behaviour (it
+    concatenates its training sets, e.g. COCO + VG captions, spec §9.2); 'sqrt' in proportion to
+    their square roots, InstructBLIP's balancing of its instruction-tuning sets (Dai et al. 2023):
+    large sets no longer drown small ones, nor are small ones repeated as often as large ones."""
 
     sources: Sequence[Source]
     weights: Sequence[float] | None = None
+    balance: str = "size"
 
     def __post_init__(self):
         if not self.sources:
             raise ValueError("a Mixture needs at least one source")
         if self.weights is not None and (len(self.weights) != len(self.sources) or min(self.weights) <= 0):
             raise ValueError(f"Mixture weights must be {len(self.sources)} positive numbers, got {self.weights}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"a Mixture's balance is one of {', '.join(BALANCES)}, got {self.balance!r}")
 
     def proportions(self) -> list[float]:
-        return list(self.weights) if self.weights is not None else [float(len(s)) for s in self.sources]
+        if self.weights is not None:
+            return list(self.weights)
+        return [float(len(s)) ** (0.5 if self.balance == "sqrt" else 1.0) for s in self.sources]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from blip2_jax.data.sources import SOURCES
+from blip2_jax.data.sources import BALANCES, SOURCES
 from blip2_jax.errors import UserError
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.models import presets
@@ -99,6 +99,7 @@ def _check_data(d: ml_collections.ConfigDict) -> None:
     _at_least("data.text_length", d.text_length, 1)
     _at_least("data.workers", d.workers, 0)
     _at_least("data.instruction_length", d.instruction_length, 1)
+    _one_of("data.mixture_balance", d.mixture_balance, BALANCES)
 
 
 def _check_optim(o: ml_collections.ConfigDict) -> None:
