@@ -373,7 +373,7 @@ class Blip2Stage1(Blip2ForImageTextRetrieval):
 Model = Blip2ForConditionalGeneration | Blip2ForImageTextRetrieval
 
 # The architecture registry: the one place that says which class a name, a training stage or a
-# checkpoint is. The names are what model checkpoints store (the two Hugging Face classes and
+# checkpoint is. The names are what model checkpoints store (the three Hugging Face classes and
 # LAVIS's stage-1 model, which adds the Q-Former's LM head and `temp`).
 ARCHITECTURES: dict[str, type[Model]] = {
     cls.__name__: cls for cls in (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Stage1,
