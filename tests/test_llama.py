@@ -16,7 +16,8 @@ from blip2_jax.convert import hf_export
 from blip2_jax.models import blip2
 from blip2_jax.models import config as config_lib
 from blip2_jax.models.config import llama_config_from_hf, llama_config_to_hf
-from blip2_jax.models.llama import LlamaForCausalLM, position_ids_from_mask
+from blip2_jax.models.attention import position_ids_from_mask
+from blip2_jax.models.llama import LlamaForCausalLM
 from blip2_jax.objectives.stage2 import stage2_loss
 from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from blip2_jax.weights.hf_names import from_hf, to_hf

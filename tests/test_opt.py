@@ -9,7 +9,8 @@ import transformers
 from flax import linen as nn
 
 from blip2_jax.models.config import text_config_from_hf
-from blip2_jax.models.opt import OPTForCausalLM, position_ids_from_mask
+from blip2_jax.models.attention import position_ids_from_mask
+from blip2_jax.models.opt import OPTForCausalLM
 from blip2_jax.weights.hf_names import from_hf
 from tests.reference.hf_models import OPT, padded_text, perturb
 

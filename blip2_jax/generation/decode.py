@@ -18,12 +18,11 @@ import jax.numpy as jnp
 
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.search import SearchOutput, beam_search, sample_search
-from blip2_jax.models.attention import CACHE_ROWS_AXIS, cache_shape
+from blip2_jax.models.attention import CACHE_ROWS_AXIS, cache_shape, position_ids_from_mask
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration, unscan_language_model
 from blip2_jax.models.config import Blip2Config
 
 Instruction = tuple[jax.Array, jax.Array]  # InstructBLIP's Q-Former input: ids and mask (B,L)
-from blip2_jax.models.opt import position_ids_from_mask
 
 
 def _llm_inputs(module: Blip2ForConditionalGeneration, pixel_values: jax.Array, input_ids: jax.Array,

@@ -145,3 +145,25 @@ def qformer_mask(kind: str, query_length: int, text_mask: jax.Array) -> jax.Arra
     top = jnp.concatenate([ones_qq, jnp.zeros((b, q, length), bool)], axis=-1)
     bottom = jnp.concatenate([text_query, text_text], axis=-1)
     return jnp.concatenate([top, bottom], axis=1)[:, None]
+
+
+def position_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Decoder-only positions counting real tokens only: cumsum(mask) * mask - 1, padding -1 (a
+    left-padded row gets the positions it has alone; padding attends to nothing that matters)."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.cumsum(mask, axis=1) * mask - 1
+
+
+def decoder_mask(query_length: int, attention_mask: jax.Array, position_ids: jax.Array | None, cache: Any,
+                 cache_index: jax.Array | int | None) -> tuple[jax.Array, jax.Array]:
+    """(mask, position_ids) of a decoder-only LM call (OPT, LLaMA). Without a cache: causal over the
+    T inputs and their (B,T) padding, positions from the mask unless given. With one: causal from
+    `cache_index` over the whole (B,S) buffer mask; the caller gives the positions."""
+    if cache is None:
+        mask = combine_masks(causal_mask(query_length), padding_mask(attention_mask))
+        return mask, position_ids_from_mask(attention_mask) if position_ids is None else position_ids
+    if position_ids is None or cache_index is None:
+        raise ValueError("decoding with a cache needs position_ids and cache_index")
+    slots = cache_shape(cache)[1]
+    return combine_masks(causal_mask(query_length, slots, offset=cache_index), padding_mask(attention_mask)), \
+        position_ids

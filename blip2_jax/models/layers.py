@@ -64,11 +64,14 @@ def layer_norm(epsilon: float, *, param_dtype: Dtype, name: str, use_scale: bool
 
 
 class RMSNorm(nn.Module):
-    """T5's LayerNorm: scale-only, no mean subtraction, variance in float32."""
+    """T5's and LLaMA's LayerNorm: scale-only, no mean subtraction, variance in float32. Before the
+    scale, T5 casts the normalised activations to the weight dtype, LLaMA back to the input's
+    (`cast_to_input`)."""
 
     epsilon: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    cast_to_input: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -76,8 +79,7 @@ class RMSNorm(nn.Module):
                            (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-        # T5 casts the normalised activations to the weight dtype before scaling.
-        return (scale * x32.astype(self.param_dtype)).astype(self.dtype)
+        return (scale * x32.astype(x.dtype if self.cast_to_input else self.param_dtype)).astype(self.dtype)
 
 
 def embed(num_embeddings: int, features: int, axes: Axes, *, dtype: Dtype, param_dtype: Dtype,

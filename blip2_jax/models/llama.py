@@ -4,9 +4,10 @@ from a `LlamaConfig`; the frozen LLM of InstructBLIP-Vicuna, and any BLIP-2 text
 Pre-norm blocks with RMSNorm (variance in float32), rotary positions on queries and keys (HF's
 rotate-half layout and every scaling of `config.ROPE_TYPES`), grouped-query attention (`num_key_value_heads`
 K/V heads shared by groups of query heads; the cache holds only those), a SwiGLU MLP, and an untied
-head unless `tie_word_embeddings`. Positions come from the attention-mask cumsum, as `generate`
-gives them, so a left-padded row computes what it computes alone (HF's forward without
-`position_ids` counts padding too; the tests pass it the same positions).
+head unless `tie_word_embeddings`. Positions come from the attention-mask cumsum
+(`attention.position_ids_from_mask`), as `generate` gives them on real tokens, so a left-padded
+row computes what it computes alone (HF's forward without `position_ids` counts padding too; the
+tests pass it the same positions).
 """
 from __future__ import annotations
 
@@ -19,18 +20,11 @@ import numpy as np
 from flax import linen as nn
 
 from blip2_jax.models import layers
-from blip2_jax.models.attention import (cache_shape, causal_mask, combine_masks, dot_product_attention,
-                                        padding_mask, prefixed_attention)
+from blip2_jax.models.attention import decoder_mask, dot_product_attention, prefixed_attention
 from blip2_jax.models.config import LlamaConfig
 
 Dtype = Any
 Cache = dict[str, jax.Array]
-
-
-def position_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """Positions counting real tokens only: cumsum(mask) - 1, and 1 on padding (as `generate`)."""
-    mask = attention_mask.astype(jnp.int32)
-    return jnp.where(mask == 1, jnp.cumsum(mask, axis=1) - 1, 1)
 
 
 def _default_inv_freq(dim: int, base: float | jax.Array) -> np.ndarray | jax.Array:
@@ -159,20 +153,9 @@ class LlamaAttention(nn.Module):
         return out, cache
 
 
-class LlamaRMSNorm(nn.Module):
-    """x / rms(x) in float32, cast back to the input dtype, times the weight (HF `LlamaRMSNorm`)."""
-
-    epsilon: float
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", layers.partitioned(nn.initializers.ones_init(), ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)).astype(x.dtype)
-        return (scale * normed).astype(self.dtype)
+def _rms_norm(cfg: LlamaConfig, name: str | None, kw: dict[str, Any]) -> layers.RMSNorm:
+    """HF `LlamaRMSNorm`: x / rms(x) in float32, cast back to the input dtype, times the weight."""
+    return layers.RMSNorm(cfg.rms_norm_eps, cast_to_input=True, name=name, **kw)
 
 
 class LlamaMLP(nn.Module):
@@ -204,10 +187,10 @@ class LlamaDecoderLayer(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h, cache = LlamaAttention(cfg, deterministic, name="self_attn", **kw)(
-            LlamaRMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x), cos_sin, mask, cache, cache_index,
+            _rms_norm(cfg, "input_layernorm", kw)(x), cos_sin, mask, cache, cache_index,
             prefix, prefix_mask)
         x = x + h
-        h = LlamaMLP(cfg, name="mlp", **kw)(LlamaRMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
+        h = LlamaMLP(cfg, name="mlp", **kw)(_rms_norm(cfg, "post_attention_layernorm", kw)(x))
         return nn.with_logical_constraint(x + h, ("batch", "length", "embed")), cache
 
 
@@ -230,7 +213,7 @@ class _LlamaModel(nn.Module):
                                              nn.broadcast),  # per layer: its cache and its prefix K/V
                                     static_argnums=(8,), scan=self.scan_layers)
         self.layers = stack(cfg, self.dtype, self.param_dtype)
-        self.norm = LlamaRMSNorm(cfg.rms_norm_eps, **kw)
+        self.norm = _rms_norm(cfg, None, kw)  # named by the attribute
 
     def __call__(self, h, cos_sin, mask, cache, cache_index, deterministic, prefix, prefix_mask):
         kv = None if cache is None else (cache["k"], cache["v"])
@@ -279,15 +262,7 @@ class LlamaForCausalLM(nn.Module):
                  prefix_mask: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         """inputs_embeds (B,T,D) -> float32 logits (B,T-logits_from,V) and the updated cache; the
         arguments mean what they mean for `OPTForCausalLM.__call__`."""
-        t = inputs_embeds.shape[1]
-        if cache is None:
-            mask = combine_masks(causal_mask(t), padding_mask(attention_mask))
-            position_ids = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
-        else:
-            if position_ids is None or cache_index is None:
-                raise ValueError("decoding with a cache needs position_ids and cache_index")
-            mask = combine_masks(causal_mask(t, cache_shape(cache)[1], offset=cache_index),
-                                 padding_mask(attention_mask))
+        mask, position_ids = decoder_mask(inputs_embeds.shape[1], attention_mask, position_ids, cache, cache_index)
         if self.is_initializing():  # an untied model reads its input table only in `embed`
             self.embed(jnp.zeros((1, 1), jnp.int32))
         h = inputs_embeds.astype(self.dtype)

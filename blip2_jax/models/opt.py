@@ -1,7 +1,8 @@
 """OPT, the frozen decoder-only LLM of BLIP-2 stage 2 (HF `OPTForCausalLM`).
 
-Learned positions come from the attention-mask cumsum with offset 2, so left-padded prompts and
-the masked gap after the image queries get the positions HF gives them (spec §13.14). The LM head
+Learned positions come from the attention-mask cumsum with offset 2 (`attention.position_ids_from_mask`;
+padding -1, i.e. table row 1), so left-padded prompts and the masked gap after the image queries get
+the positions HF gives them (spec §13.14). The LM head
 is tied to `embed_tokens`. A functional KV cache (stacked over layers) supports decoding: the
 caller owns the position ids and the mask over the whole cache buffer.
 """
@@ -14,19 +15,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from blip2_jax.models import layers
-from blip2_jax.models.attention import (cache_shape, causal_mask, combine_masks, dot_product_attention,
-                                        padding_mask, prefixed_attention)
+from blip2_jax.models.attention import decoder_mask, dot_product_attention, prefixed_attention
 from blip2_jax.models.config import OPTConfig
 
 Dtype = Any
 Cache = dict[str, jax.Array]
 POSITION_OFFSET = 2  # OPT's learned positions are indexed position + 2
-
-
-def position_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """OPT positions: cumsum(mask) * mask - 1 (padding gets -1, i.e. table row 1)."""
-    mask = attention_mask.astype(jnp.int32)
-    return jnp.cumsum(mask, axis=1) * mask - 1
 
 
 class OPTAttention(nn.Module):
@@ -201,14 +195,6 @@ class OPTForCausalLM(nn.Module):
         key mask `prefix_mask` are attended before the cache: a beam search keeps one copy of the
         prompt per sample instead of one per beam.
         """
-        t = inputs_embeds.shape[1]
-        if cache is None:
-            mask = combine_masks(causal_mask(t), padding_mask(attention_mask))
-            position_ids = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
-        else:
-            if position_ids is None or cache_index is None:
-                raise ValueError("decoding with a cache needs position_ids and cache_index")
-            s = cache_shape(cache)[1]
-            mask = combine_masks(causal_mask(t, s, offset=cache_index), padding_mask(attention_mask))
+        mask, position_ids = decoder_mask(inputs_embeds.shape[1], attention_mask, position_ids, cache, cache_index)
         return self.model.decoder(inputs_embeds, mask, position_ids, cache, cache_index, deterministic, logits_from,
                                   prefix, prefix_mask)
