@@ -83,6 +83,8 @@ def test_train_config_errors_are_one_line_before_anything_runs(blip2_jax, tmp_pa
     (["eval", "--config", f"{ROOT}/configs/eval/caption.py:coco_opt2.7b", "--out", "o",
       "--config.generation.num_beams=0"], "num_beams and num_return_sequences must be >= 1"),
     (["convert", "to-hf", "--src", "nothere", "--out", "x"], "nothere is neither a model checkpoint"),
+    (["train", "--config", f"{ROOT}/configs/instruct.py:tiny", "--workdir", "w", "--config.data.source=easy_vqa"],
+     "config.data.instruction_tokenizer: an InstructBLIP run's records need the Q-Former's BERT tokenizer"),
 ])
 def test_plan_eval_convert_errors_are_one_line(blip2_jax, tmp_path, monkeypatch, args, expected):
     monkeypatch.chdir(tmp_path)

@@ -23,13 +23,13 @@ import numpy as np
 
 from blip2_jax.data import easy_vqa
 from blip2_jax.data import sources as sources_lib
+from blip2_jax.data.sources import RECORD_KINDS
 from blip2_jax.data import tokenizers, transforms
 from blip2_jax.data.pipeline import Mixture, make_pipeline
 from blip2_jax.data.spec import BatchSpec, conform
 from blip2_jax.data.synthetic import SyntheticData
 from blip2_jax.data.text import pre_caption, pre_question, split_prefix
 
-RECORD_KINDS = ("stage1", "stage2_opt", "stage2_llama", "stage2_t5", "lm_opt")  # what RecordProcessor tokenises
 TRANSFORMS = {"blip2_image_train": transforms.blip2_image_train, "blip_image_train": transforms.blip_image_train,
               "blip_image_eval": transforms.blip_image_eval}
 

@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from blip2_jax.data.sources import BALANCES, SOURCES
+from blip2_jax.data.sources import BALANCES, RECORD_KINDS, SOURCES
 from blip2_jax.errors import UserError
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.models import presets
@@ -102,6 +102,21 @@ def _check_data(d: ml_collections.ConfigDict) -> None:
     _one_of("data.mixture_balance", d.mixture_balance, BALANCES)
 
 
+def _check_records(config: ml_collections.ConfigDict) -> None:
+    """A real source must be tokenisable for the run's batch (the loader is built after the weights
+    are in place: too late to refuse it cheaply)."""
+    d = config.data
+    if d.source == "synthetic" and not d.mixture:
+        return
+    kind = config.stage if config.stage == "stage1" else f"{config.stage}_{config.model.text_type}"
+    if kind not in RECORD_KINDS:
+        raise UserError(f"config.data.source={d.source!r}: records are tokenised for {', '.join(RECORD_KINDS)}; "
+                        f"this run is {kind} (use data.source=synthetic)")
+    if config.stage == "stage2" and config.model.instruction_aware and not d.instruction_tokenizer:
+        raise UserError("config.data.instruction_tokenizer: an InstructBLIP run's records need the Q-Former's BERT "
+                        "tokenizer (a directory or hub id) for the instruction its Q-Former reads")
+
+
 def _check_optim(o: ml_collections.ConfigDict) -> None:
     for field in ("lr", "min_lr", "warmup_lr", "weight_decay", "eps"):
         _non_negative(f"optim.{field}", o[field])
@@ -168,6 +183,7 @@ def check_train_config(config: ml_collections.ConfigDict, *, devices: int | None
     _check_optim(config.optim)
     _check_data(config.data)
     check_model(config.model)
+    _check_records(config)
     mesh_lib.parse_rules(config.mesh.rules)
     _non_negative("mesh.max_replicated_mib", config.mesh.max_replicated_mib)
     if devices is not None:
