@@ -8,15 +8,23 @@ Presets: `tiny` and the published models' `vicuna7b`, `vicuna13b`, `flant5xl`, `
 paper (Dai et al. 2023, §3.4): AdamW b1 0.9, b2 0.999, weight decay 0.05; the learning rate warms
 up linearly from 1e-8 to 1e-5 over 1,000 steps, then cosine decay to 0; at most 60K steps; batch
 192, 128 and 64 for the 3/4B, 7B and 11/13B models; the instruction reaches the Q-Former truncated
-to 128 tokens (LAVIS `max_txt_len`). A real source's VQA and caption records become
-instruction-tuning rows as LAVIS builds them: the LLM text is BOS + instruction (`data.prompt`
-formatted with the question) + answer + EOS, the instruction no target, and the instruction also
-reaches the Q-Former through `data.instruction_tokenizer` (its BERT tokenizer):
+to 128 tokens (LAVIS `max_txt_len`).
+
+Data (paper §2.2-2.4, data/instructions.py): each record's instruction is one of the paper's
+templates for its task, drawn per record (`data.templates="instructblip"`: 13 for captions, 10 for
+VQA, 6 for question generation, a mixture entry's `task="vqg"`); the sets of a `data.mixture` are
+drawn in proportion to the square root of their sizes, times an entry's `scale` for the paper's
+manual adjustments (it lowers A-OKVQA's share and raises OK-VQA's without giving the factors, so
+none is set here). A record becomes an instruction-tuning row as LAVIS builds it: the LLM text is BOS +
+instruction + answer + EOS, the instruction no target, and the instruction also reaches the
+Q-Former through `data.instruction_tokenizer` (its BERT tokenizer). Here OK-VQA's share is raised
+by 1.5 over VQAv2's (an example, not the paper's factor); `{"annotations": "...", "task": "vqg"}` adds
+a set as question generation:
 
   blip2-jax train --config configs/instruct.py:vicuna7b --workdir gs://bucket/ib \
-      --config.data.source=json --config.data.annotations=vqav2_train.json --config.data.image_root=/data/coco \
-      --config.data.tokenizer=lmsys/vicuna-7b-v1.1 --config.data.instruction_tokenizer=bert-base-uncased \
-      --config.data.prompt="Question: {} Short answer:"
+      --config.data.source=json --config.data.image_root=/data/coco \
+      --config.data.mixture='({"annotations": "okvqa_train.json", "scale": 1.5}, {"annotations": "vqa_train.json"})' \
+      --config.data.tokenizer=lmsys/vicuna-7b-v1.1 --config.data.instruction_tokenizer=bert-base-uncased
 """
 import ml_collections
 
@@ -38,7 +46,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         return c
     c.batch_size, c.total_steps = _PAPER_BATCH[arg], 60_000
     c.optim.update(lr=1e-5, min_lr=0.0, warmup_lr=1e-8, warmup_steps=1000, b1=0.9, b2=0.999, weight_decay=0.05)
-    c.data.update(instruction_length=128, mixture_balance="sqrt")  # the paper's balancing of its sets
+    c.data.update(instruction_length=128, mixture_balance="sqrt", templates="instructblip")  # paper §2.2, §2.4
     c.frozen_dtype = "bfloat16"
     c.mesh.fsdp = 8
     return c

@@ -57,6 +57,7 @@ def user_error(code: int, err: str) -> str:
     ("--config.trainable=bogus", "config.trainable must be one of finetune_stage1"),
     ("--config.data.source=bogus", "config.data.source must be one of synthetic, json"),
     ("--config.data.mixture_balance=cubic", "config.data.mixture_balance must be one of size, sqrt"),
+    ("--config.data.templates=flan", "config.data.templates must be '' or 'instructblip'; got 'flan'"),
     ("--config.init.bert=bert-base-uncased", "init.bert initialises a stage-1 Q-Former; stage 2 starts from init.stage1"),
     ("--config.foo=1", "--config.foo=1: the config has no field 'foo'"),
     ("--config.optim.foo=1", "--config.optim.foo=1: the config has no field 'optim.foo'"),

@@ -283,12 +283,24 @@ def test_config_mixture_builds_weighted_sources():
     data.mixture_balance = "sqrt"  # InstructBLIP's balancing: in proportion to the square root of the size
     assert make_sources(data).proportions() == [float(len(s)) ** 0.5 for s in mixture.sources]
     data.mixture = [dict(weight=1.0), dict(split="test", weight=2.0)]
-    with pytest.raises(ValueError, match="weights and data.mixture_balance='sqrt' both set the proportions"):
+    with pytest.raises(ValueError, match="weights set the proportions themselves: data.mixture_balance='sqrt'"):
         make_sources(data)
     data.mixture_balance = "size"
     data.mixture = [dict(weight=1.0), dict(split="test")]
     with pytest.raises(ValueError, match="for every source or for none"):
         make_sources(data)
+    data.mixture_balance = "sqrt"  # the paper's manual adjustments: a source's share scaled after balancing
+    data.mixture = [dict(scale=0.5), dict(split="test", task="vqg", scale=2.0)]
+    mixture = make_sources(data)
+    assert mixture.proportions() == [0.5 * len(mixture.sources[0]) ** 0.5, 2.0 * len(mixture.sources[1]) ** 0.5]
+    assert mixture.sources[1][0]["task"] == "vqg" and "task" not in mixture.sources[0][0]
+    data.mixture = [dict(weight=1.0), dict(split="test", weight=2.0, scale=2.0)]
+    with pytest.raises(ValueError, match="give weights or balance and scales"):
+        make_sources(data)
+    data.mixture = [dict(task="ocr")]
+    with pytest.raises(ValueError, match=r"data.mixture\[0\].task must be one of \['caption', 'vqa', 'vqg'\]"):
+        make_sources(data)
+    data.mixture_balance = "size"
     data.mixture = [dict(spilt="test")]
     with pytest.raises(ValueError, match=r"data.mixture\[0\] has unknown keys \['spilt'\]"):
         make_sources(data)

@@ -13,6 +13,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from blip2_jax.convert import hf_export, lavis
+from blip2_jax.data import instructions
 from blip2_jax.data.loader import RecordProcessor
 from blip2_jax.data.transforms import blip_image_eval
 from blip2_jax.generation.api import Blip2Generator
@@ -325,3 +326,52 @@ def test_the_generator_reads_an_instructblip_directory_as_transformers_does(tmp_
         out = hf.generate(**inputs, num_beams=3, max_new_tokens=6, do_sample=False)
     theirs = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert ours == [t.strip() for t in theirs] and all(ours)  # words, not an empty text
+
+
+def test_the_paper_templates_phrase_each_task_and_are_drawn_per_record():
+    """`instruction_texts`: a VQA record's instruction is one of the paper's ten VQA templates around
+    its question (LAVIS's question form), the target its first answer; a caption record's one of the
+    thirteen caption templates; a record tagged 'vqg' asks for the question behind the answer. Every
+    template is drawn over many records, and the same generator state draws the same one (resume)."""
+    vqa = {"id": "q", "question": "What Color is the shape?", "answer": ["Red", "red"]}
+    drawn = {instructions.instruction_texts(vqa, np.random.default_rng(s)) for s in range(300)}
+    assert drawn == {(t.format("what color is the shape?"), "red") for t in instructions.VQA}
+    caption = {"id": "c", "caption": "A red Circle."}
+    drawn = {instructions.instruction_texts(caption, np.random.default_rng(s)) for s in range(300)}
+    assert drawn == {(t, "a red circle") for t in instructions.CAPTION}
+    vqg = {**vqa, "task": "vqg"}
+    drawn = {instructions.instruction_texts(vqg, np.random.default_rng(s)) for s in range(300)}
+    assert drawn == {(t.format("red"), "what color is the shape?") for t in instructions.VQG}
+    assert len(instructions.VQA) == 10 and len(instructions.CAPTION) == 13 and len(instructions.VQG) == 6
+    assert (instructions.instruction_texts(vqa, np.random.default_rng(7))
+            == instructions.instruction_texts(vqa, np.random.default_rng(7)))
+    with pytest.raises(KeyError, match="task 'ocr' is not one of"):
+        instructions.instruction_texts({**vqa, "task": "ocr"}, np.random.default_rng(0))
+
+
+def test_templated_records_reach_the_llm_and_the_qformer_alike(tmp_path):
+    """RecordProcessor with data.templates='instructblip': the LLM's instruction tokens and the
+    Q-Former's are the same drawn template, the answer alone is the target."""
+    llm = tiny_opt_tokenizer()
+    llm.save_pretrained(tmp_path / "llm")
+    (tmp_path / "bert").mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "question", ":", "what", "is", "the", "w3", "?", "q", "a"]
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words))
+    spec = stage2.batch_spec(32, 48, "llama", instruction_length=40)
+    process = RecordProcessor("stage2_llama", spec, blip_image_eval(32), str(tmp_path / "llm"), 48,
+                              instruction_tokenizer_path=str(tmp_path / "bert"), instruction_length=40,
+                              templates="instructblip")
+    image = sorted(easy_vqa.get_train_image_paths().values())[0]
+    record = {"id": "q", "image": image, "question": "What is the w3?", "answer": ["w5"]}
+    bert = transformers.BertTokenizerFast(str(tmp_path / "bert" / "vocab.txt"))
+    for seed in range(4):
+        row = process(record, np.random.default_rng(seed))
+        instruction, answer = instructions.instruction_texts(record, np.random.default_rng(seed))
+        full = llm(instruction)["input_ids"]
+        target = llm(answer + "</s>")["input_ids"][1:]
+        n = len(full) + len(target)
+        assert row["text_ids"][:n].tolist() == full + target
+        assert row["labels"][:len(full)].tolist() == [-100] * len(full)
+        assert row["labels"][len(full):n].tolist() == target
+        want = bert(instruction)["input_ids"]
+        assert row["qformer_ids"][:len(want)].tolist() == want and row["qformer_mask"].sum() == len(want)

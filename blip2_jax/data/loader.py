@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from blip2_jax.data import easy_vqa
+from blip2_jax.data.instructions import TEMPLATES, first_answer, instruction_texts
 from blip2_jax.data import sources as sources_lib
 from blip2_jax.data.sources import RECORD_KINDS
 from blip2_jax.data import tokenizers, transforms
@@ -97,9 +98,8 @@ def record_texts(record: dict[str, Any], prompt: str) -> tuple[str, str]:
     if "caption" in record:
         return prompt, pre_caption(record["caption"])
     if "question" in record:
-        answers = record.get("answer")
-        answer = answers[0] if isinstance(answers, (list, tuple)) and answers else answers
-        return (prompt or "Question: {} Answer:").format(pre_question(record["question"])), pre_caption(answer)
+        return (prompt or "Question: {} Answer:").format(pre_question(record["question"])), \
+            pre_caption(first_answer(record))
     raise KeyError(f"record {record.get('id')!r} has neither 'caption' nor 'question' (keys: {sorted(record)})")
 
 
@@ -136,6 +136,9 @@ class RecordProcessor:
     # Q-Former, in its BERT vocabulary, cut from the left to this many tokens
     instruction_tokenizer_path: str = ""
     instruction_length: int = 0
+    # "instructblip": each record's text input is one of the paper's templates for its task, drawn
+    # per record (data/instructions.py), instead of `prompt`
+    templates: str = ""
 
     @functools.cached_property
     def instruction_tokenizer(self) -> Any:
@@ -172,7 +175,10 @@ class RecordProcessor:
                 out.update(tokenizers.opt_context(self.tokenizer, record["context"], self.context_length))
             return out
         image = self.image_transform(sources_lib.read_image(record["image"]), rng)
-        text_input, text_output = record_texts(record, self.prompt)
+        if self.templates:
+            text_input, text_output = instruction_texts(record, rng)
+        else:
+            text_input, text_output = record_texts(record, self.prompt)
         if self.prefix_lm and "caption" in record:
             prefix, text_output = split_prefix(text_output, rng)
             text_input = f"{text_input} {prefix}".strip()
@@ -214,39 +220,54 @@ def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:
 SOURCE_FIELDS = ("source", "annotations", "image_root", "path", "tfds_name", "split")
 
 
+# What a data.mixture entry may hold besides its source's fields.
+MIXTURE_EXTRAS = ("weight", "scale", "task")
+
+
+def _positive(value: Any, name: str) -> float | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return None if value is None else float(value)
+
+
 def make_sources(d: ml_collections.ConfigDict) -> sources_lib.Source | Mixture:
     """The configured source, or with `data.mixture` (a list of dicts, each a source's fields as
-    above plus an optional `weight`) a `Mixture` of them: the fields an entry leaves out come from
-    `data`; weights are all given (LAVIS's sample ratios) or all left out (in proportion to size, or
-    with `data.mixture_balance='sqrt'` to its square root, InstructBLIP's)."""
+    above plus MIXTURE_EXTRAS) a `Mixture` of them: the fields an entry leaves out come from `data`.
+    Weights are all given (LAVIS's sample ratios) or all left out: then the sources are drawn in
+    proportion to their size, or with `data.mixture_balance='sqrt'` its square root (InstructBLIP's),
+    times an entry's `scale` (the paper's manual adjustments, e.g. A-OKVQA down, OK-VQA up). `task`
+    tags every record of its source (e.g. 'vqg': a VQA set read as question generation by the
+    instruction templates)."""
     if not d.mixture:
         return make_source(d)
-    parts, weights = [], []
+    parts, weights, scales = [], [], []
     for i, entry in enumerate(d.mixture):
         if not isinstance(entry, (dict, ml_collections.ConfigDict)):
             raise ValueError(f"data.mixture[{i}] must be a dict of source fields, got {entry!r}")
         entry = dict(entry)
-        weight = entry.pop("weight", None)
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
-            raise ValueError(f"data.mixture[{i}].weight must be a positive number, got {weight!r}")
-        weights.append(weight)
+        weights.append(_positive(entry.pop("weight", None), f"data.mixture[{i}].weight"))
+        scales.append(_positive(entry.pop("scale", None), f"data.mixture[{i}].scale") or 1.0)
+        task = entry.pop("task", None)
+        if task is not None and task not in TEMPLATES:
+            raise ValueError(f"data.mixture[{i}].task must be one of {sorted(TEMPLATES)}, got {task!r}")
         unknown = sorted(set(entry) - set(SOURCE_FIELDS))
         if unknown:
             raise ValueError(f"data.mixture[{i}] has unknown keys {unknown}; a source takes {list(SOURCE_FIELDS)} "
-                             "and weight")
+                             f"and {', '.join(MIXTURE_EXTRAS)}")
         fields = {k: d[k] for k in SOURCE_FIELDS}
         try:
-            parts.append(make_source(ml_collections.ConfigDict({**fields, **entry})))
+            source = make_source(ml_collections.ConfigDict({**fields, **entry}))
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise type(e)(f"data.mixture[{i}]: {e}") from e
+        parts.append(source if task is None else sources_lib.Tagged(source, {"task": task}))
     given = [w is not None for w in weights]
     if any(given) and not all(given):
         raise ValueError(f"data.mixture weights must be given for every source or for none, got {weights}")
     balance = d.get("mixture_balance", "size")
-    if all(given) and balance != "size":
-        raise ValueError(f"data.mixture weights and data.mixture_balance={balance!r} both set the proportions: "
-                         "give one")
-    return Mixture(parts, [float(w) for w in weights] if all(given) else None, balance)
+    if all(given) and (balance != "size" or any(s != 1.0 for s in scales)):
+        raise ValueError(f"data.mixture weights set the proportions themselves: data.mixture_balance={balance!r} "
+                         f"and scales {scales} would change them; give weights or balance and scales")
+    return Mixture(parts, weights, balance) if all(given) else Mixture(parts, None, balance, scales)
 
 
 def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, vocab_size: int,
@@ -279,7 +300,7 @@ def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, v
         raise ValueError(f"data.context_length is the text-only LM's text before BOS (lm_opt); this run is {kind}")
     process = RecordProcessor(kind, spec, TRANSFORMS[d.transform](image_size), d.tokenizer,
                               d.text_length, d.prompt, d.prefix_lm, d.positives, d.context_length,
-                              d.instruction_tokenizer, d.instruction_length)
+                              d.instruction_tokenizer, d.instruction_length, d.templates)
     iterator = make_pipeline(make_sources(d), process=process, global_batch_size=config.batch_size,
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count(), worker_count=d.workers, strict=d.strict)

@@ -68,6 +68,7 @@ class Mixture:
     sources: Sequence[Source]
     weights: Sequence[float] | None = None
     balance: str = "size"
+    scales: Sequence[float] | None = None  # times the balanced proportions (not with weights)
 
     def __post_init__(self):
         if not self.sources:
@@ -76,11 +77,16 @@ class Mixture:
             raise ValueError(f"Mixture weights must be {len(self.sources)} positive numbers, got {self.weights}")
         if self.balance not in BALANCES:
             raise ValueError(f"a Mixture's balance is one of {', '.join(BALANCES)}, got {self.balance!r}")
+        if self.scales is not None and (len(self.scales) != len(self.sources) or min(self.scales) <= 0
+                                        or self.weights is not None):
+            raise ValueError(f"Mixture scales must be {len(self.sources)} positive numbers and come without "
+                             f"weights, got {self.scales} (weights {self.weights})")
 
     def proportions(self) -> list[float]:
         if self.weights is not None:
             return list(self.weights)
-        return [float(len(s)) ** (0.5 if self.balance == "sqrt" else 1.0) for s in self.sources]
+        scales = self.scales or [1.0] * len(self.sources)
+        return [float(len(s)) ** (0.5 if self.balance == "sqrt" else 1.0) * k for s, k in zip(self.sources, scales)]
 
 
 @dataclasses.dataclass(frozen=True)

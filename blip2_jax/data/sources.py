@@ -42,6 +42,19 @@ class Source(Protocol):
     def __getitem__(self, index: int) -> Record: ...
 
 
+class Tagged:
+    """A source whose every record also holds `fields` (e.g. a mixture entry's `task`)."""
+
+    def __init__(self, source: Source, fields: dict[str, Any]):
+        self.source, self.fields = source, dict(fields)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Record:
+        return {**self.source[index], **self.fields}
+
+
 def read_image(image: str | os.PathLike | bytes | np.ndarray) -> Image.Image:
     """An RGB PIL image from any record's `image` field (a path, encoded bytes or a uint8 array)."""
     if isinstance(image, bytes):

@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from blip2_jax.data.instructions import TEMPLATE_SETS
 from blip2_jax.data.sources import BALANCES, RECORD_KINDS, SOURCES
 from blip2_jax.errors import UserError
 from blip2_jax.generation.config import GenerationConfig
@@ -100,6 +101,11 @@ def _check_data(d: ml_collections.ConfigDict) -> None:
     _at_least("data.workers", d.workers, 0)
     _at_least("data.instruction_length", d.instruction_length, 1)
     _one_of("data.mixture_balance", d.mixture_balance, BALANCES)
+    if d.templates not in TEMPLATE_SETS:
+        raise UserError(f"config.data.templates must be {' or '.join(map(repr, TEMPLATE_SETS))}; got {d.templates!r}")
+    if d.templates and d.prompt:
+        raise UserError(f"config.data.prompt={d.prompt!r} and data.templates={d.templates!r} both set the text "
+                        "input: templates draw one per record instead of the prompt; give one")
 
 
 def _check_records(config: ml_collections.ConfigDict) -> None:
