@@ -142,7 +142,8 @@ def test_easy_vqa_captions_agree_with_every_answer():
 @pytest.mark.parametrize("file,presets", [
     ("caption.py", ["coco_opt2.7b", "coco_flant5xl", "nocaps_opt6.7b"]),
     ("vqa.py", ["vqav2_opt2.7b", "okvqa_flant5xxl", "gqa_flant5xl", "easy_vqa"]),
-    ("retrieval.py", ["coco", "flickr", "easy_vqa"])])
+    ("retrieval.py", ["coco", "flickr", "easy_vqa"]),
+    ("instruct.py", ["nocaps_vicuna7b", "flickr_flant5xxl", "gqa_vicuna13b", "vizwiz_flant5xl", "textvqa_vicuna7b"])])
 def test_eval_config_presets_load(file, presets):
     """Every preset builds, with a generation setting GenerationConfig accepts and a known task."""
     import importlib.util  # pylint: disable=import-outside-toplevel

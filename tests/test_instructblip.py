@@ -300,32 +300,48 @@ def test_an_instruction_record_is_tokenised_as_lavis_does(tmp_path):
     assert row["qformer_mask"].tolist() == [1] * 6
 
 
+def instructblip_directory(path, seed: int = 14):
+    """A tiny InstructBLIP-LLaMA saved as a Hugging Face directory with its processor (both tokenizers,
+    the Q-Former's in `qformer_tokenizer/`) -> (the transformers model, its processor)."""
+    hf = instructblip(ref.LLAMA, seed=seed)
+    vocab = path.parent / f"{path.name}_vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "this", "?", "a", "w1",
+                                "w2", "ocr", "tokens", "question", "short", "answer", ":", "."]))
+    processor = transformers.InstructBlipProcessor(
+        transformers.BlipImageProcessorPil(size={"height": 30, "width": 30}), tiny_opt_tokenizer(),
+        transformers.BertTokenizerFast(str(vocab), truncation_side="left"), num_query_tokens=Q)
+    processor.save_pretrained(path)
+    hf.save_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return hf, processor
+
+
+def transformers_texts(hf, processor, images, prompts, qformer_prompts=None, **search) -> list[str]:
+    """transformers' processor + generate, the instruction (default: the prompts) to the Q-Former."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    inputs = processor(images=[Image.fromarray(i) for i in images], text=prompts, return_tensors="pt", padding=True)
+    if qformer_prompts is not None:
+        q = processor.qformer_tokenizer(qformer_prompts, return_tensors="pt", padding=True)
+        inputs["qformer_input_ids"], inputs["qformer_attention_mask"] = q["input_ids"], q["attention_mask"]
+    with torch.no_grad():
+        out = hf.generate(**inputs, do_sample=False, **search)
+    texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
 def test_the_generator_reads_an_instructblip_directory_as_transformers_does(tmp_path):
     """`Blip2Generator.from_pretrained` on an InstructBLIP directory (both tokenizers beside the
     weights, as InstructBlipProcessor saves them): the prompt reaches the Q-Former and the LLM, and
     beam search gives the text transformers' processor + generate give."""
-    hf = instructblip(ref.LLAMA, seed=14)
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "this", "?", "a"]))
-    processor = transformers.InstructBlipProcessor(
-        transformers.BlipImageProcessorPil(size={"height": 30, "width": 30}), tiny_opt_tokenizer(),
-        transformers.BertTokenizerFast(str(vocab), truncation_side="left"), num_query_tokens=Q)
-    processor.save_pretrained(tmp_path / "hf")
-    hf.save_pretrained(tmp_path / "hf")
+    hf, processor = instructblip_directory(tmp_path / "hf")
     image = np.random.default_rng(0).integers(0, 256, (30, 30, 3), dtype=np.uint8)
     prompts = ["what is this ?", "a photo of"]
     generator = Blip2Generator.from_pretrained(tmp_path / "hf", batch_size=2)
     cfg = GenerationConfig(num_beams=3, max_new_tokens=6, semantics="transformers", min_length=0)
     ours = generator.generate([image, image[::-1]], prompts, cfg)
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(images=[Image.fromarray(image), Image.fromarray(image[::-1])], text=prompts,
-                       return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = hf.generate(**inputs, num_beams=3, max_new_tokens=6, do_sample=False)
-    theirs = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert ours == [t.strip() for t in theirs] and all(ours)  # words, not an empty text
+    theirs = transformers_texts(hf, processor, [image, image[::-1]], prompts, num_beams=3, max_new_tokens=6)
+    assert ours == theirs and all(ours)  # words, not an empty text
 
 
 def test_the_paper_templates_phrase_each_task_and_are_drawn_per_record():
@@ -375,3 +391,37 @@ def test_templated_records_reach_the_llm_and_the_qformer_alike(tmp_path):
         assert row["labels"][len(full):n].tolist() == target
         want = bert(instruction)["input_ids"]
         assert row["qformer_ids"][:len(want)].tolist() == want and row["qformer_mask"].sum() == len(want)
+
+
+def test_eval_preset_gives_an_instructblip_the_instruction_as_transformers_does(tmp_path, blip2_jax):
+    """`blip2-jax eval` with the TextVQA preset on an InstructBLIP directory: each prompt (the
+    question's OCR tokens and the question) reaches the Q-Former and the LLM, and the answers equal
+    transformers' processor + generate on those prompts (transformers' decoding rules set by
+    override, as that is what transformers runs); the instruction changes what is answered."""
+    import json  # pylint: disable=import-outside-toplevel
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    hf, processor = instructblip_directory(tmp_path / "hf", seed=15)
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (30, 30, 3), dtype=np.uint8) for _ in range(3)]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    records = [{"question_id": i, "image": f"{i}.png", "question": q, "answer": ["w1"] * 10, "ocr_tokens": ocr}
+               for i, (q, ocr) in enumerate([("What is this?", ["w1", "w2"]), ("what is a w2", []),
+                                              ("is this w1?", ["a", "w2", "w1"])])]
+    (tmp_path / "textvqa.json").write_text(json.dumps(records))
+    code, out, err = blip2_jax(
+        "eval", "--config", "configs/eval/instruct.py:textvqa_vicuna7b", "--checkpoint", str(tmp_path / "hf"),
+        "--out", str(tmp_path / "eval"), f"--config.data.annotations={tmp_path / 'textvqa.json'}",
+        f"--config.data.image_root={tmp_path}", "--config.num_devices=1", "--config.batch_size=2",
+        "--config.generation.semantics=transformers", "--config.generation.min_length=0",
+        "--config.generation.length_penalty=1.0", "--config.generation.max_new_tokens=5")
+    assert code == 0, err
+    ours = [r["answer"] for r in json.loads((tmp_path / "eval" / "results.json").read_text())]
+    prompts = ["OCR tokens: w1, w2. Question: what is this? Short answer:",
+               "OCR tokens: . Question: what is a w2 Short answer:",
+               "OCR tokens: a, w2, w1. Question: is this w1? Short answer:"]
+    theirs = transformers_texts(hf, processor, images, prompts, num_beams=5, max_new_tokens=5)
+    assert ours == theirs and all(ours)
+    other = transformers_texts(hf, processor, images, prompts, ["a"] * 3, num_beams=5, max_new_tokens=5)
+    assert other != theirs  # the Q-Former's instruction matters: a test that passes it is not vacuous

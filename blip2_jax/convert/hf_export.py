@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from blip2_jax.data.tokenizers import INSTRUCTION_TOKENIZER_DIR
 from blip2_jax.errors import InputNotFound
 from blip2_jax.models import config as config_lib
 from blip2_jax.weights import hf_names
@@ -35,7 +36,6 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "preprocessor_config.json",
                    "processor_config.json", "chat_template.jinja", "generation_config.json")
 IMAGE_TOKEN = "<image>"
-QFORMER_TOKENIZER = "qformer_tokenizer"  # InstructBlipProcessor's subfolder for the Q-Former's BERT tokenizer
 
 
 def _is_stage1_extra(name: str) -> bool:
@@ -63,7 +63,7 @@ def from_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None
             progress: Callable[[int], None] | None = None) -> model_checkpoint.CheckpointParams:
     """A Hugging Face BLIP-2 directory or hub id -> a model checkpoint at `out` (see
     `model_checkpoint`), validated in full before anything is written."""
-    directory = resolve(src, extra_patterns=PROCESSOR_FILES + (STAGE1_EXTRAS, f"{QFORMER_TOKENIZER}/*"))
+    directory = resolve(src, extra_patterns=PROCESSOR_FILES + (STAGE1_EXTRAS, f"{INSTRUCTION_TOKENIZER_DIR}/*"))
     config = config_lib.from_hf(read_config(directory))
     architecture = hf_architecture(directory, config)
     tensors = hf_tensors(directory, architecture)
@@ -71,7 +71,7 @@ def from_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None
                                    qformer_group=config.qformer.cross_attention_frequency, dtype=dtype,
                                    source=str(directory))
     files = [directory / f for f in PROCESSOR_FILES if (directory / f).is_file()]
-    files += [directory / QFORMER_TOKENIZER] if (directory / QFORMER_TOKENIZER).is_dir() else []
+    files += [directory / INSTRUCTION_TOKENIZER_DIR] if (directory / INSTRUCTION_TOKENIZER_DIR).is_dir() else []
     model_checkpoint.write(out, architecture, config, leaves, source=str(src), copy_files=files, progress=progress)
     return model_checkpoint.CheckpointParams.open(out)
 
@@ -179,7 +179,7 @@ def _write_processor(directory: Path, params: model_checkpoint.CheckpointParams,
     size = config.vision.image_size
     image_processor = BlipImageProcessorPil(size={"height": size, "width": size})
     if config.instruction_aware:
-        _instruct_processor(image_processor, tokenizer, Path(tokenizer_source) / QFORMER_TOKENIZER,
+        _instruct_processor(image_processor, tokenizer, Path(tokenizer_source) / INSTRUCTION_TOKENIZER_DIR,
                             config).save_pretrained(directory)
     else:
         Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens).save_pretrained(directory)

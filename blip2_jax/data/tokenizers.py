@@ -23,14 +23,30 @@ IGNORE = -100  # the label every loss skips (torch's cross-entropy ignore_index,
 DEC_TOKEN = "[DEC]"
 
 
-def qformer_tokenizer(path_or_id: str | os.PathLike = "bert-base-uncased", truncation_side: str = "right"):
+def qformer_tokenizer(path_or_id: str | os.PathLike = "bert-base-uncased", truncation_side: str = "right",
+                      **kwargs):
     """BERT tokenizer + `[DEC]` as bos; `[DEC]` gets the first id after BERT's vocabulary.
     InstructBLIP cuts an instruction from the left (LAVIS), keeping its question at the end."""
     from transformers import BertTokenizerFast  # pylint: disable=import-outside-toplevel
 
-    tokenizer = BertTokenizerFast.from_pretrained(str(path_or_id), truncation_side=truncation_side)
+    tokenizer = BertTokenizerFast.from_pretrained(str(path_or_id), truncation_side=truncation_side, **kwargs)
     tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
     return tokenizer
+
+
+INSTRUCTION_TOKENIZER_DIR = "qformer_tokenizer"  # where InstructBlipProcessor saves the Q-Former's tokenizer
+
+
+def instruction_tokenizer(path_or_id: str | os.PathLike):
+    """InstructBLIP's Q-Former tokenizer from the directory (or hub id) of its processor, which keeps
+    it in a `qformer_tokenizer/` subfolder beside the LLM's; it cuts from the left, as LAVIS's."""
+    local = Path(path_or_id) / INSTRUCTION_TOKENIZER_DIR
+    if local.is_dir():
+        return qformer_tokenizer(local, truncation_side="left")
+    if Path(path_or_id).is_dir():
+        raise InputNotFound(f"{path_or_id} has no {INSTRUCTION_TOKENIZER_DIR}/: an InstructBLIP model's Q-Former "
+                            "tokenizer is expected there, as InstructBlipProcessor saves it")
+    return qformer_tokenizer(path_or_id, truncation_side="left", subfolder=INSTRUCTION_TOKENIZER_DIR)
 
 
 # Any of these marks a directory that `AutoTokenizer` can load (fast, GPT-2 BPE, SentencePiece).

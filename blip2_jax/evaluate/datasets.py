@@ -1,4 +1,5 @@
-"""Evaluation sets: LAVIS's annotation files (COCO Karpathy, NoCaps, Flickr30K, VQAv2, OK-VQA, GQA)
+"""Evaluation sets: LAVIS's annotation files (COCO Karpathy, NoCaps, Flickr30K, VQAv2, OK-VQA, GQA;
+VizWiz and TextVQA in the same layout, TextVQA's records with their `ocr_tokens`)
 and the packaged easy-VQA test split, read into the three shapes the tasks take."""
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ class CaptionSet:
 
 @dataclasses.dataclass(frozen=True)
 class VqaSet:
+    """`ocr_tokens`: each question's OCR tokens where the records have them (TextVQA), else None."""
+
     question_ids: list[Any]
     images: list[str]
     questions: list[str]
     answers: list[list[str]]
+    ocr_tokens: list[list[str]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +104,14 @@ def vqa_set(d: ml_collections.ConfigDict) -> VqaSet:
         return VqaSet([r["id"] for r in records], [r["image"] for r in records], [r["question"] for r in records],
                       [r["answer"] for r in records])
     rows = _lavis_records(d)
+    ocr = None
+    if any("ocr_tokens" in r for r, _ in rows):
+        ocr = [_as_list(_field(r, ("ocr_tokens",), d.annotations, i)) for i, (r, _) in enumerate(rows)]
     return VqaSet([_field(r, ("question_id",), d.annotations, i) for i, (r, _) in enumerate(rows)],
                   [image for _, image in rows],
                   [_field(r, ("question",), d.annotations, i) for i, (r, _) in enumerate(rows)],
-                  [_as_list(_field(r, ("answer", "answers"), d.annotations, i)) for i, (r, _) in enumerate(rows)])
+                  [_as_list(_field(r, ("answer", "answers"), d.annotations, i)) for i, (r, _) in enumerate(rows)],
+                  ocr)
 
 
 def retrieval_set(d: ml_collections.ConfigDict) -> RetrievalSet:

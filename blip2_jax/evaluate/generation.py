@@ -6,14 +6,14 @@ generate step compiles once; images are read per global batch, each host its own
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from blip2_jax.data.images import ImageInput, preprocess_images
 from blip2_jax.evaluate.batches import EvalBatches, jit_replicated, to_global
 from blip2_jax.evaluate.model import EvalModel
-from blip2_jax.generation.api import check_lengths, prompt_arrays
+from blip2_jax.generation.api import check_lengths, instruction_arrays, prompt_arrays
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.decode import decoding_params, generate
 
@@ -25,13 +25,16 @@ def _compiled(module, mesh, config: GenerationConfig) -> Callable:
 
 
 def generate_texts(model: EvalModel, mesh, images: Sequence[ImageInput], prompts: Sequence[str], tokenizer,
-                   config: GenerationConfig, *, batch_size: int = 8,
+                   config: GenerationConfig, *, batch_size: int = 8, qformer_tokenizer: Any = None,
                    progress: Callable[[int], None] = lambda n: None) -> list[str]:
     """The text generated after `prompts[i]` for `images[i]` (decoded without special tokens and
-    stripped, as LAVIS does); `batch_size` is per device."""
+    stripped, as LAVIS does); `batch_size` is per device. An InstructBLIP model also reads each
+    prompt in its Q-Former, tokenised by `qformer_tokenizer`, as LAVIS's `generate` gives it."""
     if model.config.text is None:
         raise ValueError("captioning and VQA need a BLIP-2 model with a language model; this checkpoint is "
                          "a retrieval model")
+    if model.config.instruction_aware and qformer_tokenizer is None:
+        raise ValueError("an InstructBLIP model reads each prompt in its Q-Former too: give its qformer_tokenizer")
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; need one prompt per image")
     if config.num_return_sequences != 1:
@@ -40,14 +43,17 @@ def generate_texts(model: EvalModel, mesh, images: Sequence[ImageInput], prompts
         return []
     token_lists = tokenizer(list(prompts))["input_ids"]
     check_lengths(model.config, token_lists, config.max_new_tokens)
-    ids, mask = prompt_arrays(token_lists, model.config)
+    arrays = dict(zip(("ids", "mask"), prompt_arrays(token_lists, model.config)))
+    if model.config.instruction_aware:  # one width for the whole set: one compile
+        arrays.update(zip(("qids", "qmask"), instruction_arrays(qformer_tokenizer, list(prompts), model.config)))
     fn = _compiled(model.module, mesh, config)
     params = decoding_params(model.module, model.params)  # the LLM's layers split once, not per batch
     batches, texts = EvalBatches.for_mesh(len(images), batch_size, mesh), []
     for valid, local in batches:
         pixels = preprocess_images([images[i] for i in local], model.config.vision.image_size)
-        g = to_global(mesh, {"x": pixels, "ids": ids[local], "mask": mask[local]}, batches.global_batch)
-        out = fn(params, g["x"], g["ids"], g["mask"])
+        g = to_global(mesh, {"x": pixels, **{k: v[local] for k, v in arrays.items()}}, batches.global_batch)
+        instruction = dict(qformer_input_ids=g["qids"], qformer_attention_mask=g["qmask"]) if "qids" in g else {}
+        out = fn(params, g["x"], g["ids"], g["mask"], **instruction)
         tokens, lengths = np.asarray(out.tokens[:, 0])[valid], np.asarray(out.lengths[:, 0])[valid]
         texts += tokenizer.batch_decode([t[:n].tolist() for t, n in zip(tokens, lengths)], skip_special_tokens=True)
         progress(int(valid.sum()))

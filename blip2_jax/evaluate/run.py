@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from blip2_jax.data.text import pre_question
-from blip2_jax.data.tokenizers import language_tokenizer, qformer_tokenizer
+from blip2_jax.data.tokenizers import instruction_tokenizer, language_tokenizer, qformer_tokenizer
 from blip2_jax.evaluate import datasets, metrics
 from blip2_jax.evaluate.generation import generate_texts
 from blip2_jax.evaluate.model import EvalModel, load_model
@@ -24,6 +24,7 @@ from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train.validate import check_eval_config
 
 RANKS_KEPT = 10  # results.json keeps each query's top 10 (all R@k need)
+OCR_TOKENS = 30  # LAVIS's InstructBLIP predict_answers keeps a question's first 30 OCR tokens
 
 
 def _progress(total: int, what: str):
@@ -32,41 +33,58 @@ def _progress(total: int, what: str):
     return tqdm(total=total, desc=what, disable=jax.process_index() != 0, leave=False)
 
 
-def _tokenizer(config: ml_collections.ConfigDict, model: EvalModel, retrieval: bool) -> Any:
+def _tokenizer_path(config: ml_collections.ConfigDict, model: EvalModel) -> str:
     path = config.tokenizer or model.tokenizer
     if not path:
         raise ValueError(f"the checkpoint {config.checkpoint} names no tokenizer: set --config.tokenizer")
-    return qformer_tokenizer(path) if retrieval else language_tokenizer(path)
+    return path
+
+
+def _generation_tokenizers(config: ml_collections.ConfigDict, model: EvalModel) -> dict[str, Any]:
+    """The LLM's tokenizer, and InstructBLIP's Q-Former one from the same directory (its processor's)."""
+    path = _tokenizer_path(config, model)
+    qformer = instruction_tokenizer(path) if model.config.instruction_aware else None
+    return dict(tokenizer=language_tokenizer(path), qformer_tokenizer=qformer)
 
 
 def _generation(config: ml_collections.ConfigDict) -> GenerationConfig:
     return GenerationConfig(**config.generation.to_dict())
 
 
-def _caption(config, model, mesh, tokenizer) -> tuple[list[dict], dict[str, float]]:
+def _caption(config, model, mesh) -> tuple[list[dict], dict[str, float]]:
     data = datasets.caption_set(config.data)
     with _progress(len(data.images), "caption") as bar:
-        texts = generate_texts(model, mesh, data.images, [config.prompt] * len(data.images), tokenizer,
-                               _generation(config), batch_size=config.batch_size, progress=bar.update)
+        texts = generate_texts(model, mesh, data.images, [config.prompt] * len(data.images),
+                               config=_generation(config), batch_size=config.batch_size, progress=bar.update,
+                               **_generation_tokenizers(config, model))
     results = [{"image_id": i, "caption": t} for i, t in zip(data.image_ids, texts)]
     refs = dict(enumerate(data.references))
     return results, metrics.caption_metrics(dict(enumerate(texts)), refs, spice=config.spice)
 
 
-def _vqa(config, model, mesh, tokenizer) -> tuple[list[dict], dict[str, float]]:
+def _vqa(config, model, mesh) -> tuple[list[dict], dict[str, float]]:
     data = datasets.vqa_set(config.data)
-    prompts = [config.prompt.format(pre_question(q)) for q in data.questions]
+    if config.prompt.count("{}") == 2:  # LAVIS's InstructBLIP TextVQA: a question's first 30 OCR tokens, then it
+        if data.ocr_tokens is None:
+            raise ValueError(f"the prompt {config.prompt!r} takes each question's OCR tokens, but the records of "
+                             f"{config.data.annotations} have no 'ocr_tokens'")
+        prompts = [config.prompt.format(", ".join(ocr[:OCR_TOKENS]), pre_question(q))
+                   for ocr, q in zip(data.ocr_tokens, data.questions)]
+    else:
+        prompts = [config.prompt.format(pre_question(q)) for q in data.questions]
     with _progress(len(prompts), "vqa") as bar:
-        answers = generate_texts(model, mesh, data.images, prompts, tokenizer, _generation(config),
-                                 batch_size=config.batch_size, progress=bar.update)
+        answers = generate_texts(model, mesh, data.images, prompts, config=_generation(config),
+                                 batch_size=config.batch_size, progress=bar.update,
+                                 **_generation_tokenizers(config, model))
     results = [{"question_id": q, "answer": a} for q, a in zip(data.question_ids, answers)]
     score = metrics.vqa_score(dict(enumerate(answers)), dict(enumerate(data.answers)), metric=config.metric)
     return results, score
 
 
-def _retrieval(config, model, mesh, tokenizer) -> tuple[dict, dict[str, float]]:
+def _retrieval(config, model, mesh) -> tuple[dict, dict[str, float]]:
     data = datasets.retrieval_set(config.data)
     n = len(data.texts) + len(data.images)
+    tokenizer = qformer_tokenizer(_tokenizer_path(config, model))
     with _progress(n, "retrieval") as bar:
         scores = retrieval_scores(model, mesh, data.images, data.texts, tokenizer, k_test=config.k_test,
                                   batch_size=config.batch_size, text_length=config.text_length,
@@ -97,7 +115,7 @@ def evaluate(config: ml_collections.ConfigDict, output: str | Path | None = None
         raise ValueError(f"{config.task} needs a BLIP-2 model with a language model; {config.checkpoint} is a "
                          "retrieval model")
     run = {"caption": _caption, "vqa": _vqa, "retrieval": _retrieval}[config.task]
-    results, scores = run(config, model, mesh, _tokenizer(config, model, config.task == "retrieval"))
+    results, scores = run(config, model, mesh)
     if output is not None and jax.process_index() == 0:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)

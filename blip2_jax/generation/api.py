@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import string
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from blip2_jax.data.images import ImageInput, preprocess_images
-from blip2_jax.data.tokenizers import language_tokenizer, qformer_tokenizer
+from blip2_jax.data.tokenizers import instruction_tokenizer, language_tokenizer
 from blip2_jax.errors import UserError
 from blip2_jax.generation.config import CAPTION, PROMPTS, VQA_OPT, VQA_T5, GenerationConfig
 from blip2_jax.generation.decode import decoding_params, generate_fn
@@ -52,16 +51,18 @@ def _per_image(values: str | Sequence[str], n: int, what: str) -> list[str]:
     return values
 
 
-def check_question_template(prompt: str) -> None:
+def check_question_template(prompt: str, ocr: bool = False) -> None:
     """A VQA prompt is `str.format`ted with the question: exactly one `{}` (a stray brace raised a
-    bare IndexError, a prompt without one silently dropped the question)."""
+    bare IndexError, a prompt without one silently dropped the question). With `ocr`, two are also
+    allowed: a sample's OCR tokens, then its question (LAVIS's InstructBLIP TextVQA prompt)."""
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
     except ValueError:  # an unmatched brace
         fields = None
-    if fields not in ([""], ["0"]):
-        raise UserError(f"the VQA prompt {prompt!r} must hold exactly one {{}} where the question goes (write {{{{ "
-                        "and }} for literal braces)")
+    if fields not in ([""], ["0"]) and not (ocr and fields == ["", ""]):
+        slots = "one {} where the question goes" + (" (or two: OCR tokens, question)" if ocr else "")
+        raise UserError(f"the VQA prompt {prompt!r} must hold exactly {slots} (write {{{{ and }}}} for literal "
+                        "braces)")
 
 
 def check_lengths(config: Blip2Config, token_lists: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -98,11 +99,13 @@ def prompt_arrays(token_lists: Sequence[Sequence[int]], config: Blip2Config) -> 
     return np.concatenate([image, ids], 1), np.concatenate([np.ones_like(image), mask], 1)
 
 
-def instruction_arrays(tokenizer: Any, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def instruction_arrays(tokenizer: Any, prompts: Sequence[str], config: Blip2Config) -> tuple[np.ndarray, np.ndarray]:
     """InstructBLIP's Q-Former input for `prompts`: [CLS] ... [SEP] in its BERT vocabulary, cut from
-    the left at INSTRUCTION_LENGTH, right-padded to a multiple of PROMPT_BUCKET."""
-    token_lists = [tokenizer(p, truncation=True, max_length=INSTRUCTION_LENGTH)["input_ids"] for p in prompts]
-    width = -(-max(len(t) for t in token_lists) // PROMPT_BUCKET) * PROMPT_BUCKET
+    the left at INSTRUCTION_LENGTH (or the Q-Former's position table, if shorter), right-padded to a
+    multiple of PROMPT_BUCKET within that."""
+    limit = min(INSTRUCTION_LENGTH, config.qformer.max_position_embeddings)
+    token_lists = [tokenizer(p, truncation=True, max_length=limit)["input_ids"] for p in prompts]
+    width = min(-(-max(len(t) for t in token_lists) // PROMPT_BUCKET) * PROMPT_BUCKET, limit)
     ids = np.full((len(prompts), width), tokenizer.pad_token_id, np.int32)
     mask = np.zeros_like(ids)
     for row, tokens in enumerate(token_lists):
@@ -145,13 +148,7 @@ class Blip2Generator:
                             " a Q-Former and an LLM)")
         if not (tokenizer or source.tokenizer):
             raise UserError(f"{source.name} names no tokenizer: give the LLM's tokenizer (a directory or hub id)")
-        qformer = None
-        if source.config.instruction_aware:  # its processor keeps the Q-Former's tokenizer in a subfolder
-            qformer_dir = Path(tokenizer or source.tokenizer) / "qformer_tokenizer"
-            if not qformer_dir.is_dir():
-                raise UserError(f"{source.name} is an InstructBLIP model: its Q-Former tokenizer is expected in "
-                                f"{qformer_dir} (as InstructBlipProcessor saves it)")
-            qformer = qformer_tokenizer(qformer_dir, truncation_side="left")
+        qformer = instruction_tokenizer(tokenizer or source.tokenizer) if source.config.instruction_aware else None
         tokenizer = language_tokenizer(tokenizer or source.tokenizer)
         overrides = {} if dtype is None else dict(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
         loaded = load(source, dtype=dtype, **overrides)
@@ -209,7 +206,7 @@ class Blip2Generator:
             instruction = {}
             if self.qformer_tokenizer is not None:  # the prompt also reaches InstructBLIP's Q-Former
                 chunk = prompts[start:start + real] + [prompts[start]] * (rows - real)
-                qids, qmask = instruction_arrays(self.qformer_tokenizer, chunk)
+                qids, qmask = instruction_arrays(self.qformer_tokenizer, chunk, self.config)
                 instruction = dict(qformer_input_ids=qids, qformer_attention_mask=qmask)
             out = self._compiled[config](self.params, pixels, ids, mask, *keys, **instruction)
             tokens, lengths = np.asarray(out.tokens[:real, 0]), np.asarray(out.lengths[:real, 0])

@@ -19,6 +19,7 @@ import ml_collections
 from blip2_jax.data.instructions import TEMPLATE_SETS
 from blip2_jax.data.sources import BALANCES, RECORD_KINDS, SOURCES
 from blip2_jax.errors import UserError
+from blip2_jax.generation.api import check_question_template
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.models import presets
 from blip2_jax.parallel import mesh as mesh_lib
@@ -220,3 +221,5 @@ def check_eval_config(config: ml_collections.ConfigDict, *, devices: int) -> Non
     if unknown:
         raise UserError(f"config.generation has unknown fields {unknown}; known: {sorted(known)}")
     GenerationConfig(**config.generation.to_dict())  # its own checks raise UserError
+    if config.task == "vqa":
+        check_question_template(config.prompt, ocr=True)
