@@ -2,6 +2,9 @@
 and 2, the model): tiny perturbed models with a LLaMA (grouped-query attention) and a FlanT5-style
 T5; the instruction read by the Q-Former beside the queries, padded; logits to 1e-4; greedy and
 beam-search ids equal `generate`'s; the Hugging Face names and config both ways."""
+import json
+import shutil
+
 import easy_vqa
 import jax
 import jax.numpy as jnp
@@ -248,24 +251,57 @@ def test_the_instruction_tuning_loss_is_transformers_loss():
 
 
 @pytest.mark.slow  # compiles the tiny instruction-tuning step: ~40 s on 2 cores
-def test_the_instruct_preset_trains_the_qformer_through_the_instruction(tmp_path):
+def test_the_instruct_preset_trains_resumes_and_answers_as_transformers_after_export(tmp_path):
     """`configs/instruct.py:tiny` through the real trainer: the checkpoint is an InstructBLIP, the
     Q-Former's instruction embeddings and the queries moved (the instruction is in the gradient),
-    the ViT and the LLM did not."""
+    the ViT and the LLM did not; a run killed after step 2 continues exactly; `to_hf` of the run
+    loads in transformers with nothing missing and answers as our generator does on the workdir."""
     config = load_config("configs/instruct.py", "tiny")
-    config.total_steps, config.optim.warmup_steps = 2, 1
+    config.total_steps, config.optim.warmup_steps = 3, 1
     config.mesh.update(num_devices=1, data=1)
     config.checkpoint.update(every=1, async_save=False)
     config.log.tensorboard = False
-    loop.train(config, tmp_path)
-    first = CheckpointParams.open(tmp_path / "checkpoints" / "1")
-    last = CheckpointParams.open(tmp_path)
-    assert last.architecture == "InstructBlipForConditionalGeneration" and last.source.endswith("step 2")
+    run = tmp_path / "run"
+    loop.train(config, run)
+    first = CheckpointParams.open(run / "checkpoints" / "1")
+    last = CheckpointParams.open(run)
+    assert last.architecture == "InstructBlipForConditionalGeneration" and last.source.endswith("step 3")
     a = traverse_util.flatten_dict(first.tree(), sep="/")
     b = traverse_util.flatten_dict(last.tree(), sep="/")
     moved = {p for p in a if not np.array_equal(a[p], b[p])}
     assert {"qformer/embeddings/word_embeddings/embedding", "query_tokens", "language_projection/kernel"} <= moved
     assert not any(p.startswith(("language_model/", "vision_model/encoder")) for p in moved)
+
+    shutil.copytree(run, tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "3")
+    loop.train(config, tmp_path / "resumed")
+    logs = [[(m["step"], m["loss"], m["grad_norm"]) for m in map(json.loads, (d / "metrics.jsonl").open())]
+            for d in (run, tmp_path / "resumed")]
+    assert logs[0] == logs[1] and len(logs[0]) == 3
+    resumed = traverse_util.flatten_dict(CheckpointParams.open(tmp_path / "resumed").tree(), sep="/")
+    assert resumed.keys() == b.keys() and all(np.array_equal(resumed[p], b[p]) for p in b)
+
+    tokenizers = tmp_path / "tokenizers"  # the LLM's, and the Q-Former's in its processor subfolder
+    tiny_opt_tokenizer().save_pretrained(tokenizers)
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(last.config.qformer.vocab_size - 6)]))
+    bert = transformers.BertTokenizerFast(str(tmp_path / "bert" / "vocab.txt"))
+    bert.save_pretrained(tokenizers / "qformer_tokenizer")
+    hf_export.to_hf(run, tmp_path / "hf", tokenizer=str(tokenizers))
+    hf, info = transformers.InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf",
+                                                                                output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = transformers.InstructBlipProcessor.from_pretrained(tmp_path / "hf")
+    processor.tokenizer.padding_side = "left"
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    prompts = ["what is w3 ?", "w7 w8", "Question : what is the w1 ? Answer :"]
+    search = GenerationConfig(num_beams=3, max_new_tokens=5, min_new_tokens=2)
+    generator = Blip2Generator.from_pretrained(run, tokenizer=str(tokenizers), batch_size=4)
+    ours = generator.generate(images, prompts, search)
+    theirs = transformers_texts(hf, processor, images, prompts, num_beams=3, max_new_tokens=5, min_new_tokens=2)
+    assert ours == theirs and sum(map(bool, ours)) >= 2  # the third draws special tokens only, in both
 
 
 def test_an_instruction_record_is_tokenised_as_lavis_does(tmp_path):
