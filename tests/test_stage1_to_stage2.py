@@ -127,3 +127,49 @@ def test_stage2_starts_from_the_stage1_runs_checkpoint(tmp_path):
     assert "query_tokens" in query and "vision_model/post_layernorm/scale" in query
     for p in query:
         np.testing.assert_array_equal(started[p], stage1[p], err_msg=p)
+
+
+def test_an_instructblip_from_stage1_reads_the_instruction_as_stage1_matches_text():
+    """InstructBLIP's Q-Former from a stage-1 run (its query path and its text side: embeddings,
+    text FFN, the shared LayerNorm) computes stage 1's image-text-matching pass: the query rows it
+    gives for an instruction, through stage 1's ITM head, are stage 1's ITM logits for that text.
+    With `text_side_only` the query path (and the LayerNorm) stay as stage 2 had them."""
+    instruct_cfg = presets.get("tiny_instruct")
+    stage1_model = blip2.Blip2Stage1(STAGE1)
+    instruct_model = blip2.InstructBlipForConditionalGeneration(instruct_cfg)
+    stage1 = _random_params(STAGE1, stage1_model, seed=4)
+    flat = _flat(_random_params(instruct_cfg, instruct_model, seed=5))
+    flat.update({p: v for p, v in _flat(stage1).items()
+                 if p.startswith("vision_model/") and not p.startswith("vision_model/post_layernorm/")})
+    before = traverse_util.unflatten_dict(flat, sep="/")
+    converted = stage2_from_stage1(stage1, before)
+    rng = np.random.default_rng(6)
+    size = instruct_cfg.vision.image_size
+    pixels = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+    ids = np.array([[2, 17, 40, 9, 3, 0], [2, 55, 3, 0, 0, 0]], np.int32)  # [CLS] ... [SEP], padded
+    mask = (np.arange(6)[None] < np.array([[5], [3]])).astype(np.int32)
+
+    def rows(params):
+        embeds = instruct_model.apply({"params": params}, pixels, method=instruct_model.encode_image)
+        return instruct_model.apply({"params": params}, embeds, ids, mask, method=instruct_model.instruction_features)
+
+    def stage1_itm(params):
+        embeds = stage1_model.apply({"params": params}, pixels, method=stage1_model.encode_image)
+        return stage1_model.apply({"params": params}, embeds, ids, mask, method=stage1_model.itm)
+
+    head = stage1["itm_head"]
+
+    def via_instruct(params):
+        return np.mean(np.asarray(rows(params)) @ np.asarray(head["kernel"]) + np.asarray(head["bias"]), axis=1)
+
+    want = np.asarray(stage1_itm(stage1))
+    np.testing.assert_allclose(via_instruct(converted), want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(via_instruct(before), want, atol=1e-3)  # the comparison can fail
+
+    text_only = _flat(stage2_from_stage1(stage1, before, text_side_only=True))
+    source = _flat(stage1)
+    assert np.array_equal(text_only["qformer/embeddings/word_embeddings/embedding"],
+                          source["embeddings/word_embeddings/embedding"])
+    for path in ("query_tokens", "qformer/embeddings/layernorm/scale",
+                 "qformer/encoder/layers/layer_0/intermediate_query/dense/kernel"):
+        assert np.array_equal(text_only[path], flat[path]), path

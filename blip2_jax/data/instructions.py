@@ -71,11 +71,14 @@ def first_answer(record: dict[str, Any]) -> Any:
     return answers[0] if isinstance(answers, (list, tuple)) and answers else answers
 
 
-def instruction_texts(record: dict[str, Any], rng: np.random.Generator) -> tuple[str, str]:
+def instruction_texts(record: dict[str, Any], rng: np.random.Generator,
+                      vqa_templates: tuple[str, ...] = ()) -> tuple[str, str]:
     """(instruction, target) of a caption, VQA or VQG record through a template drawn with `rng`
-    (the pipeline's per-record generator, so a resumed run draws the same ones)."""
+    (the pipeline's per-record generator, so a resumed run draws the same ones); `vqa_templates`,
+    if given, replace the paper's VQA ones (a run's own phrasings)."""
     task = record_task(record)
-    template = TEMPLATES[task][int(rng.integers(len(TEMPLATES[task])))]
+    pool = vqa_templates if task == "vqa" and vqa_templates else TEMPLATES[task]
+    template = pool[int(rng.integers(len(pool)))]
     if task == "caption":
         return template, pre_caption(record["caption"])
     if task == "vqa":

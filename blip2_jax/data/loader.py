@@ -139,6 +139,7 @@ class RecordProcessor:
     # "instructblip": each record's text input is one of the paper's templates for its task, drawn
     # per record (data/instructions.py), instead of `prompt`
     templates: str = ""
+    vqa_templates: tuple[str, ...] = ()  # with templates: these replace the paper's VQA ones
 
     @functools.cached_property
     def instruction_tokenizer(self) -> Any:
@@ -176,7 +177,7 @@ class RecordProcessor:
             return out
         image = self.image_transform(sources_lib.read_image(record["image"]), rng)
         if self.templates:
-            text_input, text_output = instruction_texts(record, rng)
+            text_input, text_output = instruction_texts(record, rng, self.vqa_templates)
         else:
             text_input, text_output = record_texts(record, self.prompt)
         if self.prefix_lm and "caption" in record:
@@ -300,7 +301,7 @@ def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, v
         raise ValueError(f"data.context_length is the text-only LM's text before BOS (lm_opt); this run is {kind}")
     process = RecordProcessor(kind, spec, TRANSFORMS[d.transform](image_size), d.tokenizer,
                               d.text_length, d.prompt, d.prefix_lm, d.positives, d.context_length,
-                              d.instruction_tokenizer, d.instruction_length, d.templates)
+                              d.instruction_tokenizer, d.instruction_length, d.templates, tuple(d.vqa_templates))
     iterator = make_pipeline(make_sources(d), process=process, global_batch_size=config.batch_size,
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count(), worker_count=d.workers, strict=d.strict)

@@ -14,6 +14,9 @@ from blip2_jax.models.presets import DEMO_IMAGE_TOKEN, DEMO_OPT
 
 _WORDS = sorted({"a", "color", "contain", "does", "image", "in", "is", "no", "not", "of", "present", "shape", "the",
                  "there", "what", "yes", "question", "answer", *easy_vqa.COLORS, *easy_vqa.SHAPES}) + ["?", ":", "."]
+# The instruction demo's templates (demo/configs.py INSTRUCTIONS) also say these. Appended, so every
+# earlier word keeps its id: the main demo's runs are the same with or without them.
+_WORDS += ["q", "short", "to"]
 VOCAB_SIZE = 64
 # OPT-style specials at the ids the demo preset names; "\n" ends every text, as "\n" ends BLIP-2's OPT captions.
 _LM_SPECIALS = ["<pad>", "<s>", "\n", "</s>", "<unk>", "<image>"]

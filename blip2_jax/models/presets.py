@@ -108,6 +108,11 @@ _PRESETS: dict[str, Blip2Config] = {
                           ("flant5xxl", FLAN_T5_XXL))},
     "demo": _demo(DEMO_OPT),
     "demo_itm": _demo(None),
+    # the instruction demo's InstructBLIP: the demo model whose Q-Former also reads the instruction
+    # with its text side (embeddings, text FFN), all of which stage 1 (`demo_itm`) trained
+    "demo_instruct": dataclasses.replace(
+        _demo(DEMO_OPT), instruction_aware=True,
+        qformer=dataclasses.replace(_demo(DEMO_OPT).qformer, use_qformer_text_input=True)),
 }
 for _name in ("opt2.7b", "opt6.7b", "flant5xl", "itm_vit_g"):
     _PRESETS[f"{_name}-coco"] = _coco(_PRESETS[_name])

@@ -11,7 +11,13 @@ Otherwise the starting weights are, in this order:
   3. a random init from `config.seed`, then for stage 1 with `init.bert` the Q-Former (and its text
      side) from BERT;
   4. for stage 2 with `init.stage1`, on top of any of the above: the Q-Former query path and
-     `ln_vision` of a stage-1 run (`weights/stage1_to_stage2.py`).
+     `ln_vision` of a stage-1 run (`weights/stage1_to_stage2.py`); an InstructBLIP also takes its
+     Q-Former's text side from it, and only that when 1 or 2 gave the query path.
+
+InstructBLIP is instruction-tuned from BLIP-2 (Dai et al. 2023): for an instruction-aware stage 2,
+1 and 2 may also hold the same model without instruction awareness (a BLIP-2 stage-2 checkpoint);
+its leaves are read into the InstructBLIP's and the Q-Former's text side, which it lacks, comes
+from `init.stage1`, then required.
 
 1-3 are exclusive; `check_init` refuses a config that names two of them or a source its stage
 cannot use, before the workdir exists. The frozen towers are then cast to `config.frozen_dtype`.
@@ -24,13 +30,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
+from flax import traverse_util
 
 from blip2_jax.errors import UserError
 from blip2_jax.models import blip2
 from blip2_jax.train.partition import merge, partition
 from blip2_jax.weights.bert_init import init_from_bert, load_bert
 from blip2_jax.weights.load import check_like, load, open_source
-from blip2_jax.weights.stage1_to_stage2 import load_stage1, stage2_from_stage1
+from blip2_jax.weights.stage1_to_stage2 import load_stage1, stage1_name, stage2_from_stage1
 
 
 BERT_PARTS = ("embeddings", "qformer", "cls")  # the stage-1 subtrees BERT initialises
@@ -69,7 +76,9 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, model_cf
             text = init_from_bert(text, load_bert(config.init.bert), model_cfg.qformer)
             trainable, frozen = place({**params, **text})
     if config.init.stage1:  # 4: only the query path moves to the host; the towers stay where they are
-        trainable, frozen = place(stage2_from_stage1(load_stage1(config.init.stage1), merge(trainable, frozen)))
+        text_side_only = model_cfg.instruction_aware and bool(config.init.hf or config.init.checkpoint)
+        trainable, frozen = place(stage2_from_stage1(load_stage1(config.init.stage1), merge(trainable, frozen),
+                                                     text_side_only=text_side_only))
     frozen_dtype = jnp.dtype(config.frozen_dtype)
     return trainable, jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
 
@@ -80,7 +89,35 @@ def _pretrained(config: ml_collections.ConfigDict, model_cfg: Any, shardings: tu
     field = "hf" if config.init.hf else "checkpoint"
     source = open_source(config.init[field])
     want = blip2.stage_architecture(config.stage, model_cfg)
+    plain_cfg = model_cfg.replace(instruction_aware=False)
+    if model_cfg.instruction_aware and source.architecture == blip2.stage_architecture(config.stage, plain_cfg):
+        if not config.init.stage1:
+            raise UserError(f"init.{field} {source.name} holds a {source.architecture}, which has no Q-Former text "
+                            f"side for the instruction: an {want} takes it from init.stage1 (a stage-1 run); set it")
+        check_like(source, plain_cfg, "config.model without instruction awareness")
+        return _instruction_aware(source, plain_cfg, model_cfg, merge(*shardings))
     if source.architecture != want:
         raise UserError(f"init.{field} {source.name} holds a {source.architecture}; {config.stage} trains a {want}")
     check_like(source, model_cfg, "config.model")
     return load(source, shardings=merge(*shardings), like=model_cfg).params
+
+
+def _instruction_aware(source: Any, plain_cfg: Any, model_cfg: Any, shardings: Any) -> Any:
+    """A BLIP-2 checkpoint's leaves, each read straight into the sharding of its InstructBLIP leaf
+    (the Q-Former's input LayerNorm has the name stage 1 gives it, `stage1_name`); the Q-Former's
+    text side, which BLIP-2's stage 2 lacks, as zeros until `init.stage1` fills it."""
+    flat = traverse_util.flatten_dict(shardings, sep="/")
+    plain_model = blip2.build(plain_cfg, source.architecture)
+    plain = traverse_util.flatten_dict(blip2.abstract_params(plain_cfg, model=plain_model), sep="/")
+    ours = {stage1_name(p): p for p in flat if stage1_name(p) in plain}
+    if set(ours) != set(plain):
+        raise UserError(f"{source.name}: {sorted(set(plain) - set(ours))[:3]} have no place in {model_cfg}")
+    read_back = load(source, shardings=traverse_util.unflatten_dict({q: flat[p] for q, p in ours.items()}, sep="/"),
+                     like=plain_cfg).params
+    params = {ours[q]: v for q, v in traverse_util.flatten_dict(read_back, sep="/").items()}
+    abstract = traverse_util.flatten_dict(blip2.abstract_params(model_cfg, model=blip2.build(
+        model_cfg, blip2.stage_architecture("stage2", model_cfg))), sep="/")
+    rest = [p for p in flat if p not in params]
+    params.update(jax.jit(lambda: {p: jnp.zeros(abstract[p].shape, abstract[p].dtype) for p in rest},
+                          out_shardings={p: flat[p] for p in rest})())
+    return traverse_util.unflatten_dict(params, sep="/")

@@ -104,6 +104,13 @@ def _check_data(d: ml_collections.ConfigDict) -> None:
     _one_of("data.mixture_balance", d.mixture_balance, BALANCES)
     if d.templates not in TEMPLATE_SETS:
         raise UserError(f"config.data.templates must be {' or '.join(map(repr, TEMPLATE_SETS))}; got {d.templates!r}")
+    for i, template in enumerate(d.vqa_templates):
+        try:
+            check_question_template(template)
+        except UserError as e:
+            raise UserError(f"config.data.vqa_templates[{i}]: {e}") from e
+    if d.vqa_templates and not d.templates:
+        raise UserError("config.data.vqa_templates are drawn by data.templates='instructblip'; set it too")
     if d.templates and d.prompt:
         raise UserError(f"config.data.prompt={d.prompt!r} and data.templates={d.templates!r} both set the text "
                         "input: templates draw one per record instead of the prompt; give one")
