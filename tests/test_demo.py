@@ -57,3 +57,29 @@ def test_table_and_resume(demo, monkeypatch):
     monkeypatch.setattr(demo_run, "evaluate", lambda config, out: {"accuracy": 0.0, "count": 0})  # not under test
     again = demo_run.run(workdir, steps=STEPS, hf_check=False)
     assert [r["loss"] for r in again["stages"].values()] == [r["loss"] for r in results["stages"].values()]
+
+
+def test_the_instruction_demo_tunes_an_instructblip_from_the_demos_blip2(demo):
+    """`demo --instruct`'s second part at a few steps: an InstructBLIP starts from stage 2's BLIP-2
+    (its frozen LLM and ViT kept bit for bit) with its Q-Former's text side from stage 1, trains on
+    the held-in phrasings only, and both models are scored on every phrasing."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from flax import traverse_util  # pylint: disable=import-outside-toplevel
+
+    from blip2_jax.demo import configs  # pylint: disable=import-outside-toplevel
+    from blip2_jax.weights.model_checkpoint import CheckpointParams  # pylint: disable=import-outside-toplevel
+
+    workdir, _ = demo
+    results = demo_run.run_instruct(workdir, steps=3, limit=16)
+    assert results["steps"] == 3 and results["questions"] == 16
+    assert set(results["accuracy"]) == set(configs.INSTRUCTIONS) and results["held_out"] == list(configs.HELD_OUT)
+    assert all(0 <= a[m] <= 1 for a in results["accuracy"].values() for m in ("stage2", "instruct"))
+    config = configs.train_config("instruct", workdir)
+    assert not set(config.data.vqa_templates) & set(configs.HELD_OUT)
+    tuned = CheckpointParams.open(workdir / "instruct")
+    assert tuned.architecture == "InstructBlipForConditionalGeneration"
+    ours = traverse_util.flatten_dict(tuned.tree(), sep="/")
+    blip2 = traverse_util.flatten_dict(CheckpointParams.open(workdir / "stage2").tree(), sep="/")
+    frozen = [p for p in ours if p.startswith(("language_model/", "vision_model/encoder"))]
+    assert frozen and all(np.array_equal(ours[p], blip2[p]) for p in frozen)
+    assert "| instruct" not in demo_run.instruct_table(results) and "(held out)" in demo_run.instruct_table(results)

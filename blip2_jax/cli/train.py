@@ -21,6 +21,8 @@ def simulated_cpu_devices(count: int) -> None:
 def _demo_flags(values: flags.FlagValues, argv: list[str]) -> None:
     del argv
     define_workdir(values, "Where the demo's runs, checkpoints and results go (default: /tmp/blip2_jax_demo).")
+    flags.DEFINE_boolean("instruct", False, "Then the instruction demo: InstructBLIP tuned from the demo's BLIP-2 on "
+                         "questions phrased through several templates, its accuracy per phrasing.", flag_values=values)
 
 
 def _demo(values: flags.FlagValues) -> None:
@@ -33,8 +35,11 @@ def _demo(values: flags.FlagValues) -> None:
     from blip2_jax.demo import run as demo_run
 
     logging.set_verbosity(logging.WARNING)
-    results = demo_run.run(values.workdir or configs.DEFAULT_WORKDIR)
+    workdir = values.workdir or configs.DEFAULT_WORKDIR
+    results = demo_run.run(workdir)
     print(demo_run.table(results))
+    if values.instruct:
+        print(f"\n{demo_run.instruct_table(demo_run.run_instruct(workdir))}")
 
 
 def _train_flags(values: flags.FlagValues, argv: list[str]) -> None:
@@ -89,7 +94,7 @@ def _plan(values: flags.FlagValues) -> None:
     print(plan_lib.make_plan(config, mesh).report(run, values.device_kind))
 
 
-DEMO = Command(("demo",), "[--workdir DIR]",
+DEMO = Command(("demo",), "[--workdir DIR] [--instruct]",
                "Trains and evaluates BLIP-2 end to end on the packaged easy-VQA set, on 2 simulated CPU devices.",
                _demo_flags, _demo)
 TRAIN = Command(("train",), "--config configs/<file>.py:<preset> --workdir DIR [--config.<field>=<value> ...]",

@@ -16,7 +16,12 @@ from blip2_jax.train.config import base_config, stage1_config
 DEFAULT_WORKDIR = "/tmp/blip2_jax_demo"  # `blip2-jax demo --workdir`'s default
 BATCH = 64
 PROMPT = "question: {} answer:"  # the LM text's own words: the visual prompt takes the caption's place
-STEPS = {"lm": 2000, "stage1": 1000, "stage2": 1200}
+STEPS = {"lm": 2000, "stage1": 1000, "stage2": 1200, "instruct": 600}
+# The instruction demo's phrasings: InstructBLIP's VQA templates (data/instructions.py) that the demo's
+# vocabulary can say, lowercased as its tokenizer is. The last is held out: never trained on.
+INSTRUCTIONS = ("question: {}", "{}", "question: {} short answer:", "{} a short answer to the question is",
+                "q: {} a:")
+HELD_OUT = INSTRUCTIONS[-1:]
 
 
 def _common(c: ml_collections.ConfigDict, stage: str, workdir: Path, steps: int) -> ml_collections.ConfigDict:
@@ -50,18 +55,25 @@ def train_config(stage: str, workdir: str | Path, steps: int | None = None) -> m
         c = base_config("stage2", "demo")
         c.data.update(source="easy_vqa", text_length=16, prompt=PROMPT)
         c.init.update(checkpoint=str(workdir / "lm"), stage1=str(workdir / "stage1"))
+    elif stage == "instruct":  # InstructBLIP from the BLIP-2 of stage 2, its Q-Former text side from stage 1
+        c = base_config("stage2", "demo_instruct")
+        c.data.update(source="easy_vqa", text_length=24, templates="instructblip",
+                      vqa_templates=tuple(t for t in INSTRUCTIONS if t not in HELD_OUT),
+                      instruction_tokenizer=str(workdir / "tokenizers" / "qformer"), instruction_length=24)
+        c.init.update(checkpoint=str(workdir / "stage2"), stage1=str(workdir / "stage1"))
     else:
-        raise KeyError(f"demo stages: lm, stage1, stage2; got {stage!r}")
+        raise KeyError(f"demo stages: lm, stage1, stage2, instruct; got {stage!r}")
     c = _common(c, stage, workdir, steps)
-    if stage == "stage2":  # the frozen LM's gradients are larger and noisier than stage 1's: at 2e-3
-        c.optim.lr = 1e-3  # VQA reached 0.725, at 1e-3 0.785 (before the LM read its captions before BOS)
+    if stage in ("stage2", "instruct"):  # the frozen LM's gradients are larger and noisier than stage 1's: at
+        c.optim.lr = 1e-3  # 2e-3 VQA reached 0.725, at 1e-3 0.785 (before the LM read its captions before BOS)
     return c
 
 
 
-def eval_config(task: str, workdir: str | Path) -> ml_collections.ConfigDict:
+def eval_config(task: str, workdir: str | Path, *, run: str = "stage2",
+                prompt: str = PROMPT) -> ml_collections.ConfigDict:
     """'classification': which of the 24 captions fits each test image, by ITC alone (stage 1);
-    'vqa': greedy answers to every test question (stage 2), exact match."""
+    'vqa': greedy answers to every test question (the `run`, phrased with `prompt`), exact match."""
     workdir = Path(workdir)
     if task == "classification":
         c = evaluate_config.base_config("retrieval")
@@ -69,9 +81,9 @@ def eval_config(task: str, workdir: str | Path) -> ml_collections.ConfigDict:
         c.checkpoint, c.tokenizer = str(workdir / "stage1"), str(workdir / "tokenizers" / "qformer")
     elif task == "vqa":
         c = evaluate_config.base_config("vqa")
-        c.prompt, c.metric = PROMPT, "exact_match"
+        c.prompt, c.metric = prompt, "exact_match"
         c.generation.update(num_beams=1, max_new_tokens=3)
-        c.checkpoint, c.tokenizer = str(workdir / "stage2"), str(workdir / "tokenizers" / "lm")
+        c.checkpoint, c.tokenizer = str(workdir / run), str(workdir / "tokenizers" / "lm")
     else:
         raise KeyError(f"demo evaluations: classification, vqa; got {task!r}")
     c.data.update(source="easy_vqa", split="test")

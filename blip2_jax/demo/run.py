@@ -35,6 +35,7 @@ from typing import Any
 import jax
 
 from blip2_jax.data import easy_vqa
+from blip2_jax.data.tokenizers import INSTRUCTION_TOKENIZER_DIR
 from blip2_jax.demo import configs, tokenizers
 from blip2_jax.evaluate.run import evaluate
 from blip2_jax.train import loop
@@ -194,6 +195,46 @@ def run(workdir: str | Path = configs.DEFAULT_WORKDIR, *, steps: dict[str, int] 
     results["seconds"] = time.perf_counter() - start
     (workdir / "demo_results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def run_instruct(workdir: str | Path = configs.DEFAULT_WORKDIR, *, steps: int | None = None,
+                 limit: int = 0) -> dict[str, Any]:
+    """The instruction demo, after `run` (its stage-1 and stage-2 runs under `workdir`): InstructBLIP
+    tuned from the demo's BLIP-2 on test questions phrased through several of the paper's templates
+    (`configs.INSTRUCTIONS`, one held out), then VQA accuracy per phrasing for the BLIP-2 of stage 2
+    and for the InstructBLIP (the first `limit` test questions; 0: all). Written to
+    demo_instruct_results.json."""
+    workdir = Path(workdir)
+    start = time.perf_counter()
+    # InstructBLIP's processor layout: the Q-Former's tokenizer beside the LLM's (the evaluation reads it there)
+    tokenizers.write_qformer_tokenizer(workdir / "tokenizers" / "lm" / INSTRUCTION_TOKENIZER_DIR)
+    config = configs.train_config("instruct", workdir, steps)
+    seconds = _train_here(config, workdir / "instruct")
+    accuracy: dict[str, dict[str, float]] = {}
+    for i, template in enumerate(configs.INSTRUCTIONS):
+        print(f"== evaluating VQA phrased as {template!r} ==", flush=True)
+        for run_name in ("stage2", "instruct"):
+            c = configs.eval_config("vqa", workdir, run=run_name, prompt=template)
+            c.data.limit = limit
+            scores = evaluate(c, workdir / "eval_instruct" / f"{run_name}_{i}")
+            accuracy.setdefault(template, {})[run_name] = scores["accuracy"]
+            count = scores["count"]
+    results = {"devices": jax.device_count(), "steps": config.total_steps, "train_seconds": seconds,
+               "loss": _last_metrics(workdir / "instruct").get("loss"), "questions": count,
+               "held_out": list(configs.HELD_OUT), "accuracy": accuracy, "seconds": time.perf_counter() - start}
+    (workdir / "demo_instruct_results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def instruct_table(results: dict[str, Any]) -> str:
+    """The instruction demo's accuracies, one row per phrasing."""
+    rows = [f"blip2-jax demo --instruct: InstructBLIP tuned {results['steps']} steps from the demo's BLIP-2 "
+            f"({results['train_seconds']:.0f} s), VQA exact match on {results['questions']} test questions", "",
+            f"{'the question phrased as':<42}{'BLIP-2':>9}{'InstructBLIP':>14}"]
+    for template, acc in results["accuracy"].items():
+        mark = " (held out)" if template in results["held_out"] else ""
+        rows.append(f"{repr(template) + mark:<42}{acc['stage2']:>9.3f}{acc['instruct']:>14.3f}")
+    return "\n".join(rows)
 
 
 def table(results: dict[str, Any]) -> str:

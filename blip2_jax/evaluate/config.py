@@ -18,7 +18,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.num_devices, c.fsdp = -1, 1  # every device; the rest of the mesh is data-parallel
     c.batch_size = 8  # per device
     # source: json (LAVIS eval annotations: comma-separated files, image_root) | easy_vqa (split)
-    c.data = ml_collections.ConfigDict(dict(source="json", annotations="", image_root="", split="test"))
+    # limit: only the set's first N samples (0: all), for a quick look
+    c.data = ml_collections.ConfigDict(dict(source="json", annotations="", image_root="", split="test", limit=0))
     c.prompt = ""
     c.generation = ml_collections.ConfigDict(dataclasses.asdict(GenerationConfig()))
     c.metric = "vqa"  # vqa (VQAv2 accuracy, 10 answers) | exact_match (GQA)

@@ -84,7 +84,23 @@ def _lavis_records(d: ml_collections.ConfigDict) -> list[tuple[dict, str]]:
     return out
 
 
+def _first(data: Any, limit: int) -> Any:
+    """`data` (a CaptionSet or VqaSet) cut to its first `limit` samples (0: all of them)."""
+    if not limit:
+        return data
+    return dataclasses.replace(data, **{f.name: getattr(data, f.name)[:limit] for f in dataclasses.fields(data)
+                                        if getattr(data, f.name) is not None})
+
+
 def caption_set(d: ml_collections.ConfigDict) -> CaptionSet:
+    return _first(_caption_set(d), d.get("limit", 0))
+
+
+def vqa_set(d: ml_collections.ConfigDict) -> VqaSet:
+    return _first(_vqa_set(d), d.get("limit", 0))
+
+
+def _caption_set(d: ml_collections.ConfigDict) -> CaptionSet:
     if d.source == "easy_vqa":
         records = easy_vqa.caption_records(d.split)
         return CaptionSet([r["image_id"] for r in records], [r["image"] for r in records],
@@ -95,7 +111,7 @@ def caption_set(d: ml_collections.ConfigDict) -> CaptionSet:
     return CaptionSet(ids, [image for _, image in rows], refs)
 
 
-def vqa_set(d: ml_collections.ConfigDict) -> VqaSet:
+def _vqa_set(d: ml_collections.ConfigDict) -> VqaSet:
     if d.source == "easy_vqa":
         from blip2_jax.data.sources import EasyVqaSource  # pylint: disable=import-outside-toplevel
 

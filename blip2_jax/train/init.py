@@ -24,6 +24,7 @@ cannot use, before the workdir exists. The frozen towers are then cast to `confi
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -89,7 +90,9 @@ def _pretrained(config: ml_collections.ConfigDict, model_cfg: Any, shardings: tu
     field = "hf" if config.init.hf else "checkpoint"
     source = open_source(config.init[field])
     want = blip2.stage_architecture(config.stage, model_cfg)
-    plain_cfg = model_cfg.replace(instruction_aware=False)
+    # the same model without instruction awareness: a BLIP-2 stage-2 Q-Former has no text side (nor a vocabulary)
+    plain_cfg = model_cfg.replace(instruction_aware=False, qformer=dataclasses.replace(
+        model_cfg.qformer, use_qformer_text_input=False, vocab_size=source.config.qformer.vocab_size))
     if model_cfg.instruction_aware and source.architecture == blip2.stage_architecture(config.stage, plain_cfg):
         if not config.init.stage1:
             raise UserError(f"init.{field} {source.name} holds a {source.architecture}, which has no Q-Former text "

@@ -219,6 +219,7 @@ def check_eval_config(config: ml_collections.ConfigDict, *, devices: int) -> Non
     _at_least("k_test", config.k_test, 0)
     _at_least("text_length", config.text_length, 1)
     _one_of("data.source", config.data.source, EVAL_SOURCES)
+    _at_least("data.limit (0: every sample)", config.data.get("limit", 0), 0)
     if config.dtype:
         _float_dtype("dtype", config.dtype)
     mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=config.fsdp, tensor=1, num_devices=config.num_devices))
