@@ -143,7 +143,8 @@ def test_easy_vqa_captions_agree_with_every_answer():
     ("caption.py", ["coco_opt2.7b", "coco_flant5xl", "nocaps_opt6.7b"]),
     ("vqa.py", ["vqav2_opt2.7b", "okvqa_flant5xxl", "gqa_flant5xl", "easy_vqa"]),
     ("retrieval.py", ["coco", "flickr", "easy_vqa"]),
-    ("instruct.py", ["nocaps_vicuna7b", "flickr_flant5xxl", "gqa_vicuna13b", "vizwiz_flant5xl", "textvqa_vicuna7b"])])
+    ("instruct.py", ["nocaps_vicuna7b", "flickr_flant5xxl", "gqa_vicuna13b", "vizwiz_flant5xl", "textvqa_vicuna7b",
+                      "scienceqa_flant5xxl"])])
 def test_eval_config_presets_load(file, presets):
     """Every preset builds, with a generation setting GenerationConfig accepts and a known task."""
     import importlib.util  # pylint: disable=import-outside-toplevel
@@ -155,6 +156,6 @@ def test_eval_config_presets_load(file, presets):
     for preset in presets:
         config = module.get_config(preset)
         GenerationConfig(**config.generation.to_dict())
-        assert config.task in ("caption", "vqa", "retrieval") and (config.checkpoint or preset == "easy_vqa")
+        assert config.task in ("caption", "vqa", "choice", "retrieval") and (config.checkpoint or preset == "easy_vqa")
     with pytest.raises(KeyError, match="presets"):
         module.get_config("nonsense")

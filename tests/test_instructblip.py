@@ -461,3 +461,56 @@ def test_eval_preset_gives_an_instructblip_the_instruction_as_transformers_does(
     assert ours == theirs and all(ours)
     other = transformers_texts(hf, processor, images, prompts, ["a"] * 3, num_beams=5, max_new_tokens=5)
     assert other != theirs  # the Q-Former's instruction matters: a test that passes it is not vacuous
+
+
+def test_scienceqa_preset_ranks_candidates_by_transformers_likelihood(tmp_path, blip2_jax):
+    """`blip2-jax eval` with the ScienceQA preset (multiple choice by ranking) on an InstructBLIP
+    directory: each candidate's score is its summed NLL under transformers' InstructBLIP (the prompt
+    with context and choices to the Q-Former and the LLM, the candidate + EOS the target), and the
+    pick is the lowest; the accuracy counts the picks that are the answer."""
+    import json  # pylint: disable=import-outside-toplevel
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    from blip2_jax.evaluate.run import choice_prompt  # pylint: disable=import-outside-toplevel
+
+    hf, processor = instructblip_directory(tmp_path / "hf", seed=16)
+    rng = np.random.default_rng(4)
+    records = [dict(question_id=0, question="what is this?", choices=["w1", "a w2", "w3 w4 w5"], answer=2,
+                    context="w6 w7"),
+               dict(question_id=1, question="is this a w1?", choices=["w8", "w9"], answer=0),
+               dict(question_id=2, question="what is a w2", choices=["a", "w1 w1", "w2", "w10"], answer=3,
+                    context="")]
+    for r in records:
+        r["image"] = f"{r['question_id']}.png"
+        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(tmp_path / r["image"])
+    (tmp_path / "sqa.json").write_text(json.dumps(records))
+    code, _, err = blip2_jax(
+        "eval", "--config", "configs/eval/instruct.py:scienceqa_vicuna7b", "--checkpoint", str(tmp_path / "hf"),
+        "--out", str(tmp_path / "eval"), f"--config.data.annotations={tmp_path / 'sqa.json'}",
+        f"--config.data.image_root={tmp_path}", "--config.num_devices=1", "--config.batch_size=3")
+    assert code == 0, err
+    ours = json.loads((tmp_path / "eval" / "results.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+
+    tokenizer, qtok = processor.tokenizer, processor.qformer_tokenizer
+    picks = []
+    for r, result in zip(records, ours):
+        prompt = choice_prompt("Question: {} Options: {}. Answer:", r["question"], r["choices"], r.get("context", ""))
+        image = processor.image_processor(Image.open(tmp_path / r["image"]), return_tensors="pt")["pixel_values"]
+        want = []
+        for choice in r["choices"]:
+            prompt_ids = tokenizer(prompt)["input_ids"]  # BOS + prompt
+            target = tokenizer(choice)["input_ids"][1:] + [tokenizer.eos_token_id]  # no BOS, EOS after
+            ids = torch.tensor([[IMAGE] * Q + prompt_ids + target])
+            q = qtok(prompt, return_tensors="pt")
+            with torch.no_grad():
+                logits = hf(pixel_values=image, qformer_input_ids=q["input_ids"],
+                            qformer_attention_mask=q["attention_mask"], input_ids=ids,
+                            attention_mask=torch.ones_like(ids)).logits[0].double()
+            logp = torch.log_softmax(logits[:-1], -1)[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+            want.append(-float(logp[-len(target):].sum()))
+        np.testing.assert_allclose(result["scores"], want, rtol=1e-4)
+        assert result["answer"] == int(np.argmin(want))
+        picks.append(result["answer"])
+    assert metrics["accuracy"] == pytest.approx(np.mean([p == r["answer"] for p, r in zip(picks, records)]))
+    assert len({round(s, 3) for r in ours for s in r["scores"]}) == 9  # the candidates' scores all differ

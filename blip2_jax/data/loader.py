@@ -189,16 +189,8 @@ class RecordProcessor:
             if self.positives:
                 out["image_id"] = positive_key(record[self.positives])
             return out
-        if self.kind in ("stage2_opt", "stage2_llama"):
-            if self.kind == "stage2_opt":
-                out = tokenizers.opt_text(self.tokenizer, joined, prompt=text_input, max_length=self.text_length)
-            else:  # LAVIS's Vicuna: instruction and answer tokenised apart, the instruction cut as the Q-Former's
-                out = tokenizers.llama_text(self.tokenizer, text_input, text_output, self.text_length,
-                                            self.instruction_length or self.text_length)
-            labels = tokenizers.opt_labels(out["text_ids"][None], out["text_mask"][None], out.pop("prompt_length"))
-            return {"image": image, **out, "labels": labels[0], **self._instruction(text_input)}
-        return {"image": image, **tokenizers.t5_text(self.tokenizer, text_input, text_output, self.text_length,
-                                                     self.text_length), **self._instruction(text_input)}
+        return {"image": image, **tokenizers.stage2_text(self.kind, self.tokenizer, text_input, text_output, self.text_length,
+                                              self.instruction_length), **self._instruction(text_input)}
 
 
 def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:

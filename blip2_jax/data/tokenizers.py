@@ -177,3 +177,17 @@ def t5_text(tokenizer: Any, text_input: str, text_output: str, max_input_length:
         _require_eos(tokenizer, ids)
         out[f"{name}_ids"], out[f"{name}_mask"] = _pad(ids, length, tokenizer.pad_token_id)
     return out
+
+
+def stage2_text(kind: str, tokenizer: Any, text_input: str, text_output: str, text_length: int,
+                instruction_length: int = 0) -> dict[str, np.ndarray]:
+    """A stage-2 row's text arrays (`objectives/stage2.py::batch_spec`) for `kind` 'stage2_opt',
+    'stage2_llama' or 'stage2_t5': `text_input` (the prompt) is no target, `text_output` is."""
+    if kind == "stage2_t5":
+        return t5_text(tokenizer, text_input, text_output, text_length, text_length)
+    if kind == "stage2_opt":
+        out = opt_text(tokenizer, f"{text_input} {text_output}".strip(), prompt=text_input, max_length=text_length)
+    else:  # LAVIS's Vicuna: instruction and answer tokenised apart, the instruction cut as the Q-Former's
+        out = llama_text(tokenizer, text_input, text_output, text_length, instruction_length or text_length)
+    labels = opt_labels(out["text_ids"][None], out["text_mask"][None], out.pop("prompt_length"))
+    return {**out, "labels": labels[0]}

@@ -10,7 +10,7 @@ from blip2_jax.generation.config import GenerationConfig
 
 def base_config(task: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = task  # caption | vqa | retrieval
+    c.task = task  # caption | vqa | choice (multiple choice by ranking) | retrieval
     # a HF directory or hub id, a model checkpoint (`blip2-jax convert`) or a training workdir (`step`: -1 = latest)
     c.checkpoint, c.step = "", -1
     c.tokenizer = ""  # default: the checkpoint's (the LLM's for caption/vqa, the Q-Former's BERT for retrieval)

@@ -37,6 +37,19 @@ class VqaSet:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChoiceSet:
+    """Multiple-choice questions (ScienceQA): each question's candidate answers, the index of the
+    right one, and its context ("" where it has none)."""
+
+    question_ids: list[Any]
+    images: list[str]
+    questions: list[str]
+    choices: list[list[str]]
+    answers: list[int]
+    contexts: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
 class RetrievalSet:
     """Every image against every text; `img2txt[i]` lists image i's captions, `txt2img[j]` is text
     j's image (None for a classification set: the texts are class names shared by many images)."""
@@ -85,7 +98,7 @@ def _lavis_records(d: ml_collections.ConfigDict) -> list[tuple[dict, str]]:
 
 
 def _first(data: Any, limit: int) -> Any:
-    """`data` (a CaptionSet or VqaSet) cut to its first `limit` samples (0: all of them)."""
+    """`data` (a CaptionSet, VqaSet or ChoiceSet) cut to its first `limit` samples (0: all of them)."""
     if not limit:
         return data
     return dataclasses.replace(data, **{f.name: getattr(data, f.name)[:limit] for f in dataclasses.fields(data)
@@ -98,6 +111,28 @@ def caption_set(d: ml_collections.ConfigDict) -> CaptionSet:
 
 def vqa_set(d: ml_collections.ConfigDict) -> VqaSet:
     return _first(_vqa_set(d), d.get("limit", 0))
+
+
+def choice_set(d: ml_collections.ConfigDict) -> ChoiceSet:
+    """LAVIS-layout records with `choices` (a list of texts) and `answer` (the right one's index)."""
+    rows = _lavis_records(d)
+    choices, answers = [], []
+    for i, (record, _) in enumerate(rows):
+        options = _field(record, ("choices",), d.annotations, i)
+        answer = _field(record, ("answer",), d.annotations, i)
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
+            raise ValueError(f"{d.annotations} record {i}: 'choices' must be a list of two or more texts, "
+                             f"got {options!r}")
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
+            raise ValueError(f"{d.annotations} record {i}: 'answer' must be the index of the right choice "
+                             f"(0..{len(options) - 1}), got {answer!r}")
+        choices.append(options)
+        answers.append(answer)
+    data = ChoiceSet([_field(r, ("question_id",), d.annotations, i) for i, (r, _) in enumerate(rows)],
+                     [image for _, image in rows],
+                     [_field(r, ("question",), d.annotations, i) for i, (r, _) in enumerate(rows)],
+                     choices, answers, [str(r.get("context") or "") for r, _ in rows])
+    return _first(data, d.get("limit", 0))
 
 
 def _caption_set(d: ml_collections.ConfigDict) -> CaptionSet:

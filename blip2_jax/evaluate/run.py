@@ -6,8 +6,9 @@ output directory (process 0 only); every host computes the same results from rep
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -16,6 +17,7 @@ import numpy as np
 from blip2_jax.data.text import pre_question
 from blip2_jax.data.tokenizers import instruction_tokenizer, language_tokenizer, qformer_tokenizer
 from blip2_jax.evaluate import datasets, metrics
+from blip2_jax.evaluate.choice import candidate_nll
 from blip2_jax.evaluate.generation import generate_texts
 from blip2_jax.evaluate.model import EvalModel, load_model
 from blip2_jax.evaluate.retrieval import retrieval_scores
@@ -81,6 +83,27 @@ def _vqa(config, model, mesh) -> tuple[list[dict], dict[str, float]]:
     return results, score
 
 
+def choice_prompt(template: str, question: str, choices: Sequence[str], context: str) -> str:
+    """A multiple-choice question's prompt as LAVIS's InstructBLIP composes it: a two-slot template
+    takes the question and the choices as "(a) ... (b) ..." (`predict_answers`), a one-slot one the
+    question; a context goes first as "context: ... ." (`predict_class`)."""
+    options = " ".join(f"({string.ascii_lowercase[j]}) {c}" for j, c in enumerate(choices))
+    text = template.format(question, options) if template.count("{}") == 2 else template.format(question)
+    return f"context: {context}. {text}" if context else text
+
+
+def _choice(config, model, mesh) -> tuple[list[dict], dict[str, float]]:
+    data = datasets.choice_set(config.data)
+    prompts = [choice_prompt(config.prompt, q, c, x) for q, c, x in zip(data.questions, data.choices, data.contexts)]
+    with _progress(sum(map(len, data.choices)), "choice") as bar:
+        nll = candidate_nll(model, mesh, data.images, prompts, data.choices, batch_size=config.batch_size,
+                            progress=bar.update, **_generation_tokenizers(config, model))
+    picked = [int(np.argmin(s)) for s in nll]  # ties: the first, as torch.argsort's first rank
+    results = [{"question_id": q, "answer": p, "scores": s.tolist()} for q, p, s in zip(data.question_ids, picked, nll)]
+    correct = [p == a for p, a in zip(picked, data.answers)]
+    return results, {"accuracy": float(np.mean(correct)) if correct else 0.0, "count": len(correct)}
+
+
 def _retrieval(config, model, mesh) -> tuple[dict, dict[str, float]]:
     data = datasets.retrieval_set(config.data)
     n = len(data.texts) + len(data.images)
@@ -114,7 +137,7 @@ def evaluate(config: ml_collections.ConfigDict, output: str | Path | None = None
     if config.task != "retrieval" and model.config.text is None:
         raise ValueError(f"{config.task} needs a BLIP-2 model with a language model; {config.checkpoint} is a "
                          "retrieval model")
-    run = {"caption": _caption, "vqa": _vqa, "retrieval": _retrieval}[config.task]
+    run = {"caption": _caption, "vqa": _vqa, "choice": _choice, "retrieval": _retrieval}[config.task]
     results, scores = run(config, model, mesh)
     if output is not None and jax.process_index() == 0:
         output = Path(output)

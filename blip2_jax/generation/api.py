@@ -51,16 +51,18 @@ def _per_image(values: str | Sequence[str], n: int, what: str) -> list[str]:
     return values
 
 
-def check_question_template(prompt: str, ocr: bool = False) -> None:
+def check_question_template(prompt: str, two_slots: bool = False) -> None:
     """A VQA prompt is `str.format`ted with the question: exactly one `{}` (a stray brace raised a
-    bare IndexError, a prompt without one silently dropped the question). With `ocr`, two are also
-    allowed: a sample's OCR tokens, then its question (LAVIS's InstructBLIP TextVQA prompt)."""
+    bare IndexError, a prompt without one silently dropped the question). With `two_slots`, two are
+    also allowed, as LAVIS's InstructBLIP fills them: a TextVQA question's OCR tokens then the
+    question; a multiple-choice question then its choices."""
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
     except ValueError:  # an unmatched brace
         fields = None
-    if fields not in ([""], ["0"]) and not (ocr and fields == ["", ""]):
-        slots = "one {} where the question goes" + (" (or two: OCR tokens, question)" if ocr else "")
+    if fields not in ([""], ["0"]) and not (two_slots and fields == ["", ""]):
+        slots = "one {} where the question goes" + (" (or two: OCR tokens, question; question, choices)"
+                                                     if two_slots else "")
         raise UserError(f"the VQA prompt {prompt!r} must hold exactly {slots} (write {{{{ and }}}} for literal "
                         "braces)")
 

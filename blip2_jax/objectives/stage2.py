@@ -85,6 +85,28 @@ def _t5_logits(module: Blip2ForConditionalGeneration, image: jax.Array, instruct
     return module.language_model(embeds, mask, decoder_input_ids, decoder_mask, deterministic=deterministic)
 
 
+def _logits_and_targets(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None, *,
+                        model: Blip2ForConditionalGeneration, deterministic: bool) -> tuple[jax.Array, jax.Array]:
+    """The LM's logits at the positions that predict text (B, T, V) and the token each predicts
+    (B, T; IGNORE where none is a target)."""
+    variables = {"params": params}
+    rngs = {} if rng is None else {"rngs": {"dropout": rng}}
+    text_cfg = model.config.text
+    instruction = (batch["qformer_ids"], batch["qformer_mask"]) if model.config.instruction_aware else None
+    if not text_cfg.is_encoder_decoder:  # OPT, LLaMA
+        logits = model.apply(variables, batch["image"], instruction, batch["text_ids"], batch["text_mask"],
+                             deterministic, method=_decoder_only_logits, **rngs)
+        # Shifted causal LM: position t predicts token t+1, so the last query predicts text token 0.
+        return logits[:, :-1], batch["labels"]
+    if isinstance(text_cfg, T5Config):
+        targets = jnp.where(batch["output_mask"] == 0, IGNORE, batch["output_ids"])  # = pad -> -100
+        decoder_input_ids = shift_right(targets, text_cfg.decoder_start_token_id, text_cfg.pad_token_id)
+        logits = model.apply(variables, batch["image"], instruction, batch["input_ids"], batch["input_mask"],
+                             decoder_input_ids, batch["output_mask"], deterministic, method=_t5_logits, **rngs)
+        return logits, targets
+    raise ValueError(f"stage 2 needs an OPT, LLaMA or T5 language model, got {text_cfg!r}")
+
+
 def stage2_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                 model: Blip2ForConditionalGeneration, config: Stage2Config = Stage2Config(),
                 deterministic: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -96,21 +118,17 @@ def stage2_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
     `rng` drives the Q-Former's and the LLM's dropout (unused when `deterministic`).
     Returns the mean token cross-entropy and the metrics `loss`, `loss_lm`.
     """
-    variables = {"params": params}
-    rngs = {"dropout": rng}
-    text_cfg = model.config.text
-    instruction = (batch["qformer_ids"], batch["qformer_mask"]) if model.config.instruction_aware else None
-    if not text_cfg.is_encoder_decoder:  # OPT, LLaMA
-        logits = model.apply(variables, batch["image"], instruction, batch["text_ids"], batch["text_mask"],
-                             deterministic, method=_decoder_only_logits, rngs=rngs)
-        # Shifted causal LM: position t predicts token t+1, so the last query predicts text token 0.
-        loss = token_cross_entropy(logits[:, :-1], batch["labels"], config.label_smoothing)
-    elif isinstance(text_cfg, T5Config):
-        targets = jnp.where(batch["output_mask"] == 0, IGNORE, batch["output_ids"])  # = pad -> -100
-        decoder_input_ids = shift_right(targets, text_cfg.decoder_start_token_id, text_cfg.pad_token_id)
-        logits = model.apply(variables, batch["image"], instruction, batch["input_ids"], batch["input_mask"],
-                             decoder_input_ids, batch["output_mask"], deterministic, method=_t5_logits, rngs=rngs)
-        loss = token_cross_entropy(logits, targets, config.label_smoothing)
-    else:
-        raise ValueError(f"stage 2 needs an OPT, LLaMA or T5 language model, got {text_cfg!r}")
+    logits, targets = _logits_and_targets(params, batch, rng, model=model, deterministic=deterministic)
+    loss = token_cross_entropy(logits, targets, config.label_smoothing)
     return loss, {"loss": loss, "loss_lm": loss}
+
+
+def sequence_nll(params: Any, batch: Mapping[str, jax.Array], *, model: Blip2ForConditionalGeneration) -> jax.Array:
+    """Each row's negative log-likelihood of its target tokens, summed (B,), deterministic: how
+    LAVIS's `predict_class` ranks candidate answers (a per-row loss with reduction 'none', which its
+    T5 sums over the row's tokens). The batch is the stage-2 batch of `stage2_loss`."""
+    logits, targets = _logits_and_targets(params, batch, None, model=model, deterministic=True)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    valid = targets != IGNORE
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0), axis=-1)

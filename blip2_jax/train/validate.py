@@ -29,7 +29,7 @@ from blip2_jax.train.partition import PRESETS as TRAINABLE_PRESETS
 from blip2_jax.train.profiling import parse_steps
 
 STAGES = ("stage1", "stage2", "lm")
-EVAL_TASKS = ("caption", "vqa", "retrieval")  # what evaluate/run.py runs
+EVAL_TASKS = ("caption", "vqa", "choice", "retrieval")  # what evaluate/run.py runs
 EVAL_SOURCES = ("json", "easy_vqa")
 
 
@@ -229,5 +229,5 @@ def check_eval_config(config: ml_collections.ConfigDict, *, devices: int) -> Non
     if unknown:
         raise UserError(f"config.generation has unknown fields {unknown}; known: {sorted(known)}")
     GenerationConfig(**config.generation.to_dict())  # its own checks raise UserError
-    if config.task == "vqa":
-        check_question_template(config.prompt, ocr=True)
+    if config.task in ("vqa", "choice"):  # a second slot: OCR tokens (vqa) or the choices (choice)
+        check_question_template(config.prompt, two_slots=True)
