@@ -514,3 +514,50 @@ def test_scienceqa_preset_ranks_candidates_by_transformers_likelihood(tmp_path, 
         picks.append(result["answer"])
     assert metrics["accuracy"] == pytest.approx(np.mean([p == r["answer"] for p, r in zip(picks, records)]))
     assert len({round(s, 3) for r in ours for s in r["scores"]}) == 9  # the candidates' scores all differ
+
+
+def test_candidate_scores_equal_transformers_for_both_llm_kinds(pair, tmp_path):
+    """`evaluate.choice.candidate_nll` (the ranking score) for LLaMA and T5 InstructBLIPs: each
+    candidate's summed NLL as transformers' model gives it (T5: the prompt + </s> to the encoder,
+    the candidate + </s> the decoder's labels; LLaMA: BOS + prompt, then the candidate + EOS)."""
+    from blip2_jax.data.images import preprocess_images  # pylint: disable=import-outside-toplevel
+    from blip2_jax.evaluate.choice import candidate_nll  # pylint: disable=import-outside-toplevel
+    from blip2_jax.evaluate.model import EvalModel  # pylint: disable=import-outside-toplevel
+    from blip2_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+    from tests.test_convert import _t5_tokenizer  # pylint: disable=import-outside-toplevel
+
+    t5 = pair["kind"] == "t5"
+    tokenizer = _t5_tokenizer() if t5 else tiny_opt_tokenizer()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(20)]
+    (tmp_path / "vocab.txt").write_text("\n".join(words))
+    qtok = transformers.BertTokenizerFast(str(tmp_path / "vocab.txt"))
+    mesh = mesh_lib.make_mesh(-1, 1, 1, jax.devices()[:1])
+    model = EvalModel(blip2.build(pair["cfg"]), pair["cfg"], pair["params"], "")
+    pixels = ref.nhwc(ref.pixels(2, seed=7))
+    images = [np.clip(p * 60 + 128, 0, 255).astype(np.uint8) for p in pixels]
+    prompts, candidates = ["w1 w2 w3", "w4"], [["w5", "w6 w7 w8", "a"], ["w9 w9"]]
+    ours = candidate_nll(model, mesh, images, prompts, candidates, tokenizer, batch_size=2, qformer_tokenizer=qtok)
+
+    x = torch.tensor(np.transpose(preprocess_images(images, pair["cfg"].vision.image_size), (0, 3, 1, 2)))
+    for i, options in enumerate(candidates):
+        q = qtok(prompts[i], return_tensors="pt")
+        want = []
+        for c in options:
+            prompt = tokenizer(prompts[i])["input_ids"]
+            target = tokenizer(c)["input_ids"] if t5 else tokenizer(c)["input_ids"][1:] + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                if t5:
+                    ids = torch.tensor([[IMAGE] * Q + prompt])
+                    out = pair["hf"](pixel_values=x[i:i + 1], qformer_input_ids=q["input_ids"],
+                                     qformer_attention_mask=q["attention_mask"], input_ids=ids,
+                                     attention_mask=torch.ones_like(ids), labels=torch.tensor([target]))
+                    logp = torch.log_softmax(out.logits[0].double(), -1)[torch.arange(len(target)), target]
+                else:
+                    ids = torch.tensor([[IMAGE] * Q + prompt + target])
+                    logits = pair["hf"](pixel_values=x[i:i + 1], qformer_input_ids=q["input_ids"],
+                                        qformer_attention_mask=q["attention_mask"], input_ids=ids,
+                                        attention_mask=torch.ones_like(ids)).logits[0].double()
+                    logp = torch.log_softmax(logits[:-1], -1)[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+                    logp = logp[-len(target):]
+            want.append(-float(logp.sum()))
+        np.testing.assert_allclose(ours[i], want, rtol=1e-4)
