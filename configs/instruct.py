@@ -8,7 +8,8 @@ Presets: `tiny` and the published models' `vicuna7b`, `vicuna13b`, `flant5xl`, `
 paper (Dai et al. 2023, §3.4): AdamW b1 0.9, b2 0.999, weight decay 0.05; the learning rate warms
 up linearly from 1e-8 to 1e-5 over 1,000 steps, then cosine decay to 0; at most 60K steps; batch
 192, 128 and 64 for the 3/4B, 7B and 11/13B models; the instruction reaches the Q-Former truncated
-to 128 tokens (LAVIS `max_txt_len`).
+to 128 tokens (LAVIS `max_txt_len`). LAVIS releases no InstructBLIP training config to compare
+(its instructblip/train/pretrain.yaml trains a BLIP VQA model, a debug setup).
 
 Data (paper §2.2-2.4, data/instructions.py): each record's instruction is one of the paper's
 templates for its task, drawn per record (`data.templates="instructblip"`: 13 for captions, 10 for

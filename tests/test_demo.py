@@ -82,4 +82,10 @@ def test_the_instruction_demo_tunes_an_instructblip_from_the_demos_blip2(demo):
     blip2 = traverse_util.flatten_dict(CheckpointParams.open(workdir / "stage2").tree(), sep="/")
     frozen = [p for p in ours if p.startswith(("language_model/", "vision_model/encoder"))]
     assert frozen and all(np.array_equal(ours[p], blip2[p]) for p in frozen)
-    assert "| instruct" not in demo_run.instruct_table(results) and "(held out)" in demo_run.instruct_table(results)
+    assert "(held out)" in demo_run.instruct_table(results)
+
+    from blip2_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    config.init.stage1 = ""  # a BLIP-2 stage 2 has no text side for the instruction: refused, not left random
+    with pytest.raises(UserError, match="takes it from init.stage1"):
+        demo_run.loop.train(config, workdir / "instruct_without_stage1")
