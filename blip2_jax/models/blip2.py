@@ -244,16 +244,31 @@ class Blip2ForImageTextRetrieval(Blip2Base):
         out = self.text_hidden(input_ids, attention_mask, deterministic=deterministic)
         return _normalize(self.text_projection(out[:, 0]))
 
-    def itm(self, image_embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
-            image_rows: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-        """ITM logits (B, 2): mean over query rows of `itm_head` after a joint bidirectional pass.
-        With `image_rows` (B,), pair b is image image_rows[b] of image_embeds (M, S, Dv) with text b."""
+    def text_token_features(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                            deterministic: bool = True) -> jax.Array:
+        """Every token of the text-only pass, projected and normalised (B, L, E), as transformers'
+        `Blip2TextModelWithProjection` returns them; ITC reads the [CLS] row."""
+        return _normalize(self.text_projection(self.text_hidden(input_ids, attention_mask,
+                                                                deterministic=deterministic)))
+
+    def multimodal_features(self, image_embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
+                            image_rows: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        """The query rows (B, Q, Dq) of a joint bidirectional pass over the queries and the text
+        (LAVIS's multimodal features). With `image_rows` (B,), pair b is image image_rows[b] of
+        image_embeds (M, S, Dv) with text b."""
         b, q = input_ids.shape[0], self.config.num_query_tokens
         queries = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:]))
         rows = jnp.concatenate([queries.astype(jnp.float32), self.embeddings(input_ids)], axis=1)
         out, _ = self.qformer(rows, query_length=q, attention_mask=qformer_mask("bidirectional", q, attention_mask),
                               image_embeds=image_embeds, image_rows=image_rows, deterministic=deterministic)
-        return jnp.mean(self.itm_head(out[:, :q]).astype(jnp.float32), axis=1)
+        return out[:, :q]
+
+    def itm(self, image_embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
+            image_rows: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        """ITM logits (B, 2): mean over the multimodal query rows of `itm_head`."""
+        rows = self.multimodal_features(image_embeds, input_ids, attention_mask, image_rows=image_rows,
+                                        deterministic=deterministic)
+        return jnp.mean(self.itm_head(rows).astype(jnp.float32), axis=1)
 
     def __call__(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  *, use_image_text_matching_head: bool = False, interpolate_pos_encoding: bool = False,
