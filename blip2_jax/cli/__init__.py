@@ -24,14 +24,15 @@ import traceback
 
 from absl import app, flags
 
-from blip2_jax.cli import convert, inference
+from blip2_jax.cli import convert, inference, infer
 from blip2_jax.cli import train as train_commands
 from blip2_jax.cli.command import Command, loaded_config
 from blip2_jax.errors import UserError
 
 COMMANDS: dict[tuple[str, ...], Command] = {c.words: c for c in (
     train_commands.DEMO, train_commands.TRAIN, train_commands.PLAN, inference.GENERATE, inference.EVAL,
-    convert.FROM_HF, convert.TO_HF, convert.FROM_LAVIS, convert.TO_LAVIS, convert.DATA_BUILD)}
+    *infer.COMMANDS.values(), convert.FROM_HF, convert.TO_HF, convert.FROM_LAVIS, convert.TO_LAVIS,
+    convert.DATA_BUILD)}
 HELP = ("-h", "--help")
 
 

@@ -24,8 +24,17 @@ def _generate_flags(values: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_multi_string("question", [], "Answer this question instead of captioning: one for all images "
                               "or one per --image.", flag_values=values)
     flags.DEFINE_integer("batch_size", 8, "Images per compiled generate call.", flag_values=values)
+    define_dtype(values)
+    define_search(values)
+
+
+def define_dtype(values: flags.FlagValues) -> None:
     flags.DEFINE_string("dtype", None, "Parameter and compute dtype, e.g. bfloat16 (default float32).",
                         flag_values=values)
+
+
+def define_search(values: flags.FlagValues) -> None:
+    """The decoding flags (search_config applies them over a preset)."""
     flags.DEFINE_integer("num_beams", None, "Beams (1: greedy).", flag_values=values)
     flags.DEFINE_integer("max_new_tokens", None, "Most tokens generated; below the preset's min_length (and "
                          "without --min_length) it lowers min_length to it.", flag_values=values)

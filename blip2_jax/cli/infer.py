@@ -1,0 +1,92 @@
+"""`blip2-jax infer caption|answer|embed`: a model over a whole set, written shard by shard."""
+from __future__ import annotations
+
+import json
+
+from absl import app, flags, logging
+
+from blip2_jax.cli.command import Command, define_checkpoint, define_out, define_tokenizer
+from blip2_jax.cli.inference import define_dtype, define_search, search_config
+
+
+def _flags(task: str):
+    def define(values: flags.FlagValues, argv: list[str]) -> None:
+        del argv
+        define_checkpoint(values, "The model" + (" (a retrieval model for ITC features)" if task == "embed" else ""))
+        define_out(values, "a directory of shards (resumed where a killed run stopped)")
+        flags.DEFINE_string("images", None, "A directory of images (every image file under it).", flag_values=values)
+        flags.DEFINE_multi_string("annotations", [], "LAVIS-style JSON records (image" +
+                                  (", question" if task == "answer" else "") + "); repeat for several.",
+                                  flag_values=values)
+        flags.DEFINE_string("image_root", "", "The directory the records' image paths are under.", flag_values=values)
+        flags.DEFINE_integer("shard_size", 256, "Records per output shard.", flag_values=values)
+        flags.DEFINE_integer("batch_size", 8, "Images per device per compiled call.", flag_values=values)
+        flags.DEFINE_integer("num_devices", -1, "Devices to use (-1: all).", flag_values=values)
+        define_dtype(values)
+        if task == "embed":
+            flags.DEFINE_enum("feature", "itc_image", ["image_embeds", "query_output", "language_inputs", "itc_image"],
+                              "Which image feature (blip2_jax/features.py).", flag_values=values)
+        else:
+            define_tokenizer(values, "default: the checkpoint's")
+            flags.DEFINE_string("prompt", None, "Text each caption continues (default: none) or, for answers, a "
+                                "template with {} (default: the paper's VQA prompt for the checkpoint's LLM).",
+                                flag_values=values)
+            define_search(values)
+    return define
+
+
+def _records(values: flags.FlagValues, command: Command, task: str) -> list[dict]:
+    from blip2_jax.infer import inputs  # pylint: disable=import-outside-toplevel
+
+    if bool(values.images) == bool(values.annotations):
+        raise app.UsageError(f"{command.name} needs --images DIR or --annotations FILE (one of them)\n"
+                             f"{command.usage()}")
+    if task == "answer" and values.images:
+        raise app.UsageError(f"{command.name} reads questions from --annotations, not --images\n{command.usage()}")
+    if values.images:
+        return inputs.image_folder(values.images)
+    return inputs.annotation_records(values.annotations, values.image_root, need_question=task == "answer")
+
+
+def _run(task: str):
+    def run(values: flags.FlagValues) -> None:
+        # pylint: disable=import-outside-toplevel  # keep --help fast
+        from blip2_jax.generation.api import check_question_template
+        from blip2_jax.generation.config import CAPTION, PROMPTS, VQA_OPT, VQA_T5
+        from blip2_jax.infer.run import infer
+        from blip2_jax.weights.load import open_source
+
+        command = COMMANDS[task]
+        command.require(values, "checkpoint", "out")
+        logging.set_verbosity(logging.WARNING)
+        records = _records(values, command, task)
+        options = {}
+        if task != "embed":
+            t5 = open_source(values.checkpoint, values.step).config.text.is_encoder_decoder
+            preset = CAPTION if task == "caption" else (VQA_T5 if t5 else VQA_OPT)
+            prompt = values.prompt if values.prompt is not None else \
+                ("" if task == "caption" else PROMPTS["vqa_t5" if t5 else "vqa_opt"])
+            if task == "answer":
+                check_question_template(prompt)
+            options = dict(prompt=prompt, generation=search_config(values, preset), tokenizer=values.tokenizer or "")
+        else:
+            options = dict(feature=values.feature)
+        summary = infer(task, records, values.checkpoint, values.out, step=values.step, batch_size=values.batch_size,
+                        shard_size=values.shard_size, num_devices=values.num_devices, dtype=values.dtype, **options)
+        print(json.dumps(summary, indent=2))
+    return run
+
+
+_INPUT = "(--images DIR | --annotations FILE [--image_root DIR])"
+COMMANDS = {
+    "caption": Command(("infer", "caption"), f"--checkpoint DIR_OR_HUB_ID {_INPUT} --out DIR [--prompt TEXT]",
+                       "Captions every image of a set into Parquet shards, resumable.", _flags("caption"),
+                       _run("caption")),
+    "answer": Command(("infer", "answer"), "--checkpoint DIR_OR_HUB_ID --annotations FILE [--image_root DIR] "
+                      "--out DIR [--prompt TEMPLATE]",
+                      "Answers every record's question into Parquet shards, resumable.", _flags("answer"),
+                      _run("answer")),
+    "embed": Command(("infer", "embed"), f"--checkpoint DIR_OR_HUB_ID {_INPUT} --out DIR [--feature NAME]",
+                     "Writes an image feature of every image of a set to .npy shards, resumable.", _flags("embed"),
+                     _run("embed")),
+}

@@ -1,0 +1,50 @@
+"""What `blip2-jax infer` reads: a directory of images, or LAVIS-style annotation files (an `image`
+path under an image root, and a `question` for answers), as records with a stable `id`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from blip2_jax.errors import InputNotFound, UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_folder(directory: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every image file under `directory` (recursively), sorted by its path; the id is that path
+    relative to `directory`."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise InputNotFound(f"--images {root}: not a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"--images {root}: no image files ({', '.join(IMAGE_SUFFIXES)}) under it")
+    return [{"id": str(p.relative_to(root)), "image": str(p)} for p in files]
+
+
+def annotation_records(files: list[str], image_root: str, *, need_question: bool) -> list[dict[str, Any]]:
+    """The records of LAVIS-style JSON files, in order; the id is `question_id`, else `image_id`,
+    else the image path. Every record is checked before anything runs."""
+    records = []
+    for path in files:
+        if not Path(path).is_file():
+            raise InputNotFound(f"--annotations {path}: not found")
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"--annotations {path}: not valid JSON ({e})") from e
+        if not isinstance(data, list):
+            raise UserError(f"--annotations {path}: expected a list of records, got {type(data).__name__}")
+        for row, record in enumerate(data):
+            missing = [k for k in ("image", *(("question",) if need_question else ())) if k not in record]
+            if not isinstance(record, dict) or missing:
+                raise UserError(f"--annotations {path}: record {row} has no {' or '.join(missing or ['fields'])}")
+            key = record.get("question_id", record.get("image_id", record["image"]))
+            records.append({**record, "id": str(key), "image": os.path.join(image_root, record["image"])})
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise UserError("--annotations: record ids (question_id, image_id or image) repeat; each row needs its own")
+    return records

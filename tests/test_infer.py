@@ -1,0 +1,122 @@
+"""`blip2-jax infer` (issue 22, Done-when 2 on one process): captions, answers and features of a
+whole set into shards. A run killed between shards (its next shard half-written) continues at that
+shard and ends with files byte for byte those of an uninterrupted run; 1 device and 8 write the
+same bytes; an unreadable image is skipped and listed, not fatal; the texts equal the generation
+API's and the features the extractor's; another run into the same directory is refused."""
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip2_jax.features import FeatureExtractor
+from blip2_jax.generation.api import Blip2Generator
+from blip2_jax.generation.config import CAPTION, PROMPTS, VQA_OPT
+from tests.reference import hf_models as ref
+from tests.reference.tokenizers import tiny_opt_tokenizer
+from tests.test_cli_errors import user_error
+
+SEARCH = ["--num_beams=2", "--max_new_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny OPT BLIP-2 and a retrieval model (HF directories), 7 images (one in a subdirectory)
+    and a file that claims to be an image but is not."""
+    root = tmp_path_factory.mktemp("infer")
+    ref.generation_model(ref.OPT, seed=31).save_pretrained(root / "opt")
+    tiny_opt_tokenizer().save_pretrained(root / "opt")
+    ref.retrieval_model(seed=32).save_pretrained(root / "itm")
+    rng = np.random.default_rng(5)
+    (root / "images" / "more").mkdir(parents=True)
+    for i in range(7):
+        where = root / "images" / ("more" if i == 6 else "") / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (24 + 2 * i, 30, 3), dtype=np.uint8)).save(where)
+    (root / "images" / "3b.png").write_bytes(b"not a png")
+    return root
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _parquet(path):
+    from pyarrow import parquet as pq  # pylint: disable=import-outside-toplevel
+
+    return pq.read_table(path).to_pydict()
+
+
+def test_captions_resume_byte_for_byte_on_any_device_count(data, tmp_path, blip2_jax):
+    args = ["infer", "caption", "--checkpoint", str(data / "opt"), "--images", str(data / "images"),
+            "--shard_size=3", "--batch_size=2", *SEARCH]
+    code, out, err = blip2_jax(*args, "--out", str(tmp_path / "full"))
+    assert code == 0, err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["shards"] == 3 and summary["images"] == 7 and summary["bad_images"] == 1
+    full = _files(tmp_path / "full")
+    assert sorted(full) == ["run.json", "shard-00000-of-00003.parquet", "shard-00001-of-00003.bad.json",
+                            "shard-00001-of-00003.parquet", "shard-00002-of-00003.parquet"]
+    bad = json.loads(full["shard-00001-of-00003.bad.json"])
+    assert [b["id"] for b in bad] == ["3b.png"] and bad[0]["cause"]
+    rows = [_parquet(tmp_path / "full" / f"shard-0000{k}-of-00003.parquet") for k in range(3)]
+    ids = sum((r["id"] for r in rows), [])
+    assert ids == ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png", "more/6.png"]
+    generator = Blip2Generator.from_pretrained(data / "opt", batch_size=4)
+    search = dataclasses.replace(CAPTION, num_beams=2, max_new_tokens=4, min_length=4)
+    assert sum((r["caption"] for r in rows), []) == generator.caption([str(data / "images" / i) for i in ids], "",
+                                                                      search)
+
+    # killed while writing its last shard: that shard is missing, a half-written file lies beside it
+    shutil.copytree(tmp_path / "full", tmp_path / "killed")
+    (tmp_path / "killed" / "shard-00002-of-00003.parquet").rename(tmp_path / "killed" / "x.parquet.partial")
+    code, out, err = blip2_jax(*args, "--out", str(tmp_path / "killed"))
+    assert code == 0, err
+    assert json.loads(out[out.index("{"):])["skipped_shards"] == 2
+    assert _files(tmp_path / "killed") == full
+
+    code, _, err = blip2_jax(*args, "--num_devices=1", "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    assert _files(tmp_path / "one") == full
+
+    code, _, err = blip2_jax(*args, "--prompt=a photo of", "--out", str(tmp_path / "full"))
+    assert "holds the output of another run (differs in prompt)" in user_error(code, err)
+    assert _files(tmp_path / "full") == full  # nothing of the refused run written
+
+
+def test_answers_and_features_equal_the_library(data, tmp_path, blip2_jax):
+    records = [{"question_id": 10 + i, "image": f"{i}.png", "question": q}
+               for i, q in enumerate(["what is the w1", "w2 w3", "is w4 the w5"])]
+    (tmp_path / "q.json").write_text(json.dumps(records))
+    code, _, err = blip2_jax("infer", "answer", "--checkpoint", str(data / "opt"), "--annotations",
+                             str(tmp_path / "q.json"), "--image_root", str(data / "images"), "--out",
+                             str(tmp_path / "answers"), "--shard_size=2", *SEARCH)
+    assert code == 0, err
+    rows = [_parquet(tmp_path / "answers" / f"shard-0000{k}-of-00002.parquet") for k in range(2)]
+    assert sum((r["id"] for r in rows), []) == ["10", "11", "12"]
+    generator = Blip2Generator.from_pretrained(data / "opt", batch_size=4)
+    search = dataclasses.replace(VQA_OPT, num_beams=2, max_new_tokens=4)
+    want = generator.answer([str(data / "images" / r["image"]) for r in records], [r["question"] for r in records],
+                            PROMPTS["vqa_opt"], search)
+    assert sum((r["answer"] for r in rows), []) == want
+
+    code, _, err = blip2_jax("infer", "embed", "--checkpoint", str(data / "itm"), "--images", str(data / "images"),
+                             "--out", str(tmp_path / "emb"), "--shard_size=4", "--feature=itc_image")
+    assert code == 0, err
+    ids = sum((json.loads((tmp_path / "emb" / f"shard-0000{k}-of-00002.ids.json").read_text()) for k in range(2)), [])
+    got = np.concatenate([np.load(tmp_path / "emb" / f"shard-0000{k}-of-00002.npy") for k in range(2)])
+    want = FeatureExtractor.from_pretrained(data / "itm").images([str(data / "images" / i) for i in ids])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert len(ids) == 7 and got.dtype == np.float32
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--images", "/nonexistent/dir"], "--images /nonexistent/dir: not a directory"),
+    ([], "infer caption needs --images DIR or --annotations FILE"),
+])
+def test_bad_inputs_are_one_line_errors(data, tmp_path, blip2_jax, args, expected):
+    code, _, err = blip2_jax("infer", "caption", "--checkpoint", str(data / "opt"), "--out", str(tmp_path / "o"),
+                             *args)
+    assert expected in (user_error(code, err) if code == 2 else err)
+    assert not (tmp_path / "o").exists()
