@@ -85,6 +85,13 @@ def _require(model: Any, name: str) -> None:
         raise UserError(f"{name}: an InstructBLIP's queries read an instruction; use its generation API")
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted(model: Any, fn: Callable, kw: tuple) -> Callable:
+    """One jitted feature function per (model, function, options): another extractor of the same
+    model (e.g. the next `blip2-jax infer embed` job in this process) reuses its compiles."""
+    return jax.jit(functools.partial(fn, model=model, **dict(kw)))
+
+
 class FeatureExtractor:
     """A checkpoint's features over lists of images and texts, `batch_size` at a time, each kind
     of feature compiled once per batch shape (host arrays out)."""
@@ -109,7 +116,7 @@ class FeatureExtractor:
 
     def _fn(self, key: str, fn: Callable, **kw) -> Callable:
         if key not in self._compiled:
-            self._compiled[key] = jax.jit(functools.partial(fn, model=self.model, **kw))
+            self._compiled[key] = _jitted(self.model, fn, tuple(sorted(kw.items())))
         return self._compiled[key]
 
     def images(self, images: Sequence[ImageInput], name: str = "itc_image") -> np.ndarray:
