@@ -48,20 +48,20 @@ def image_features(params: Any, pixel_values: jax.Array, *, model: Any, name: st
         return module.language_inputs(query_output) if name == "language_inputs" else \
             module.project_queries(query_output)
 
-    _require(model, name)
+    check_feature(model, name)
     return _apply(model, params, run)
 
 
 def text_features(params: Any, input_ids: jax.Array, attention_mask: jax.Array, *, model: Any) -> jax.Array:
     """`itc_text` (B, L, E) for Q-Former token ids and their mask (retrieval models)."""
-    _require(model, "itc_text")
+    check_feature(model, "itc_text")
     return _apply(model, params, lambda m: m.text_token_features(input_ids, attention_mask))
 
 
 def multimodal_features(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
                         model: Any) -> jax.Array:
     """`multimodal` (B, Q, Dq): image b with text b (retrieval models)."""
-    _require(model, "multimodal")
+    check_feature(model, "multimodal")
     return _apply(model, params, lambda m: m.multimodal_features(m.encode_image(pixel_values), input_ids,
                                                                    attention_mask))
 
@@ -71,7 +71,8 @@ def _apply(model: Any, params: Any, fn: Callable[[Any], jax.Array]) -> jax.Array
     return model.apply({"params": params}, fn, method=lambda module, f: f(module))
 
 
-def _require(model: Any, name: str) -> None:
+def check_feature(model: Any, name: str) -> None:
+    """A UserError unless `model` computes the feature `name`."""
     retrieval = isinstance(model, blip2.Blip2ForImageTextRetrieval)
     needs = {"language_inputs": isinstance(model, blip2.Blip2ForConditionalGeneration),
              "itc_image": retrieval, "itc_text": retrieval, "multimodal": retrieval}
@@ -121,7 +122,7 @@ class FeatureExtractor:
 
     def images(self, images: Sequence[ImageInput], name: str = "itc_image") -> np.ndarray:
         """One of IMAGE_FEATURES for every image, in order."""
-        _require(self.model, name)
+        check_feature(self.model, name)
         fn = self._fn(name, image_features, name=name)
         size = self.model.config.vision.image_size
         return self._batched(len(images), lambda rows: fn(self.params, preprocess_images([images[i] for i in rows],

@@ -120,3 +120,10 @@ def test_bad_inputs_are_one_line_errors(data, tmp_path, blip2_jax, args, expecte
                              *args)
     assert expected in (user_error(code, err) if code == 2 else err)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_feature_the_model_lacks_is_refused_before_any_output(data, tmp_path, blip2_jax):
+    code, _, err = blip2_jax("infer", "embed", "--checkpoint", str(data / "opt"), "--images", str(data / "images"),
+                             "--out", str(tmp_path / "o"), "--feature=itc_image")
+    assert "itc_image needs a retrieval model" in user_error(code, err)
+    assert not (tmp_path / "o").exists()

@@ -93,6 +93,13 @@ def infer(task: str, records: Sequence[dict[str, Any]], checkpoint: str, out: st
         raise UserError(f"--prompt {prompt!r}: answers need a template with {{}} where the question goes")
     if task != "embed" and importlib.util.find_spec("pyarrow") is None:
         raise UserError("captions and answers are written as Parquet: pip install -e '.[infer]' (pyarrow)")
+    if task == "embed":  # the feature must exist in this model: checked from its metadata, before any output
+        from blip2_jax import features  # pylint: disable=import-outside-toplevel
+        from blip2_jax.models import blip2  # pylint: disable=import-outside-toplevel
+        from blip2_jax.weights.load import open_source  # pylint: disable=import-outside-toplevel
+
+        source = open_source(checkpoint, step)
+        features.check_feature(blip2.build(source.config, source.architecture), feature)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards = Shards(out, len(records), shard_size, ".npy" if task == "embed" else ".parquet")
