@@ -173,3 +173,14 @@ def test_an_instructblip_from_stage1_reads_the_instruction_as_stage1_matches_tex
     for path in ("query_tokens", "qformer/embeddings/layernorm/scale",
                  "qformer/encoder/layers/layer_0/intermediate_query/dense/kernel"):
         assert np.array_equal(text_only[path], flat[path]), path
+
+
+@pytest.mark.parametrize("instruct,blip2_preset", [("instruct_flant5xl", "flant5xl"),
+                                                   ("instruct_flant5xxl", "flant5xxl"), ("demo_instruct", "demo")])
+def test_an_instructblip_preset_is_tuned_from_its_blip2_preset(instruct, blip2_preset):
+    """What `init.checkpoint` of a BLIP-2 stage-2 model must hold for an InstructBLIP run: the
+    published BLIP-2 FlanT5 checkpoints (and the demo's stage 2) pass `check_like`'s comparison."""
+    from blip2_jax.weights.hf_checkpoint import config_differences  # pylint: disable=import-outside-toplevel
+
+    source = presets.get(blip2_preset)
+    assert config_differences(init_lib.without_instructions(presets.get(instruct), source), source) == []

@@ -90,9 +90,7 @@ def _pretrained(config: ml_collections.ConfigDict, model_cfg: Any, shardings: tu
     field = "hf" if config.init.hf else "checkpoint"
     source = open_source(config.init[field])
     want = blip2.stage_architecture(config.stage, model_cfg)
-    # the same model without instruction awareness: a BLIP-2 stage-2 Q-Former has no text side (nor a vocabulary)
-    plain_cfg = model_cfg.replace(instruction_aware=False, qformer=dataclasses.replace(
-        model_cfg.qformer, use_qformer_text_input=False, vocab_size=source.config.qformer.vocab_size))
+    plain_cfg = without_instructions(model_cfg, source.config)
     if model_cfg.instruction_aware and source.architecture == blip2.stage_architecture(config.stage, plain_cfg):
         if not config.init.stage1:
             raise UserError(f"init.{field} {source.name} holds a {source.architecture}, which has no Q-Former text "
@@ -103,6 +101,15 @@ def _pretrained(config: ml_collections.ConfigDict, model_cfg: Any, shardings: tu
         raise UserError(f"init.{field} {source.name} holds a {source.architecture}; {config.stage} trains a {want}")
     check_like(source, model_cfg, "config.model")
     return load(source, shardings=merge(*shardings), like=model_cfg).params
+
+
+def without_instructions(model_cfg: Any, source_cfg: Any) -> Any:
+    """The BLIP-2 stage-2 model an InstructBLIP `model_cfg` is tuned from: no instruction awareness,
+    a Q-Former without a text side (so without a vocabulary of its own), and the source's prompt
+    layout (`image_token_index` places the queries; it holds no parameter)."""
+    return model_cfg.replace(instruction_aware=False, image_token_index=source_cfg.image_token_index,
+                             qformer=dataclasses.replace(model_cfg.qformer, use_qformer_text_input=False,
+                                                         vocab_size=source_cfg.qformer.vocab_size))
 
 
 def _instruction_aware(source: Any, plain_cfg: Any, model_cfg: Any, shardings: Any) -> Any:
