@@ -25,3 +25,10 @@ class UnknownName(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message as a quoted repr
         return str(self.args[0]) if self.args else ""
+
+
+class MissingKey(UserError, KeyError):
+    """A record or file the user gave lacks a field that is needed."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

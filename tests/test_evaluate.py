@@ -110,8 +110,10 @@ def test_bad_annotations_are_named(sets, tmp_path):
     c.data.annotations = str(tmp_path / "bad.json")
     with pytest.raises(KeyError, match="question_id"):
         datasets.vqa_set(c.data)
-    c = _config("retrieval", sets, "vqa.json", 1)
-    c.checkpoint = str(sets / "model")
+    c = _config("retrieval", sets, "vqa.json", 1)  # the set is read first: VQA records have no captions
+    with pytest.raises(KeyError, match=r"record 0 has none of \['caption'\]"):
+        evaluate(c)
+    c = _config("retrieval", sets, "captions.json", 1)
     with pytest.raises(ValueError, match="ITC/ITM heads"):
         evaluate(c)
 

@@ -561,3 +561,24 @@ def test_candidate_scores_equal_transformers_for_both_llm_kinds(pair, tmp_path):
                     logp = logp[-len(target):]
             want.append(-float(logp.sum()))
         np.testing.assert_allclose(ours[i], want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("record,expected", [
+    (dict(question_id=0, image="0.png", question="q", choices=["a"], answer=0),
+     "record 0: 'choices' must be a list of two or more texts, got ['a']"),
+    (dict(question_id=0, image="0.png", question="q", choices=["a", "b"], answer=2),
+     "record 0: 'answer' must be the index of the right choice (0..1), got 2"),
+    (dict(question_id=0, image="0.png", choices=["a", "b"], answer=0), "record 0 has none of ['question']"),
+])
+def test_a_bad_multiple_choice_record_is_named_before_the_model_loads(tmp_path, blip2_jax, record, expected):
+    """The checkpoint does not exist: the record's error comes first (the set is read before the
+    model), as one line with exit 2, and nothing is written."""
+    import json  # pylint: disable=import-outside-toplevel
+    from tests.test_cli_errors import user_error  # pylint: disable=import-outside-toplevel
+
+    (tmp_path / "sqa.json").write_text(json.dumps([record]))
+    code, _, err = blip2_jax("eval", "--config", "configs/eval/instruct.py:scienceqa_vicuna7b", "--checkpoint",
+                             str(tmp_path / "no_model"), "--out", str(tmp_path / "eval"),
+                             f"--config.data.annotations={tmp_path / 'sqa.json'}")
+    assert expected in user_error(code, err)
+    assert not (tmp_path / "eval").exists()

@@ -13,7 +13,7 @@ import ml_collections
 
 from blip2_jax.data import easy_vqa
 from blip2_jax.data.text import pre_caption
-from blip2_jax.errors import InputNotFound
+from blip2_jax.errors import InputNotFound, MissingKey, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +67,11 @@ def _read_json(path: str | os.PathLike) -> list[dict]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise UserError(f"{path} is not valid JSON: {e}") from e
     if isinstance(data, dict) and "annotations" in data:  # COCO-style {"images", "annotations"}
         data = data["annotations"]
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of records (LAVIS annotation format), got {type(data).__name__}")
+        raise UserError(f"{path}: expected a list of records (LAVIS annotation format), got {type(data).__name__}")
     return data
 
 
@@ -79,7 +79,7 @@ def _field(record: dict, names: tuple[str, ...], path: str, row: int) -> Any:
     for name in names:
         if name in record:
             return record[name]
-    raise KeyError(f"{path} record {row} has none of {list(names)} (keys: {sorted(record)})")
+    raise MissingKey(f"{path} record {row} has none of {list(names)} (keys: {sorted(record)})")
 
 
 def _as_list(value: Any) -> list[str]:
@@ -93,7 +93,7 @@ def _lavis_records(d: ml_collections.ConfigDict) -> list[tuple[dict, str]]:
         for row, record in enumerate(_read_json(path)):
             out.append((record, os.path.join(d.image_root, _field(record, ("image",), path, row))))
     if not out:
-        raise ValueError("data.annotations names no annotation file (LAVIS eval JSON, e.g. coco_karpathy_test.json)")
+        raise UserError("data.annotations names no annotation file (LAVIS eval JSON, e.g. coco_karpathy_test.json)")
     return out
 
 
@@ -121,10 +121,10 @@ def choice_set(d: ml_collections.ConfigDict) -> ChoiceSet:
         options = _field(record, ("choices",), d.annotations, i)
         answer = _field(record, ("answer",), d.annotations, i)
         if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
-            raise ValueError(f"{d.annotations} record {i}: 'choices' must be a list of two or more texts, "
+            raise UserError(f"{d.annotations} record {i}: 'choices' must be a list of two or more texts, "
                              f"got {options!r}")
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
-            raise ValueError(f"{d.annotations} record {i}: 'answer' must be the index of the right choice "
+            raise UserError(f"{d.annotations} record {i}: 'answer' must be the index of the right choice "
                              f"(0..{len(options) - 1}), got {answer!r}")
         choices.append(options)
         answers.append(answer)

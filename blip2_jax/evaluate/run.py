@@ -16,6 +16,7 @@ import numpy as np
 
 from blip2_jax.data.text import pre_question
 from blip2_jax.data.tokenizers import instruction_tokenizer, language_tokenizer, qformer_tokenizer
+from blip2_jax.errors import UserError
 from blip2_jax.evaluate import datasets, metrics
 from blip2_jax.evaluate.choice import candidate_nll
 from blip2_jax.evaluate.generation import generate_texts
@@ -53,8 +54,7 @@ def _generation(config: ml_collections.ConfigDict) -> GenerationConfig:
     return GenerationConfig(**config.generation.to_dict())
 
 
-def _caption(config, model, mesh) -> tuple[list[dict], dict[str, float]]:
-    data = datasets.caption_set(config.data)
+def _caption(config, model, mesh, data) -> tuple[list[dict], dict[str, float]]:
     with _progress(len(data.images), "caption") as bar:
         texts = generate_texts(model, mesh, data.images, [config.prompt] * len(data.images),
                                config=_generation(config), batch_size=config.batch_size, progress=bar.update,
@@ -64,12 +64,8 @@ def _caption(config, model, mesh) -> tuple[list[dict], dict[str, float]]:
     return results, metrics.caption_metrics(dict(enumerate(texts)), refs, spice=config.spice)
 
 
-def _vqa(config, model, mesh) -> tuple[list[dict], dict[str, float]]:
-    data = datasets.vqa_set(config.data)
+def _vqa(config, model, mesh, data) -> tuple[list[dict], dict[str, float]]:
     if config.prompt.count("{}") == 2:  # LAVIS's InstructBLIP TextVQA: a question's first 30 OCR tokens, then it
-        if data.ocr_tokens is None:
-            raise ValueError(f"the prompt {config.prompt!r} takes each question's OCR tokens, but the records of "
-                             f"{config.data.annotations} have no 'ocr_tokens'")
         prompts = [config.prompt.format(", ".join(ocr[:OCR_TOKENS]), pre_question(q))
                    for ocr, q in zip(data.ocr_tokens, data.questions)]
     else:
@@ -92,8 +88,7 @@ def choice_prompt(template: str, question: str, choices: Sequence[str], context:
     return f"context: {context}. {text}" if context else text
 
 
-def _choice(config, model, mesh) -> tuple[list[dict], dict[str, float]]:
-    data = datasets.choice_set(config.data)
+def _choice(config, model, mesh, data) -> tuple[list[dict], dict[str, float]]:
     prompts = [choice_prompt(config.prompt, q, c, x) for q, c, x in zip(data.questions, data.choices, data.contexts)]
     with _progress(sum(map(len, data.choices)), "choice") as bar:
         nll = candidate_nll(model, mesh, data.images, prompts, data.choices, batch_size=config.batch_size,
@@ -104,8 +99,7 @@ def _choice(config, model, mesh) -> tuple[list[dict], dict[str, float]]:
     return results, {"accuracy": float(np.mean(correct)) if correct else 0.0, "count": len(correct)}
 
 
-def _retrieval(config, model, mesh) -> tuple[dict, dict[str, float]]:
-    data = datasets.retrieval_set(config.data)
+def _retrieval(config, model, mesh, data) -> tuple[dict, dict[str, float]]:
     n = len(data.texts) + len(data.images)
     tokenizer = qformer_tokenizer(_tokenizer_path(config, model))
     with _progress(n, "retrieval") as bar:
@@ -124,9 +118,21 @@ def _retrieval(config, model, mesh) -> tuple[dict, dict[str, float]]:
     return results, metrics.retrieval_metrics(scores.i2t, scores.t2i, data.img2txt, data.txt2img)
 
 
+def _read_set(config: ml_collections.ConfigDict) -> Any:
+    """The task's set, and what the prompt needs from its records."""
+    read = {"caption": datasets.caption_set, "vqa": datasets.vqa_set, "choice": datasets.choice_set,
+            "retrieval": datasets.retrieval_set}[config.task]
+    data = read(config.data)
+    if config.task == "vqa" and config.prompt.count("{}") == 2 and data.ocr_tokens is None:
+        raise UserError(f"the prompt {config.prompt!r} takes each question's OCR tokens, but the records of "
+                        f"{config.data.annotations} have no 'ocr_tokens'")
+    return data
+
+
 def evaluate(config: ml_collections.ConfigDict, output: str | Path | None = None) -> dict[str, float]:
     """Run `config.task` on `config.checkpoint`; write results.json and metrics.json to `output`."""
     check_eval_config(config, devices=jax.device_count())
+    data = _read_set(config)  # every record checked before the model loads
     devices = jax.devices() if config.num_devices == -1 else jax.devices()[:config.num_devices]
     mesh = mesh_lib.make_mesh(-1, config.fsdp, 1, devices)
     model = load_model(config.checkpoint, mesh, step=config.step if config.step >= 0 else None,
@@ -138,7 +144,7 @@ def evaluate(config: ml_collections.ConfigDict, output: str | Path | None = None
         raise ValueError(f"{config.task} needs a BLIP-2 model with a language model; {config.checkpoint} is a "
                          "retrieval model")
     run = {"caption": _caption, "vqa": _vqa, "choice": _choice, "retrieval": _retrieval}[config.task]
-    results, scores = run(config, model, mesh)
+    results, scores = run(config, model, mesh, data)
     if output is not None and jax.process_index() == 0:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
