@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from blip2_jax.data.tokenizers import instruction_tokenizer, language_tokenizer
+from blip2_jax.errors import UserError
 from blip2_jax.models import blip2
 from blip2_jax.models.config import Blip2Config
 from blip2_jax.weights.load import load
@@ -31,3 +33,19 @@ def load_model(checkpoint: str | os.PathLike, mesh: Mesh, *, step: int | None = 
     overrides = {} if dtype is None else dict(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
     loaded = load(checkpoint, mesh=mesh, step=step, dtype=dtype, **overrides)
     return EvalModel(blip2.build(loaded.config, loaded.architecture), loaded.config, loaded.params, loaded.tokenizer)
+
+
+def tokenizer_path(model: EvalModel, tokenizer: str = "") -> str:
+    """`tokenizer` if given, else the checkpoint's own (a user error if it has none)."""
+    path = tokenizer or model.tokenizer
+    if not path:
+        raise UserError("the checkpoint names no tokenizer: give one (--tokenizer, or --config.tokenizer for eval)")
+    return path
+
+
+def generation_tokenizers(model: EvalModel, tokenizer: str = "") -> dict[str, Any]:
+    """The LLM's tokenizer, and an InstructBLIP's Q-Former one from the same directory (its
+    processor's `qformer_tokenizer/`): the keyword arguments `generate_texts` takes them as."""
+    path = tokenizer_path(model, tokenizer)
+    qformer = instruction_tokenizer(path) if model.config.instruction_aware else None
+    return dict(tokenizer=language_tokenizer(path), qformer_tokenizer=qformer)

@@ -15,12 +15,12 @@ import ml_collections
 import numpy as np
 
 from blip2_jax.data.text import pre_question
-from blip2_jax.data.tokenizers import instruction_tokenizer, language_tokenizer, qformer_tokenizer
+from blip2_jax.data.tokenizers import qformer_tokenizer
 from blip2_jax.errors import UserError
 from blip2_jax.evaluate import datasets, metrics
 from blip2_jax.evaluate.choice import candidate_nll
 from blip2_jax.evaluate.generation import generate_texts
-from blip2_jax.evaluate.model import EvalModel, load_model
+from blip2_jax.evaluate.model import generation_tokenizers, load_model, tokenizer_path
 from blip2_jax.evaluate.retrieval import retrieval_scores
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.parallel import mesh as mesh_lib
@@ -36,20 +36,6 @@ def _progress(total: int, what: str):
     return tqdm(total=total, desc=what, disable=jax.process_index() != 0, leave=False)
 
 
-def _tokenizer_path(config: ml_collections.ConfigDict, model: EvalModel) -> str:
-    path = config.tokenizer or model.tokenizer
-    if not path:
-        raise ValueError(f"the checkpoint {config.checkpoint} names no tokenizer: set --config.tokenizer")
-    return path
-
-
-def _generation_tokenizers(config: ml_collections.ConfigDict, model: EvalModel) -> dict[str, Any]:
-    """The LLM's tokenizer, and InstructBLIP's Q-Former one from the same directory (its processor's)."""
-    path = _tokenizer_path(config, model)
-    qformer = instruction_tokenizer(path) if model.config.instruction_aware else None
-    return dict(tokenizer=language_tokenizer(path), qformer_tokenizer=qformer)
-
-
 def _generation(config: ml_collections.ConfigDict) -> GenerationConfig:
     return GenerationConfig(**config.generation.to_dict())
 
@@ -58,7 +44,7 @@ def _caption(config, model, mesh, data) -> tuple[list[dict], dict[str, float]]:
     with _progress(len(data.images), "caption") as bar:
         texts = generate_texts(model, mesh, data.images, [config.prompt] * len(data.images),
                                config=_generation(config), batch_size=config.batch_size, progress=bar.update,
-                               **_generation_tokenizers(config, model))
+                               **generation_tokenizers(model, config.tokenizer))
     results = [{"image_id": i, "caption": t} for i, t in zip(data.image_ids, texts)]
     refs = dict(enumerate(data.references))
     return results, metrics.caption_metrics(dict(enumerate(texts)), refs, spice=config.spice)
@@ -73,7 +59,7 @@ def _vqa(config, model, mesh, data) -> tuple[list[dict], dict[str, float]]:
     with _progress(len(prompts), "vqa") as bar:
         answers = generate_texts(model, mesh, data.images, prompts, config=_generation(config),
                                  batch_size=config.batch_size, progress=bar.update,
-                                 **_generation_tokenizers(config, model))
+                                 **generation_tokenizers(model, config.tokenizer))
     results = [{"question_id": q, "answer": a} for q, a in zip(data.question_ids, answers)]
     score = metrics.vqa_score(dict(enumerate(answers)), dict(enumerate(data.answers)), metric=config.metric)
     return results, score
@@ -92,7 +78,7 @@ def _choice(config, model, mesh, data) -> tuple[list[dict], dict[str, float]]:
     prompts = [choice_prompt(config.prompt, q, c, x) for q, c, x in zip(data.questions, data.choices, data.contexts)]
     with _progress(sum(map(len, data.choices)), "choice") as bar:
         nll = candidate_nll(model, mesh, data.images, prompts, data.choices, batch_size=config.batch_size,
-                            progress=bar.update, **_generation_tokenizers(config, model))
+                            progress=bar.update, **generation_tokenizers(model, config.tokenizer))
     picked = [int(np.argmin(s)) for s in nll]  # ties: the first, as torch.argsort's first rank
     results = [{"question_id": q, "answer": p, "scores": s.tolist()} for q, p, s in zip(data.question_ids, picked, nll)]
     correct = [p == a for p, a in zip(picked, data.answers)]
@@ -101,7 +87,7 @@ def _choice(config, model, mesh, data) -> tuple[list[dict], dict[str, float]]:
 
 def _retrieval(config, model, mesh, data) -> tuple[dict, dict[str, float]]:
     n = len(data.texts) + len(data.images)
-    tokenizer = qformer_tokenizer(_tokenizer_path(config, model))
+    tokenizer = qformer_tokenizer(tokenizer_path(model, config.tokenizer))
     with _progress(n, "retrieval") as bar:
         scores = retrieval_scores(model, mesh, data.images, data.texts, tokenizer, k_test=config.k_test,
                                   batch_size=config.batch_size, text_length=config.text_length,

@@ -22,8 +22,8 @@ import numpy as np
 
 from blip2_jax.data.sources import read_image
 from blip2_jax.data.text import pre_question
-from blip2_jax.data.tokenizers import instruction_tokenizer, language_tokenizer
 from blip2_jax.errors import UserError
+from blip2_jax.evaluate.model import generation_tokenizers, load_model
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.infer.shards import Shards, write_atomic
 from blip2_jax.parallel import mesh as mesh_lib
@@ -60,23 +60,17 @@ class _Texts:
 
     def __init__(self, checkpoint: str, mesh, *, step, tokenizer: str, dtype, generation: GenerationConfig,
                  batch_size: int):
-        from blip2_jax.evaluate.model import load_model  # pylint: disable=import-outside-toplevel
-
         self.mesh, self.generation, self.batch_size = mesh, generation, batch_size
         self.model = load_model(checkpoint, mesh, step=step, dtype=dtype)
         if self.model.config.text is None:
             raise UserError(f"{checkpoint} is a retrieval model: captions and answers need a stage-2 checkpoint")
-        path = tokenizer or self.model.tokenizer
-        if not path:
-            raise UserError(f"{checkpoint} names no tokenizer: give --tokenizer")
-        self.tokenizer = language_tokenizer(path)
-        self.qformer_tokenizer = instruction_tokenizer(path) if self.model.config.instruction_aware else None
+        self.tokenizers = generation_tokenizers(self.model, tokenizer)
 
     def __call__(self, images: list, prompts: list[str]) -> list[str]:
         from blip2_jax.evaluate.generation import generate_texts  # pylint: disable=import-outside-toplevel
 
-        return generate_texts(self.model, self.mesh, images, prompts, self.tokenizer, self.generation,
-                              batch_size=self.batch_size, qformer_tokenizer=self.qformer_tokenizer)
+        return generate_texts(self.model, self.mesh, images, prompts, config=self.generation,
+                              batch_size=self.batch_size, **self.tokenizers)
 
 
 def infer(task: str, records: Sequence[dict[str, Any]], checkpoint: str, out: str | Path, *,
