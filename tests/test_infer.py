@@ -5,19 +5,31 @@ same bytes; an unreadable image is skipped and listed, not fatal; the texts equa
 API's and the features the extractor's; another run into the same directory is refused."""
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from blip2_jax.data import easy_vqa
+from blip2_jax.data.sources import JsonSource
+from blip2_jax.evaluate.generation import generate_texts
+from blip2_jax.evaluate.model import generation_tokenizers, load_model
 from blip2_jax.features import FeatureExtractor
+from blip2_jax.infer.capfilt import image_keys
+from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.generation.api import Blip2Generator
-from blip2_jax.generation.config import CAPTION, PROMPTS, VQA_OPT
+from blip2_jax.generation.config import CAPFILT, CAPTION, PROMPTS, VQA_OPT
 from tests.reference import hf_models as ref
 from tests.reference.tokenizers import tiny_opt_tokenizer
 from tests.test_cli_errors import user_error
 
+ROOT = Path(__file__).resolve().parents[1]
 SEARCH = ["--num_beams=2", "--max_new_tokens=4"]
 
 
@@ -29,6 +41,8 @@ def data(tmp_path_factory):
     ref.generation_model(ref.OPT, seed=31).save_pretrained(root / "opt")
     tiny_opt_tokenizer().save_pretrained(root / "opt")
     ref.retrieval_model(seed=32).save_pretrained(root / "itm")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", *easy_vqa.COLORS, *easy_vqa.SHAPES, "photo", "of"]
+    (root / "itm" / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(60)]) + "\n")  # its BERT's
     rng = np.random.default_rng(5)
     (root / "images" / "more").mkdir(parents=True)
     for i in range(7):
@@ -127,3 +141,70 @@ def test_a_feature_the_model_lacks_is_refused_before_any_output(data, tmp_path, 
                              "--out", str(tmp_path / "o"), "--feature=itc_image")
     assert "itc_image needs a retrieval model" in user_error(code, err)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_capfilt_recaptions_easy_vqa_into_a_set_training_reads(data, tmp_path, blip2_jax):
+    """Done-when 4: 3 sampled captions per easy-VQA image ranked by ITC with the image's own two
+    (an image's records merged), the best 2 kept. The scores are the ITC of the ranker's features,
+    an image's samples are those it draws alone with its key (batch- and mesh-independent), the
+    output is the same bytes on 1 device and 8 and after a kill, and stage-1 training reads it."""
+    records = easy_vqa.caption_records("train")[:7]
+    image_root = str(Path(records[0]["image"]).parent)
+    ann = [{"image": Path(r["image"]).name, "image_id": r["image_id"], "caption": r["caption"]} for r in records]
+    ann.append({**ann[0], "caption": "a photo of a circle"})  # a second record of image 0
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    args = ["infer", "capfilt", "--checkpoint", str(data / "opt"), "--ranker", str(data / "itm"), "--annotations",
+            str(tmp_path / "ann.json"), "--image_root", image_root, "--num_captions=3", "--keep=2",
+            "--max_new_tokens=4", "--shard_size=4", "--batch_size=2"]
+    code, out, err = blip2_jax(*args, "--out", str(tmp_path / "full"))
+    assert code == 0, err
+    assert json.loads(out[out.index("{"):])["images"] == 7
+    full = _files(tmp_path / "full")
+    assert sorted(full) == ["annotations.json", "run.json", "shard-00000-of-00002.parquet",
+                            "shard-00001-of-00002.parquet"]
+    rows = [_parquet(tmp_path / "full" / f"shard-0000{k}-of-00002.parquet") for k in range(2)]
+    table = {k: sum((r[k] for r in rows), []) for k in rows[0]}
+    assert table["id"] == [str(r["image_id"]) for r in records]
+    own = [[r["caption"]] for r in records]
+    own[0].append("a photo of a circle")
+
+    ids = table["id"]
+    one_device = mesh_lib.make_mesh(-1, 1, 1, jax.devices()[:1])
+    model = load_model(str(data / "opt"), one_device)
+    search = dataclasses.replace(CAPFILT, max_new_tokens=4, min_length=4, num_return_sequences=3)
+    images = [r["image"] for r in records]
+    extractor = FeatureExtractor.from_pretrained(data / "itm")
+    image_rows = extractor.images(images)
+    for j, candidates in enumerate(table["candidates"]):
+        alone = generate_texts(model, one_device, images[j:j + 1], [""], config=search, batch_size=1,
+                               rngs=image_keys(ids[j:j + 1], 0), **generation_tokenizers(model, ""))
+        assert candidates == list(dict.fromkeys(own[j] + alone))  # its own first, then its samples, once each
+        scores = np.max(image_rows[j] @ extractor.texts(candidates)[:, 0].T, axis=0)
+        np.testing.assert_allclose(table["candidate_scores"][j], scores, atol=1e-6)
+        best = np.argsort(-scores, kind="stable")[:2]
+        assert table["captions"][j] == [candidates[i] for i in best]
+    assert len({tuple(c) for c in table["candidates"]}) == 7 and any(len(c) > 3 for c in table["candidates"])
+
+    code, _, err = blip2_jax(*args, "--num_devices=1", "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    assert _files(tmp_path / "one") == full
+    shutil.copytree(tmp_path / "full", tmp_path / "killed")  # killed while writing its last shard
+    (tmp_path / "killed" / "shard-00001-of-00002.parquet").rename(tmp_path / "killed" / "x.parquet.partial")
+    (tmp_path / "killed" / "annotations.json").unlink()
+    code, _, err = blip2_jax(*args, "--out", str(tmp_path / "killed"))
+    assert code == 0, err
+    assert _files(tmp_path / "killed") == full
+
+    kept = JsonSource(tmp_path / "full" / "annotations.json", image_root)
+    assert [r["caption"] for r in kept] == sum(table["captions"], [])  # one training pair per kept caption
+    # the console script in its own process (grain's flags are absl flags the in-process runner would save over)
+    proc = subprocess.run([sys.executable, "-m", "blip2_jax", "train", "--config", str(ROOT / "configs/stage1.py:tiny"),
+                           "--workdir", str(tmp_path / "train"), "--config.data.source=json",
+                           f"--config.data.annotations={tmp_path / 'full' / 'annotations.json'}",
+                           f"--config.data.image_root={image_root}", f"--config.data.tokenizer={data / 'itm'}",
+                           "--config.data.positives=image_id", "--config.total_steps=1", "--config.optim.warmup_steps=0",
+                           "--config.mesh.num_devices=2", "--config.log.tensorboard=False"],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 1 |" in proc.stdout + proc.stderr and "data_skipped=0" in proc.stdout + proc.stderr

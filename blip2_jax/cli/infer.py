@@ -1,6 +1,7 @@
-"""`blip2-jax infer caption|answer|embed`: a model over a whole set, written shard by shard."""
+"""`blip2-jax infer caption|answer|embed|capfilt`: a model over a whole set, written shard by shard."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from absl import app, flags, logging
@@ -26,12 +27,21 @@ def _flags(task: str):
         if task == "embed":
             flags.DEFINE_enum("feature", "itc_image", ["image_embeds", "query_output", "language_inputs", "itc_image"],
                               "Which image feature (blip2_jax/features.py).", flag_values=values)
-        else:
-            define_tokenizer(values, "default: the checkpoint's")
-            flags.DEFINE_string("prompt", None, "Text each caption continues (default: none) or, for answers, a "
-                                "template with {} (default: the paper's VQA prompt for the checkpoint's LLM).",
+            return
+        define_tokenizer(values, "default: the checkpoint's")
+        flags.DEFINE_string("prompt", None, "Text each caption continues (default: none) or, for answers, a "
+                            "template with {} (default: the paper's VQA prompt for the checkpoint's LLM).",
+                            flag_values=values)
+        define_search(values)
+        if task == "capfilt":
+            flags.DEFINE_string("ranker", None, "A retrieval model (stage 1) whose ITC ranks the captions.",
                                 flag_values=values)
-            define_search(values)
+            flags.DEFINE_integer("num_captions", 10, "Captions sampled per image (the paper: 10).", flag_values=values)
+            flags.DEFINE_integer("keep", 2, "Captions kept per image, of the sampled and its own (the paper: 2).",
+                                 flag_values=values)
+            flags.DEFINE_float("top_p", None, "Nucleus sampling's p (default 0.9, LAVIS's).", flag_values=values)
+            flags.DEFINE_integer("seed", 0, "Sampling seed (each image draws with its own key from it).",
+                                 flag_values=values)
     return define
 
 
@@ -45,30 +55,37 @@ def _records(values: flags.FlagValues, command: Command, task: str) -> list[dict
         raise app.UsageError(f"{command.name} reads questions from --annotations, not --images\n{command.usage()}")
     if values.images:
         return inputs.image_folder(values.images)
-    return inputs.annotation_records(values.annotations, values.image_root, need_question=task == "answer")
+    return inputs.annotation_records(values.annotations, values.image_root, need_question=task == "answer",
+                                     per_image=task == "capfilt")
 
 
 def _run(task: str):
     def run(values: flags.FlagValues) -> None:
         # pylint: disable=import-outside-toplevel  # keep --help fast
         from blip2_jax.generation.api import check_question_template
-        from blip2_jax.generation.config import CAPTION, PROMPTS, VQA_OPT, VQA_T5
+        from blip2_jax.generation.config import CAPFILT, CAPTION, PROMPTS, VQA_OPT, VQA_T5
+        from blip2_jax.infer.capfilt import CapFiltConfig
         from blip2_jax.infer.run import infer
         from blip2_jax.weights.load import open_source
 
         command = COMMANDS[task]
-        command.require(values, "checkpoint", "out")
+        command.require(values, "checkpoint", "out", *(("ranker",) if task == "capfilt" else ()))
         logging.set_verbosity(logging.WARNING)
         records = _records(values, command, task)
         options = {}
         if task != "embed":
             t5 = open_source(values.checkpoint, values.step).config.text.is_encoder_decoder
-            preset = CAPTION if task == "caption" else (VQA_T5 if t5 else VQA_OPT)
+            preset = {"caption": CAPTION, "capfilt": CAPFILT}.get(task, VQA_T5 if t5 else VQA_OPT)
             prompt = values.prompt if values.prompt is not None else \
-                ("" if task == "caption" else PROMPTS["vqa_t5" if t5 else "vqa_opt"])
+                ("" if task != "answer" else PROMPTS["vqa_t5" if t5 else "vqa_opt"])
             if task == "answer":
                 check_question_template(prompt)
-            options = dict(prompt=prompt, generation=search_config(values, preset), tokenizer=values.tokenizer or "")
+            generation = search_config(values, preset)
+            if task == "capfilt":
+                if values.top_p is not None:
+                    generation = dataclasses.replace(generation, top_p=values.top_p)
+                options["capfilt"] = CapFiltConfig(values.ranker, values.num_captions, values.keep, values.seed)
+            options.update(prompt=prompt, generation=generation, tokenizer=values.tokenizer or "")
         else:
             options = dict(feature=values.feature)
         summary = infer(task, records, values.checkpoint, values.out, step=values.step, batch_size=values.batch_size,
@@ -89,4 +106,8 @@ COMMANDS = {
     "embed": Command(("infer", "embed"), f"--checkpoint DIR_OR_HUB_ID {_INPUT} --out DIR [--feature NAME]",
                      "Writes an image feature of every image of a set to .npy shards, resumable.", _flags("embed"),
                      _run("embed")),
+    "capfilt": Command(("infer", "capfilt"), f"--checkpoint DIR_OR_HUB_ID --ranker DIR_OR_HUB_ID {_INPUT} --out DIR "
+                       "[--num_captions 10 --keep 2]",
+                       "Recaptions a set as BLIP-2's CapFilt: sampled captions ranked by ITC with the images' own, "
+                       "the best kept in an annotation file training reads.", _flags("capfilt"), _run("capfilt")),
 }

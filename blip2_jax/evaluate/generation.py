@@ -26,10 +26,12 @@ def _compiled(module, mesh, config: GenerationConfig) -> Callable:
 
 def generate_texts(model: EvalModel, mesh, images: Sequence[ImageInput], prompts: Sequence[str], tokenizer,
                    config: GenerationConfig, *, batch_size: int = 8, qformer_tokenizer: Any = None,
-                   progress: Callable[[int], None] = lambda n: None) -> list[str]:
-    """The text generated after `prompts[i]` for `images[i]` (decoded without special tokens and
-    stripped, as LAVIS does); `batch_size` is per device. An InstructBLIP model also reads each
-    prompt in its Q-Former, tokenised by `qformer_tokenizer`, as LAVIS's `generate` gives it."""
+                   rngs: np.ndarray | None = None, progress: Callable[[int], None] = lambda n: None) -> list[str]:
+    """The texts generated after `prompts[i]` for `images[i]` (decoded without special tokens and
+    stripped, as LAVIS does), `config.num_return_sequences` per image, image by image;
+    `batch_size` is per device. Sampling takes a key per image, `rngs` (n, 2): an image's texts are
+    then the same on any mesh and in any batch. An InstructBLIP model also reads each prompt in its
+    Q-Former, tokenised by `qformer_tokenizer`, as LAVIS's `generate` gives it."""
     if model.config.text is None:
         raise ValueError("captioning and VQA need a BLIP-2 model with a language model; this checkpoint is "
                          "a retrieval model")
@@ -37,13 +39,15 @@ def generate_texts(model: EvalModel, mesh, images: Sequence[ImageInput], prompts
         raise ValueError("an InstructBLIP model reads each prompt in its Q-Former too: give its qformer_tokenizer")
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; need one prompt per image")
-    if config.num_return_sequences != 1:
-        raise ValueError(f"evaluation takes one text per image; num_return_sequences is {config.num_return_sequences}")
+    if config.do_sample and (rngs is None or len(rngs) != len(images)):
+        raise ValueError("sampling takes a key per image (rngs, shape (n, 2))")
     if not images:
         return []
     token_lists = tokenizer(list(prompts))["input_ids"]
     check_lengths(model.config, token_lists, config.max_new_tokens)
     arrays = dict(zip(("ids", "mask"), prompt_arrays(token_lists, model.config)))
+    if config.do_sample:
+        arrays["rng"] = np.asarray(rngs, np.uint32)
     if model.config.instruction_aware:  # one width for the whole set: one compile
         arrays.update(zip(("qids", "qmask"), instruction_arrays(qformer_tokenizer, list(prompts), model.config)))
     fn = _compiled(model.module, mesh, config)
@@ -53,8 +57,10 @@ def generate_texts(model: EvalModel, mesh, images: Sequence[ImageInput], prompts
         pixels = preprocess_images([images[i] for i in local], model.config.vision.image_size)
         g = to_global(mesh, {"x": pixels, **{k: v[local] for k, v in arrays.items()}}, batches.global_batch)
         instruction = dict(qformer_input_ids=g["qids"], qformer_attention_mask=g["qmask"]) if "qids" in g else {}
-        out = fn(params, g["x"], g["ids"], g["mask"], **instruction)
-        tokens, lengths = np.asarray(out.tokens[:, 0])[valid], np.asarray(out.lengths[:, 0])[valid]
-        texts += tokenizer.batch_decode([t[:n].tolist() for t, n in zip(tokens, lengths)], skip_special_tokens=True)
+        out = fn(params, g["x"], g["ids"], g["mask"], g.get("rng"), **instruction)
+        tokens, lengths = np.asarray(out.tokens)[valid], np.asarray(out.lengths)[valid]
+        texts += tokenizer.batch_decode([t[:n].tolist() for t, n in zip(tokens.reshape(-1, tokens.shape[-1]),
+                                                                         lengths.reshape(-1))],
+                                        skip_special_tokens=True)
         progress(int(valid.sum()))
     return [t.strip() for t in texts]

@@ -87,6 +87,9 @@ class GenerationConfig:
 # COCO captions (Table 3): caption_coco_opt*.yaml's beam 5, max_len 30, min_len 8, penalties 1.0, as
 # the paper-era Blip2OPT/Blip2T5.generate ran them ("a photo of" counts in OPT's min_len: >= 4 new).
 CAPTION = GenerationConfig(semantics="lavis_paper", num_beams=5, max_new_tokens=30, min_length=8)
+# CapFilt's captions (paper §3.4, nucleus sampling): the paper-era generate with use_nucleus_sampling,
+# which sets num_beams 1 and defaults top_p to 0.9 (transformers' top_k 50 stays on), lengths as above.
+CAPFILT = dataclasses.replace(CAPTION, num_beams=1, do_sample=True, top_p=0.9)
 # Zero-shot VQA (Table 2): beam 5, 10 new tokens, min_len 1 (no minimum), the paper's length penalty -1.
 # The paper-era OPT had no VQA code: LAVIS@HEAD's Blip2OPT.predict_answers is the public one.
 VQA_OPT = GenerationConfig(semantics="lavis", num_beams=5, max_new_tokens=10, min_length=1, length_penalty=-1.0)

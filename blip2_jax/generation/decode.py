@@ -107,7 +107,9 @@ def generate(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attenti
     builds them: with `image_token_index` set they start with the Q `<image>` tokens. OPT
     prompts are left-padded; T5 prompts may be padded either side. Returns tokens (B,R,L), the
     generated ids only, and their lengths and scores. InstructBLIP also takes the instruction its
-    Q-Former reads, `qformer_input_ids`/`qformer_attention_mask` (B,L).
+    Q-Former reads, `qformer_input_ids`/`qformer_attention_mask` (B,L). Sampling takes `rng`, one
+    key or one per sample (B, 2); then copy r of sample b draws with `fold_in(rng[b], r)`, so a
+    sample's texts do not depend on the batch it is in.
     """
     text = model.config.text
     eos = text.eos_token_id if config.eos_token_id is None else config.eos_token_id
@@ -126,6 +128,9 @@ def generate(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attenti
     if copies > 1:  # per-row state follows the beams (or samples); `shared` stays one per sample
         repeat = functools.partial(jnp.repeat, repeats=copies, axis=0)
         logits, rows, history, counted = repeat(logits), jax.tree.map(repeat, rows), repeat(history), repeat(counted)
+    if rng is not None and rng.ndim == 2:  # a key per sample: one per copy of it
+        per_copy = jax.vmap(lambda key: jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(copies)))
+        rng = per_copy(rng).reshape(-1, rng.shape[-1])
 
     def step(token, cache, i):
         return model.apply(variables, token, cache, i, rows, shared, method=step_method)

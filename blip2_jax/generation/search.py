@@ -59,13 +59,23 @@ def _reorder(cache: Any, rows: jax.Array) -> Any:
     return jax.tree.map(lambda x: jnp.take(x, rows, axis=CACHE_ROWS_AXIS), cache)
 
 
+def _draw(rng: jax.Array, scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(the next rng, a token per row drawn from softmax(scores)) with one key or a key per row."""
+    if rng.ndim == 1:
+        rng, key = jax.random.split(rng)
+        return rng, jax.random.categorical(key, scores, axis=-1)
+    keys = jax.vmap(jax.random.split)(rng)
+    return keys[:, 0], jax.vmap(jax.random.categorical)(keys[:, 1], scores)
+
+
 def sample_search(step: StepFn, logits: jax.Array, cache: Any, history: jax.Array, counted: jax.Array,
                   cfg: GenerationConfig, *, eos: int, pad: int, rng: jax.Array | None = None) -> SearchOutput:
     """Greedy (argmax) or, with `cfg.do_sample`, temperature/top-k/top-p sampling, for N rows.
 
     `logits` (N,V) predict the first new token; `history` (N,P) are the ids the repetition penalty
     sees before the generated ids (negative: none); `counted` (N,) the tokens before the generated
-    ones that `cfg.min_length` counts. Returns (N, 1, L) tokens.
+    ones that `cfg.min_length` counts. `rng` is one key for the batch or one per row (N, 2): a row
+    with its own key draws the same tokens in any batch, on any mesh. Returns (N, 1, L) tokens.
     """
     n, steps = logits.shape[0], cfg.max_new_tokens
     if cfg.do_sample and rng is None:
@@ -76,9 +86,7 @@ def sample_search(step: StepFn, logits: jax.Array, cache: Any, history: jax.Arra
         i, tokens, done, logits, cache, rng, logp = carry
         scores = _process(logits, jnp.concatenate([history, tokens], axis=1), i, counted, cfg, eos)
         if cfg.do_sample:
-            rng, key = jax.random.split(rng)
-            warped = lp.top_p(lp.top_k(scores / cfg.temperature, cfg.top_k), cfg.top_p)
-            token = jax.random.categorical(key, warped, axis=-1)
+            rng, token = _draw(rng, lp.top_p(lp.top_k(scores / cfg.temperature, cfg.top_k), cfg.top_p))
         else:
             token = jnp.argmax(scores, axis=-1)
         token = jnp.where(done, pad, token).astype(jnp.int32)

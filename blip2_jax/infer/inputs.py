@@ -1,5 +1,6 @@
 """What `blip2-jax infer` reads: a directory of images, or LAVIS-style annotation files (an `image`
-path under an image root, and a `question` for answers), as records with a stable `id`.
+path under an image root, and a `question` for answers), as records with a stable `id` and the
+image's path as given (`file`, relative to the root).
 """
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ def image_folder(directory: str | os.PathLike) -> list[dict[str, Any]]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"--images {root}: no image files ({', '.join(IMAGE_SUFFIXES)}) under it")
-    return [{"id": str(p.relative_to(root)), "image": str(p)} for p in files]
+    return [{"id": str(p.relative_to(root)), "file": str(p.relative_to(root)), "image": str(p)} for p in files]
 
 
-def annotation_records(files: list[str], image_root: str, *, need_question: bool) -> list[dict[str, Any]]:
+def annotation_records(files: list[str], image_root: str, *, need_question: bool = False,
+                       per_image: bool = False) -> list[dict[str, Any]]:
     """The records of LAVIS-style JSON files, in order; the id is `question_id`, else `image_id`,
-    else the image path. Every record is checked before anything runs."""
+    else the image path. Every record is checked before anything runs. `per_image`: one record per
+    image (the first one's fields), its `caption` every caption the image's records hold, as a
+    caption set lists each of an image's captions as a record of its own."""
     records = []
     for path in files:
         if not Path(path).is_file():
@@ -43,8 +47,26 @@ def annotation_records(files: list[str], image_root: str, *, need_question: bool
             if not isinstance(record, dict) or missing:
                 raise UserError(f"--annotations {path}: record {row} has no {' or '.join(missing or ['fields'])}")
             key = record.get("question_id", record.get("image_id", record["image"]))
-            records.append({**record, "id": str(key), "image": os.path.join(image_root, record["image"])})
+            records.append({**record, "id": str(key), "file": record["image"],
+                            "image": os.path.join(image_root, record["image"])})
+    if per_image:
+        records = _per_image(records)
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
         raise UserError("--annotations: record ids (question_id, image_id or image) repeat; each row needs its own")
     return records
+
+
+def captions_of(record: dict[str, Any]) -> list[str]:
+    """A record's captions: none, one (a string) or a list of them."""
+    caption = record.get("caption", [])
+    return [caption] if isinstance(caption, str) else [str(c) for c in caption]
+
+
+def _per_image(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for record in records:
+        first = merged.setdefault(record["image"], {**record, "id": str(record.get("image_id", record["file"])),
+                                                    "caption": []})
+        first["caption"] += captions_of(record)
+    return list(merged.values())

@@ -3,8 +3,10 @@
 Each shard's images are read first: one that cannot be read is skipped, counted and listed in the
 shard's `.bad.json`, never fatal. The rest are captioned or answered over every device of the mesh
 (`evaluate/generation.py`: one compile, outputs bit-identical on any mesh) or embedded
-(`features.py`). Texts go to Parquet (`id`, `caption` or `id`, `question`, `answer`), features to
-`.npy` with the row ids in `.ids.json`. `run.json` records what the output holds; a rerun with
+(`features.py`), or recaptioned (`infer/capfilt.py`). Texts go to Parquet (`id`, `caption` or `id`,
+`question`, `answer`; capfilt's columns in `capfilt.shard_columns`, and when every shard is written,
+the annotation file `annotations.json` assembled from them), features to `.npy` with the row ids in
+`.ids.json`. `run.json` records what the output holds; a rerun with
 other settings into the same directory is refused rather than mixed with it.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import importlib.util
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -25,10 +27,12 @@ from blip2_jax.data.text import pre_question
 from blip2_jax.errors import UserError
 from blip2_jax.evaluate.model import generation_tokenizers, load_model
 from blip2_jax.generation.config import GenerationConfig
+from blip2_jax.infer import capfilt as capfilt_lib
+from blip2_jax.infer.inputs import captions_of
 from blip2_jax.infer.shards import Shards, write_atomic
 from blip2_jax.parallel import mesh as mesh_lib
 
-TASKS = ("caption", "answer", "embed")
+TASKS = ("caption", "answer", "embed", "capfilt")
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -40,6 +44,12 @@ def _write_parquet(path: Path, columns: dict[str, list]) -> None:
     from pyarrow import parquet as pq  # pylint: disable=import-outside-toplevel
 
     write_atomic(path, lambda tmp: pq.write_table(pa.table(columns), tmp))
+
+
+def _read_parquet(path: Path) -> dict[str, list]:
+    from pyarrow import parquet as pq  # pylint: disable=import-outside-toplevel
+
+    return pq.read_table(path).to_pydict()
 
 
 def _claim(out: Path, settings: dict[str, Any]) -> None:
@@ -66,19 +76,21 @@ class _Texts:
             raise UserError(f"{checkpoint} is a retrieval model: captions and answers need a stage-2 checkpoint")
         self.tokenizers = generation_tokenizers(self.model, tokenizer)
 
-    def __call__(self, images: list, prompts: list[str]) -> list[str]:
+    def __call__(self, images: list, prompts: list[str], rngs: np.ndarray | None = None) -> list[str]:
         from blip2_jax.evaluate.generation import generate_texts  # pylint: disable=import-outside-toplevel
 
         return generate_texts(self.model, self.mesh, images, prompts, config=self.generation,
-                              batch_size=self.batch_size, **self.tokenizers)
+                              batch_size=self.batch_size, rngs=rngs, **self.tokenizers)
 
 
 def infer(task: str, records: Sequence[dict[str, Any]], checkpoint: str, out: str | Path, *,
           step: int | None = None, tokenizer: str = "", prompt: str = "", generation: GenerationConfig | None = None,
-          feature: str = "itc_image", batch_size: int = 8, shard_size: int = 256, num_devices: int = -1,
-          dtype: str | None = None, progress: bool = True) -> dict[str, Any]:
+          feature: str = "itc_image", capfilt: capfilt_lib.CapFiltConfig | None = None, batch_size: int = 8,
+          shard_size: int = 256, num_devices: int = -1, dtype: str | None = None,
+          progress: bool = True) -> dict[str, Any]:
     """Run `task` over `records` into `out`; returns what was done (shards written and skipped,
-    images, bad images, seconds, images/s)."""
+    images, bad images, seconds, images/s). capfilt samples with `generation` (which must sample),
+    `capfilt.num_captions` per image."""
     if task not in TASKS:
         raise UserError(f"infer tasks: {', '.join(TASKS)}; got {task!r}")
     if shard_size < 1 or batch_size < 1:
@@ -86,7 +98,7 @@ def infer(task: str, records: Sequence[dict[str, Any]], checkpoint: str, out: st
     if task == "answer" and "{}" not in prompt:
         raise UserError(f"--prompt {prompt!r}: answers need a template with {{}} where the question goes")
     if task != "embed" and importlib.util.find_spec("pyarrow") is None:
-        raise UserError("captions and answers are written as Parquet: pip install -e '.[infer]' (pyarrow)")
+        raise UserError("texts are written as Parquet: pip install -e '.[infer]' (pyarrow)")
     if task == "embed":  # the feature must exist in this model: checked from its metadata, before any output
         from blip2_jax import features  # pylint: disable=import-outside-toplevel
         from blip2_jax.models import blip2  # pylint: disable=import-outside-toplevel
@@ -94,29 +106,61 @@ def infer(task: str, records: Sequence[dict[str, Any]], checkpoint: str, out: st
 
         source = open_source(checkpoint, step)
         features.check_feature(blip2.build(source.config, source.architecture), feature)
+    if task == "capfilt":
+        if capfilt is None or generation is None or not generation.do_sample:
+            raise UserError("capfilt samples its captions: it needs a ranker and a sampling generation config")
+        capfilt_lib.check_ranker(capfilt.ranker, None)
+        generation = dataclasses.replace(generation, num_return_sequences=capfilt.num_captions)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards = Shards(out, len(records), shard_size, ".npy" if task == "embed" else ".parquet")
     settings = {"task": task, "checkpoint": str(checkpoint), "step": step, "records": len(records),
                 "shard_size": shard_size, "ids_sha": _ids_digest(records),
                 **({"feature": feature} if task == "embed" else
-                   {"prompt": prompt, "generation": dataclasses.asdict(generation or GenerationConfig())})}
+                   {"prompt": prompt, "generation": dataclasses.asdict(generation or GenerationConfig())}),
+                **({"capfilt": dataclasses.asdict(capfilt)} if task == "capfilt" else {})}
     _claim(out, settings)
     shards.clear_partial()
     todo = [k for k in range(len(shards)) if not shards.done(k)]
     summary = {"shards": len(shards), "skipped_shards": len(shards) - len(todo), "images": 0, "bad_images": 0}
-    if not todo:
-        return {**summary, "seconds": 0.0, "images_per_s": 0.0}
-    devices = jax.devices() if num_devices == -1 else jax.devices()[:num_devices]
-    mesh = mesh_lib.make_mesh(-1, 1, 1, devices)
+    seconds = 0.0
+    if todo:
+        devices = jax.devices() if num_devices == -1 else jax.devices()[:num_devices]
+        compute = _job(task, checkpoint, mesh_lib.make_mesh(-1, 1, 1, devices), step=step, tokenizer=tokenizer,
+                       prompt=prompt, generation=generation, feature=feature, capfilt=capfilt, batch_size=batch_size,
+                       dtype=dtype)
+        seconds = _run_shards(task, records, shards, todo, summary, compute, progress=progress)
+    if task == "capfilt" and jax.process_index() == 0:  # from the shards: the same bytes after a resume
+        tables = [_read_parquet(shards.path(k)) for k in range(len(shards))]
+        _write_json(out / capfilt_lib.ANNOTATIONS, capfilt_lib.annotations(tables))
+    return {**summary, "seconds": seconds, "images_per_s": summary["images"] / seconds if seconds else 0.0}
+
+
+def _job(task: str, checkpoint: str, mesh, *, step, tokenizer, prompt, generation, feature, capfilt, batch_size,
+         dtype) -> Callable[[list[dict], list], Any]:
+    """The models of `task`, loaded once, as a function of a shard's readable records and images."""
     if task == "embed":
         from blip2_jax.features import FeatureExtractor  # pylint: disable=import-outside-toplevel
 
         extractor = FeatureExtractor.from_pretrained(checkpoint, step=step, batch_size=batch_size, dtype=dtype)
-        run = None
-    else:
-        run = _Texts(checkpoint, mesh, step=step, tokenizer=tokenizer, dtype=dtype,
-                     generation=generation or GenerationConfig(), batch_size=batch_size)
+        return lambda good, images: extractor.images(images, feature)
+    run = _Texts(checkpoint, mesh, step=step, tokenizer=tokenizer, dtype=dtype,
+                 generation=generation or GenerationConfig(), batch_size=batch_size)
+    if task != "capfilt":
+        return lambda good, images: run(images, [prompt.format(pre_question(r["question"])) if task == "answer"
+                                                 else prompt for r in good])
+    ranker, n = capfilt_lib.Ranker(capfilt, batch_size), capfilt.num_captions
+
+    def recaption(good: list[dict], images: list) -> list[dict]:
+        sampled = run(images, [prompt] * len(good), capfilt_lib.image_keys([r["id"] for r in good], capfilt.seed))
+        return ranker(images, [capfilt_lib.candidates(captions_of(r), sampled[j * n:(j + 1) * n])
+                               for j, r in enumerate(good)])
+    return recaption
+
+
+def _run_shards(task: str, records: Sequence[dict[str, Any]], shards: Shards, todo: list[int], summary: dict,
+                compute: Callable[[list[dict], list], Any], *, progress: bool) -> float:
+    """Write the shards `todo`, counting into `summary`; returns the seconds it took."""
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
     done_rows = sum(len(shards.rows(k)) for k in range(len(shards)) if k not in todo)
@@ -132,19 +176,14 @@ def infer(task: str, records: Sequence[dict[str, Any]], checkpoint: str, out: st
                 good.append(record)
             except (OSError, ValueError) as e:  # unreadable, truncated, not an image
                 bad.append({"id": record["id"], "image": str(record["image"]), "cause": str(e)})
-        if task == "embed":
-            result = extractor.images(images, feature) if images else np.zeros((0,), np.float32)
-        else:
-            prompts = [prompt.format(pre_question(r["question"])) if task == "answer" else prompt for r in good]
-            result = run(images, prompts) if images else []
+        result = compute(good, images) if images else (np.zeros((0,), np.float32) if task == "embed" else [])
         if jax.process_index() == 0:
             _write_shard(shards, k, task, good, result, bad)
         summary["images"] += len(good)
         summary["bad_images"] += len(bad)
         bar.update(len(rows))
     bar.close()
-    seconds = time.perf_counter() - start
-    return {**summary, "seconds": seconds, "images_per_s": summary["images"] / seconds if seconds else 0.0}
+    return time.perf_counter() - start
 
 
 def _write_shard(shards: Shards, k: int, task: str, good: list[dict], result: Any, bad: list[dict]) -> None:
@@ -155,6 +194,8 @@ def _write_shard(shards: Shards, k: int, task: str, good: list[dict], result: An
     if task == "embed":
         _write_json(shards.path(k, ".ids.json"), ids)
         write_atomic(shards.path(k), lambda tmp: _save_npy(tmp, np.asarray(result, np.float32)))
+    elif task == "capfilt":
+        _write_parquet(shards.path(k), capfilt_lib.shard_columns(good, result))
     elif task == "caption":
         _write_parquet(shards.path(k), {"id": ids, "caption": list(result)})
     else:

@@ -228,6 +228,9 @@ def check_eval_config(config: ml_collections.ConfigDict, *, devices: int) -> Non
     unknown = sorted(set(config.generation) - known)
     if unknown:
         raise UserError(f"config.generation has unknown fields {unknown}; known: {sorted(known)}")
-    GenerationConfig(**config.generation.to_dict())  # its own checks raise UserError
+    generation = GenerationConfig(**config.generation.to_dict())  # its own checks raise UserError
+    if generation.num_return_sequences != 1 or generation.do_sample:
+        raise UserError("config.generation: evaluation scores one deterministic text per sample; got "
+                        f"num_return_sequences {generation.num_return_sequences}, do_sample {generation.do_sample}")
     if config.task in ("vqa", "choice"):  # a second slot: OCR tokens (vqa) or the choices (choice)
         check_question_template(config.prompt, two_slots=True)
