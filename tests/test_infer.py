@@ -208,3 +208,15 @@ def test_capfilt_recaptions_easy_vqa_into_a_set_training_reads(data, tmp_path, b
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 1 |" in proc.stdout + proc.stderr and "data_skipped=0" in proc.stdout + proc.stderr
+
+    # the next round: the trained stage-1 model captions with its Q-Former's decoder and ranks by its ITC
+    code, _, err = blip2_jax("infer", "capfilt", "--checkpoint", str(tmp_path / "train"), "--ranker",
+                             str(tmp_path / "train"), "--annotations", str(tmp_path / "full" / "annotations.json"),
+                             "--image_root", image_root, "--num_captions=2", "--keep=1", "--max_new_tokens=4",
+                             "--min_length=1", "--out", str(tmp_path / "round2"))
+    assert code == 0, err
+    again = json.loads((tmp_path / "round2" / "annotations.json").read_text())
+    assert [a["image"] for a in again] == table["image"] and all(len(a["caption"]) == 1 for a in again)
+    second = _parquet(tmp_path / "round2" / "shard-00000-of-00001.parquet")
+    assert all(c[:2] == kept for c, kept in zip(second["candidates"], table["captions"]))  # its own first
+    assert any(len(c) > 2 for c in second["candidates"])  # and what the decoder sampled

@@ -13,7 +13,9 @@ from blip2_jax.cli.inference import define_dtype, define_search, search_config
 def _flags(task: str):
     def define(values: flags.FlagValues, argv: list[str]) -> None:
         del argv
-        define_checkpoint(values, "The model" + (" (a retrieval model for ITC features)" if task == "embed" else ""))
+        define_checkpoint(values, {"embed": "The model (a retrieval model for ITC features)",
+                                   "answer": "The model (stage 2)"}.get(task, "The model (stage 2, or stage 1: its "
+                                                                                "Q-Former's decoder captions)"))
         define_out(values, "a directory of shards (resumed where a killed run stopped)")
         flags.DEFINE_string("images", None, "A directory of images (every image file under it).", flag_values=values)
         flags.DEFINE_multi_string("annotations", [], "LAVIS-style JSON records (image" +
@@ -63,7 +65,9 @@ def _run(task: str):
     def run(values: flags.FlagValues) -> None:
         # pylint: disable=import-outside-toplevel  # keep --help fast
         from blip2_jax.generation.api import check_question_template
-        from blip2_jax.generation.config import CAPFILT, CAPTION, PROMPTS, VQA_OPT, VQA_T5
+        from blip2_jax.errors import UserError
+        from blip2_jax.generation.config import (CAPFILT, CAPTION, PROMPTS, STAGE1_CAPFILT, STAGE1_CAPTION, VQA_OPT,
+                                                 VQA_T5)
         from blip2_jax.infer.capfilt import CapFiltConfig
         from blip2_jax.infer.run import infer
         from blip2_jax.weights.load import open_source
@@ -74,8 +78,14 @@ def _run(task: str):
         records = _records(values, command, task)
         options = {}
         if task != "embed":
-            t5 = open_source(values.checkpoint, values.step).config.text.is_encoder_decoder
-            preset = {"caption": CAPTION, "capfilt": CAPFILT}.get(task, VQA_T5 if t5 else VQA_OPT)
+            text = open_source(values.checkpoint, values.step).config.text
+            if text is None and task == "answer":
+                raise UserError(f"--checkpoint {values.checkpoint} has no language model: answers need a stage-2 "
+                                "model (a stage-1 one captions)")
+            t5 = text is not None and text.is_encoder_decoder
+            presets = {"caption": CAPTION, "capfilt": CAPFILT} if text is not None else \
+                {"caption": STAGE1_CAPTION, "capfilt": STAGE1_CAPFILT}
+            preset = presets.get(task, VQA_T5 if t5 else VQA_OPT)
             prompt = values.prompt if values.prompt is not None else \
                 ("" if task != "answer" else PROMPTS["vqa_t5" if t5 else "vqa_opt"])
             if task == "answer":

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from blip2_jax.data.tokenizers import instruction_tokenizer, language_tokenizer
+from blip2_jax.data.tokenizers import instruction_tokenizer, language_tokenizer, qformer_tokenizer
 from blip2_jax.errors import UserError
 from blip2_jax.models import blip2
 from blip2_jax.models.config import Blip2Config
@@ -45,7 +45,10 @@ def tokenizer_path(model: EvalModel, tokenizer: str = "") -> str:
 
 def generation_tokenizers(model: EvalModel, tokenizer: str = "") -> dict[str, Any]:
     """The LLM's tokenizer, and an InstructBLIP's Q-Former one from the same directory (its
-    processor's `qformer_tokenizer/`): the keyword arguments `generate_texts` takes them as."""
+    processor's `qformer_tokenizer/`), or a stage-1 model's BERT tokenizer: the keyword arguments
+    `generate_texts` takes them as."""
     path = tokenizer_path(model, tokenizer)
+    if model.config.text is None:  # a stage-1 model captions with its Q-Former's own (BERT) tokenizer
+        return dict(tokenizer=qformer_tokenizer(path), qformer_tokenizer=None)
     qformer = instruction_tokenizer(path) if model.config.instruction_aware else None
     return dict(tokenizer=language_tokenizer(path), qformer_tokenizer=qformer)

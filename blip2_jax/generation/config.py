@@ -90,6 +90,10 @@ CAPTION = GenerationConfig(semantics="lavis_paper", num_beams=5, max_new_tokens=
 # CapFilt's captions (paper §3.4, nucleus sampling): the paper-era generate with use_nucleus_sampling,
 # which sets num_beams 1 and defaults top_p to 0.9 (transformers' top_k 50 stays on), lengths as above.
 CAPFILT = dataclasses.replace(CAPTION, num_beams=1, do_sample=True, top_p=0.9)
+# A stage-1 model's captions (its Q-Former's ITG head): LAVIS's Blip2Qformer.generate defaults, beam 3,
+# max_length 30 and min_length 10, both counting the [DEC] it starts from; nucleus sampling as above.
+STAGE1_CAPTION = GenerationConfig(semantics="lavis", num_beams=3, max_new_tokens=29, min_length=10)
+STAGE1_CAPFILT = dataclasses.replace(STAGE1_CAPTION, num_beams=1, do_sample=True, top_p=0.9)
 # Zero-shot VQA (Table 2): beam 5, 10 new tokens, min_len 1 (no minimum), the paper's length penalty -1.
 # The paper-era OPT had no VQA code: LAVIS@HEAD's Blip2OPT.predict_answers is the public one.
 VQA_OPT = GenerationConfig(semantics="lavis", num_beams=5, max_new_tokens=10, min_length=1, length_penalty=-1.0)

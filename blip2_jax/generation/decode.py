@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from blip2_jax.generation.config import GenerationConfig
-from blip2_jax.generation.search import SearchOutput, beam_search, sample_search
+from blip2_jax.generation.search import SearchOutput, beam_search, row_keys, sample_search
 from blip2_jax.models.attention import CACHE_ROWS_AXIS, cache_shape, position_ids_from_mask
 from blip2_jax.models.blip2 import Blip2ForConditionalGeneration, unscan_language_model
 from blip2_jax.models.config import Blip2Config
@@ -128,9 +128,7 @@ def generate(params: Any, pixel_values: jax.Array, input_ids: jax.Array, attenti
     if copies > 1:  # per-row state follows the beams (or samples); `shared` stays one per sample
         repeat = functools.partial(jnp.repeat, repeats=copies, axis=0)
         logits, rows, history, counted = repeat(logits), jax.tree.map(repeat, rows), repeat(history), repeat(counted)
-    if rng is not None and rng.ndim == 2:  # a key per sample: one per copy of it
-        per_copy = jax.vmap(lambda key: jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(copies)))
-        rng = per_copy(rng).reshape(-1, rng.shape[-1])
+    rng = row_keys(rng, copies)
 
     def step(token, cache, i):
         return model.apply(variables, token, cache, i, rows, shared, method=step_method)

@@ -14,6 +14,7 @@ finalised.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -57,6 +58,15 @@ def _finish(tokens: jax.Array, lengths: jax.Array, pad: int) -> jax.Array:
 
 def _reorder(cache: Any, rows: jax.Array) -> Any:
     return jax.tree.map(lambda x: jnp.take(x, rows, axis=CACHE_ROWS_AXIS), cache)
+
+
+def row_keys(rng: jax.Array | None, copies: int) -> jax.Array | None:
+    """One key (unchanged) or a key per sample (B, 2) -> a key per row (B * copies, 2): copy r of
+    sample b draws with `fold_in(rng[b], r)`, so a sample's texts do not depend on its batch."""
+    if rng is None or rng.ndim == 1:
+        return rng
+    per_copy = jax.vmap(lambda key: jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(copies)))
+    return per_copy(rng).reshape(-1, rng.shape[-1])
 
 
 def _draw(rng: jax.Array, scores: jax.Array) -> tuple[jax.Array, jax.Array]:

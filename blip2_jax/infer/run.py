@@ -66,14 +66,14 @@ def _claim(out: Path, settings: dict[str, Any]) -> None:
 
 
 class _Texts:
-    """Captions or answers from a stage-2 checkpoint over the mesh."""
+    """Captions or answers from a stage-2 checkpoint over the mesh, or a stage-1 one's captions."""
 
     def __init__(self, checkpoint: str, mesh, *, step, tokenizer: str, dtype, generation: GenerationConfig,
-                 batch_size: int):
+                 batch_size: int, answers: bool):
         self.mesh, self.generation, self.batch_size = mesh, generation, batch_size
         self.model = load_model(checkpoint, mesh, step=step, dtype=dtype)
-        if self.model.config.text is None:
-            raise UserError(f"{checkpoint} is a retrieval model: captions and answers need a stage-2 checkpoint")
+        if self.model.config.text is None and answers:
+            raise UserError(f"{checkpoint} is a retrieval model: answers need a stage-2 checkpoint")
         self.tokenizers = generation_tokenizers(self.model, tokenizer)
 
     def __call__(self, images: list, prompts: list[str], rngs: np.ndarray | None = None) -> list[str]:
@@ -145,7 +145,7 @@ def _job(task: str, checkpoint: str, mesh, *, step, tokenizer, prompt, generatio
         extractor = FeatureExtractor.from_pretrained(checkpoint, step=step, batch_size=batch_size, dtype=dtype)
         return lambda good, images: extractor.images(images, feature)
     run = _Texts(checkpoint, mesh, step=step, tokenizer=tokenizer, dtype=dtype,
-                 generation=generation or GenerationConfig(), batch_size=batch_size)
+                 generation=generation or GenerationConfig(), batch_size=batch_size, answers=task == "answer")
     if task != "capfilt":
         return lambda good, images: run(images, [prompt.format(pre_question(r["question"])) if task == "answer"
                                                  else prompt for r in good])
