@@ -20,6 +20,7 @@ from blip2_jax.data import easy_vqa
 from blip2_jax.data.sources import JsonSource
 from blip2_jax.evaluate.generation import generate_texts
 from blip2_jax.evaluate.model import generation_tokenizers, load_model
+from blip2_jax.evaluate.retrieval import retrieval_scores
 from blip2_jax.features import FeatureExtractor
 from blip2_jax.infer.capfilt import image_keys
 from blip2_jax.parallel import mesh as mesh_lib
@@ -220,3 +221,36 @@ def test_capfilt_recaptions_easy_vqa_into_a_set_training_reads(data, tmp_path, b
     second = _parquet(tmp_path / "round2" / "shard-00000-of-00001.parquet")
     assert all(c[:2] == kept for c, kept in zip(second["candidates"], table["captions"]))  # its own first
     assert any(len(c) > 2 for c in second["candidates"])  # and what the decoder sampled
+
+
+def test_search_ranks_an_embedded_set_as_the_retrieval_evaluator(data, tmp_path, blip2_jax):
+    """`infer embed --feature itc_image` leaves an index (N*Q rows, FAISS-style flat); `infer search`
+    ranks its images for each query by the ITC scores `blip2-jax eval`'s retrieval evaluator computes."""
+    code, _, err = blip2_jax("infer", "embed", "--checkpoint", str(data / "itm"), "--images", str(data / "images"),
+                             "--out", str(tmp_path / "emb"), "--shard_size=3", "--feature=itc_image")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "emb" / "index.json").read_text())
+    ids = json.loads((tmp_path / "emb" / "index.ids.json").read_text())
+    matrix = np.load(tmp_path / "emb" / "index.npy")
+    assert ids == ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png", "more/6.png"]  # 3b.png is no image
+    assert matrix.shape == (7 * meta["queries"], meta["dim"]) and meta["images"] == 7
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, rtol=1e-5)
+
+    queries = ["a red circle", "w1 w2 photo"]
+    code, out, err = blip2_jax("infer", "search", "--index", str(tmp_path / "emb"), "--query", queries[0],
+                               "--query", queries[1], "--top_k=4")
+    assert code == 0, err
+    found = json.loads(out[out.index("["):])
+    model = load_model(str(data / "itm"), mesh_lib.make_mesh(-1, 1, 1, jax.devices()[:1]))
+    extractor = FeatureExtractor.from_pretrained(data / "itm")
+    evaluated = retrieval_scores(model, mesh_lib.make_mesh(-1, 1, 1, jax.devices()[:1]),
+                                 [str(data / "images" / i) for i in ids], queries, extractor.tokenizer, k_test=0,
+                                 batch_size=2)
+    for t, result in enumerate(found):
+        assert result["query"] == queries[t]
+        want = np.argsort(-evaluated.sims[:, t], kind="stable")[:4]
+        assert [r["id"] for r in result["results"]] == [ids[i] for i in want]
+        np.testing.assert_allclose([r["score"] for r in result["results"]], evaluated.sims[want, t], atol=1e-5)
+
+    code, _, err = blip2_jax("infer", "search", "--index", str(tmp_path), "--query", "x")
+    assert f"--index {tmp_path}: no index.json" in user_error(code, err)

@@ -1,4 +1,5 @@
-"""`blip2-jax infer caption|answer|embed|capfilt`: a model over a whole set, written shard by shard."""
+"""`blip2-jax infer caption|answer|embed|capfilt`: a model over a whole set, written shard by shard;
+`blip2-jax infer search`: text queries against an embedded set."""
 from __future__ import annotations
 
 import dataclasses
@@ -104,6 +105,26 @@ def _run(task: str):
     return run
 
 
+def _search_flags(values: flags.FlagValues, argv: list[str]) -> None:
+    del argv
+    flags.DEFINE_string("index", None, "The directory of an `infer embed --feature itc_image` run.", flag_values=values)
+    flags.DEFINE_multi_string("query", [], "A text to rank the images for; repeat for several.", flag_values=values)
+    flags.DEFINE_integer("top_k", 10, "Images listed per query.", flag_values=values)
+    flags.DEFINE_string("checkpoint", "", "The retrieval model (default: the one that built the index).",
+                        flag_values=values)
+    flags.DEFINE_string("tokenizer", "", "The Q-Former's BERT tokenizer (default: the checkpoint's).", flag_values=values)
+
+
+def _search(values: flags.FlagValues) -> None:
+    from blip2_jax.infer.index import search_texts  # pylint: disable=import-outside-toplevel
+
+    if not values.index or not values.query:
+        raise app.UsageError(f"infer search needs --index DIR and at least one --query\n{SEARCH.usage()}")
+    logging.set_verbosity(logging.WARNING)
+    print(json.dumps(search_texts(values.index, values.query, checkpoint=values.checkpoint,
+                                  tokenizer=values.tokenizer, top_k=values.top_k), indent=1))
+
+
 _INPUT = "(--images DIR | --annotations FILE [--image_root DIR])"
 COMMANDS = {
     "caption": Command(("infer", "caption"), f"--checkpoint DIR_OR_HUB_ID {_INPUT} --out DIR [--prompt TEXT]",
@@ -121,3 +142,7 @@ COMMANDS = {
                        "Recaptions a set as BLIP-2's CapFilt: sampled captions ranked by ITC with the images' own, "
                        "the best kept in an annotation file training reads.", _flags("capfilt"), _run("capfilt")),
 }
+SEARCH = Command(("infer", "search"), "--index DIR --query TEXT [--query TEXT ...] [--top_k 10]",
+                 "Ranks the images of an ITC index (infer embed --feature itc_image) for text queries.",
+                 _search_flags, _search)
+COMMANDS["search"] = SEARCH

@@ -6,7 +6,7 @@ shard's `.bad.json`, never fatal. The rest are captioned or answered over every 
 (`features.py`), or recaptioned (`infer/capfilt.py`). Texts go to Parquet (`id`, `caption` or `id`,
 `question`, `answer`; capfilt's columns in `capfilt.shard_columns`, and when every shard is written,
 the annotation file `annotations.json` assembled from them), features to `.npy` with the row ids in
-`.ids.json`. `run.json` records what the output holds; a rerun with
+`.ids.json` (ITC features then also as one search index, `infer/index.py`). `run.json` records what the output holds; a rerun with
 other settings into the same directory is refused rather than mixed with it.
 """
 from __future__ import annotations
@@ -133,6 +133,10 @@ def infer(task: str, records: Sequence[dict[str, Any]], checkpoint: str, out: st
     if task == "capfilt" and jax.process_index() == 0:  # from the shards: the same bytes after a resume
         tables = [_read_parquet(shards.path(k)) for k in range(len(shards))]
         _write_json(out / capfilt_lib.ANNOTATIONS, capfilt_lib.annotations(tables))
+    if task == "embed" and feature == "itc_image" and jax.process_index() == 0:  # text search's index
+        from blip2_jax.infer.index import write_index  # pylint: disable=import-outside-toplevel
+
+        write_index(shards, out, {"checkpoint": str(checkpoint), "step": step, "feature": feature})
     return {**summary, "seconds": seconds, "images_per_s": summary["images"] / seconds if seconds else 0.0}
 
 
