@@ -87,3 +87,10 @@ def loaded_config(values: flags.FlagValues):
         raise InputNotFound(f"--config {config_flags.get_config_filename(values['config'])}: no such config file "
                             "(configs/<file>.py:<preset>)") from e
     return config
+
+
+def define_distributed(values: flags.FlagValues) -> None:
+    """The multi-host flags `launch/*.sh` pass (TPU pods and SLURM jobs need none)."""
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-host).", flag_values=values)
+    flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-host).", flag_values=values)
+    flags.DEFINE_integer("process_id", -1, "This process's index (multi-host).", flag_values=values)

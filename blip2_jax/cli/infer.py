@@ -7,7 +7,8 @@ import json
 
 from absl import app, flags, logging
 
-from blip2_jax.cli.command import Command, define_checkpoint, define_out, define_tokenizer
+from blip2_jax.cli.command import (Command, define_checkpoint, define_distributed, define_out,
+                                   define_tokenizer)
 from blip2_jax.cli.inference import define_dtype, define_search, search_config
 
 
@@ -27,6 +28,7 @@ def _flags(task: str):
         flags.DEFINE_integer("batch_size", 8, "Images per device per compiled call.", flag_values=values)
         flags.DEFINE_integer("num_devices", -1, "Devices to use (-1: all).", flag_values=values)
         define_dtype(values)
+        define_distributed(values)
         if task == "embed":
             flags.DEFINE_enum("feature", "itc_image", ["image_embeds", "query_output", "language_inputs", "itc_image"],
                               "Which image feature (blip2_jax/features.py).", flag_values=values)
@@ -73,9 +75,12 @@ def _run(task: str):
         from blip2_jax.infer.run import infer
         from blip2_jax.weights.load import open_source
 
+        from blip2_jax.parallel.distributed import initialize
+
         command = COMMANDS[task]
         command.require(values, "checkpoint", "out", *(("ranker",) if task == "capfilt" else ()))
         logging.set_verbosity(logging.WARNING)
+        initialize(values.coordinator_address, values.num_processes, values.process_id)  # before JAX starts
         records = _records(values, command, task)
         options = {}
         if task != "embed":
@@ -112,7 +117,8 @@ def _search_flags(values: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_integer("top_k", 10, "Images listed per query.", flag_values=values)
     flags.DEFINE_string("checkpoint", "", "The retrieval model (default: the one that built the index).",
                         flag_values=values)
-    flags.DEFINE_string("tokenizer", "", "The Q-Former's BERT tokenizer (default: the checkpoint's).", flag_values=values)
+    flags.DEFINE_string("tokenizer", "", "The Q-Former's BERT tokenizer (default: the checkpoint's).",
+                        flag_values=values)
 
 
 def _search(values: flags.FlagValues) -> None:

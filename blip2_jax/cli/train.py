@@ -6,7 +6,7 @@ import os
 
 from absl import app, flags, logging
 
-from blip2_jax.cli.command import Command, define_config, define_workdir, loaded_config
+from blip2_jax.cli.command import Command, define_config, define_distributed, define_workdir, loaded_config
 
 
 def simulated_cpu_devices(count: int) -> None:
@@ -45,9 +45,7 @@ def _demo(values: flags.FlagValues) -> None:
 def _train_flags(values: flags.FlagValues, argv: list[str]) -> None:
     define_config(values, argv, "Training config")
     define_workdir(values, "Directory for checkpoints, metrics and TensorBoard logs; a run there is resumed.")
-    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-host).", flag_values=values)
-    flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-host).", flag_values=values)
-    flags.DEFINE_integer("process_id", -1, "This process's index (multi-host).", flag_values=values)
+    define_distributed(values)
 
 
 def _train(values: flags.FlagValues) -> None:

@@ -6,8 +6,10 @@ shard's `.bad.json`, never fatal. The rest are captioned or answered over every 
 (`features.py`), or recaptioned (`infer/capfilt.py`). Texts go to Parquet (`id`, `caption` or `id`,
 `question`, `answer`; capfilt's columns in `capfilt.shard_columns`, and when every shard is written,
 the annotation file `annotations.json` assembled from them), features to `.npy` with the row ids in
-`.ids.json` (ITC features then also as one search index, `infer/index.py`). `run.json` records what the output holds; a rerun with
-other settings into the same directory is refused rather than mixed with it.
+`.ids.json` (ITC features then also as one search index, `infer/index.py`). `run.json` records
+what the output holds; a rerun with other settings into the same directory is refused rather than
+mixed with it. With several processes every one computes every shard (its rows of each global
+batch) and process 0 writes.
 """
 from __future__ import annotations
 
@@ -120,7 +122,12 @@ def infer(task: str, records: Sequence[dict[str, Any]], checkpoint: str, out: st
                    {"prompt": prompt, "generation": dataclasses.asdict(generation or GenerationConfig())}),
                 **({"capfilt": dataclasses.asdict(capfilt)} if task == "capfilt" else {})}
     _claim(out, settings)
-    shards.clear_partial()
+    if jax.process_index() == 0:
+        shards.clear_partial()
+    if jax.process_count() > 1:  # every process lists the same shards to do: none written before all look
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        multihost_utils.sync_global_devices("infer: output directory claimed")
     todo = [k for k in range(len(shards)) if not shards.done(k)]
     summary = {"shards": len(shards), "skipped_shards": len(shards) - len(todo), "images": 0, "bad_images": 0}
     seconds = 0.0

@@ -113,7 +113,7 @@ def load(source: str | os.PathLike | Source, *, mesh: Mesh | None = None, shardi
     boxed = blip2.abstract_params(config, unbox=False, model=blip2.build(config, source.architecture))
     if shardings is None:
         shardings = (mesh_lib.logical_shardings(boxed, mesh) if mesh is not None else
-                     jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), boxed,
+                     jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), boxed,
                                   is_leaf=lambda x: hasattr(x, "unbox")))
     flat_shardings = traverse_util.flatten_dict(shardings, sep="/")
     abstract = nn.unbox(boxed)
