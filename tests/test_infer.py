@@ -118,6 +118,15 @@ def test_answers_and_features_equal_the_library(data, tmp_path, blip2_jax):
     want = generator.answer([str(data / "images" / r["image"]) for r in records], [r["question"] for r in records],
                             PROMPTS["vqa_opt"], search)
     assert sum((r["answer"] for r in rows), []) == want
+    # the same records as an ArrayRecord set (images inside): the same shards
+    code, _, err = blip2_jax("data", "build", "--annotations", str(tmp_path / "q.json"), "--image_root",
+                             str(data / "images"), "--out", str(tmp_path / "ar" / "q"))
+    assert code == 0, err
+    code, _, err = blip2_jax("infer", "answer", "--checkpoint", str(data / "opt"), "--arrayrecord",
+                             str(tmp_path / "ar" / "q"), "--out", str(tmp_path / "ar_answers"), "--shard_size=2", *SEARCH)
+    assert code == 0, err
+    from_json, from_arrayrecord = _files(tmp_path / "answers"), _files(tmp_path / "ar_answers")
+    assert from_json.pop("run.json") != from_arrayrecord.pop("run.json") and from_arrayrecord == from_json
 
     code, _, err = blip2_jax("infer", "embed", "--checkpoint", str(data / "itm"), "--images", str(data / "images"),
                              "--out", str(tmp_path / "emb"), "--shard_size=4", "--feature=itc_image")
@@ -131,7 +140,10 @@ def test_answers_and_features_equal_the_library(data, tmp_path, blip2_jax):
 
 @pytest.mark.parametrize("args,expected", [
     (["--images", "/nonexistent/dir"], "--images /nonexistent/dir: not a directory"),
-    ([], "infer caption needs --images DIR or --annotations FILE"),
+    ([], "infer caption needs one input: (--images DIR | --annotations FILE"),
+    (["--images", "/x", "--arrayrecord", "/y"], "infer caption needs one input"),
+    (["--arrayrecord", "/nonexistent/set"], "no ArrayRecord set at /nonexistent/set"),
+    (["--tfds", "coco"], "--tfds 'coco': expected NAME:SPLIT"),
 ])
 def test_bad_inputs_are_one_line_errors(data, tmp_path, blip2_jax, args, expected):
     code, _, err = blip2_jax("infer", "caption", "--checkpoint", str(data / "opt"), "--out", str(tmp_path / "o"),

@@ -24,6 +24,14 @@ def _flags(task: str):
                                   (", question" if task == "answer" else "") + "); repeat for several.",
                                   flag_values=values)
         flags.DEFINE_string("image_root", "", "The directory the records' image paths are under.", flag_values=values)
+        if task != "capfilt":  # capfilt's annotation file points at image files
+            flags.DEFINE_string("arrayrecord", None, "An ArrayRecord set (the --out PREFIX of `blip2-jax data build`).",
+                                flag_values=values)
+            flags.DEFINE_string("tfds", None, "A TFDS data set as NAME:SPLIT (prepared as array_record).",
+                                flag_values=values)
+            flags.DEFINE_string("tfds_data_dir", "", "TFDS's data directory (default: its own).", flag_values=values)
+            flags.DEFINE_list("tfds_fields", [], "KEY=FEATURE pairs beyond image=image, e.g. question=question.",
+                              flag_values=values)
         flags.DEFINE_integer("shard_size", 256, "Records per output shard.", flag_values=values)
         flags.DEFINE_integer("batch_size", 8, "Images per device per compiled call.", flag_values=values)
         flags.DEFINE_integer("num_devices", -1, "Devices to use (-1: all).", flag_values=values)
@@ -53,14 +61,19 @@ def _flags(task: str):
 def _records(values: flags.FlagValues, command: Command, task: str) -> list[dict]:
     from blip2_jax.infer import inputs  # pylint: disable=import-outside-toplevel
 
-    if bool(values.images) == bool(values.annotations):
-        raise app.UsageError(f"{command.name} needs --images DIR or --annotations FILE (one of them)\n"
-                             f"{command.usage()}")
+    given = [f for f in ("images", "annotations", "arrayrecord", "tfds") if f in values and values[f].value]
+    if len(given) != 1:
+        raise app.UsageError(f"{command.name} needs one input: {_INPUTS[task]}\n{command.usage()}")
     if task == "answer" and values.images:
-        raise app.UsageError(f"{command.name} reads questions from --annotations, not --images\n{command.usage()}")
+        raise app.UsageError(f"{command.name} reads questions from records, not --images\n{command.usage()}")
+    need_question = task == "answer"
     if values.images:
         return inputs.image_folder(values.images)
-    return inputs.annotation_records(values.annotations, values.image_root, need_question=task == "answer",
+    if given == ["arrayrecord"]:
+        return inputs.arrayrecord_records(values.arrayrecord, need_question=need_question)
+    if given == ["tfds"]:
+        return inputs.tfds_records(values.tfds, values.tfds_data_dir, values.tfds_fields, need_question=need_question)
+    return inputs.annotation_records(values.annotations, values.image_root, need_question=need_question,
                                      per_image=task == "capfilt")
 
 
@@ -131,20 +144,22 @@ def _search(values: flags.FlagValues) -> None:
                                   tokenizer=values.tokenizer, top_k=values.top_k), indent=1))
 
 
-_INPUT = "(--images DIR | --annotations FILE [--image_root DIR])"
+_INPUT = "(--images DIR | --annotations FILE [--image_root DIR] | --arrayrecord PREFIX | --tfds NAME:SPLIT)"
+_INPUTS = {"caption": _INPUT, "embed": _INPUT, "capfilt": "--images DIR or --annotations FILE",
+           "answer": "--annotations FILE, --arrayrecord PREFIX or --tfds NAME:SPLIT"}
 COMMANDS = {
     "caption": Command(("infer", "caption"), f"--checkpoint DIR_OR_HUB_ID {_INPUT} --out DIR [--prompt TEXT]",
                        "Captions every image of a set into Parquet shards, resumable.", _flags("caption"),
                        _run("caption")),
-    "answer": Command(("infer", "answer"), "--checkpoint DIR_OR_HUB_ID --annotations FILE [--image_root DIR] "
-                      "--out DIR [--prompt TEMPLATE]",
+    "answer": Command(("infer", "answer"), "--checkpoint DIR_OR_HUB_ID (--annotations FILE [--image_root DIR] | "
+                      "--arrayrecord PREFIX | --tfds NAME:SPLIT) --out DIR [--prompt TEMPLATE]",
                       "Answers every record's question into Parquet shards, resumable.", _flags("answer"),
                       _run("answer")),
     "embed": Command(("infer", "embed"), f"--checkpoint DIR_OR_HUB_ID {_INPUT} --out DIR [--feature NAME]",
                      "Writes an image feature of every image of a set to .npy shards, resumable.", _flags("embed"),
                      _run("embed")),
-    "capfilt": Command(("infer", "capfilt"), f"--checkpoint DIR_OR_HUB_ID --ranker DIR_OR_HUB_ID {_INPUT} --out DIR "
-                       "[--num_captions 10 --keep 2]",
+    "capfilt": Command(("infer", "capfilt"), "--checkpoint DIR_OR_HUB_ID --ranker DIR_OR_HUB_ID "
+                       "(--images DIR | --annotations FILE [--image_root DIR]) --out DIR [--num_captions 10 --keep 2]",
                        "Recaptions a set as BLIP-2's CapFilt: sampled captions ranked by ITC with the images' own, "
                        "the best kept in an annotation file training reads.", _flags("capfilt"), _run("capfilt")),
 }

@@ -219,5 +219,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _ids_digest(records: Sequence[dict[str, Any]]) -> str:
-    """A digest of the record ids in order: a rerun over another set is refused, not mixed in."""
-    return hashlib.sha256("\n".join(str(r["id"]) for r in records).encode()).hexdigest()[:16]
+    """A digest of the record ids in order (a data source's name for itself: no pass over every
+    record): a rerun over another set is refused, not mixed in."""
+    names = [records.identity] if hasattr(records, "identity") else (str(r["id"]) for r in records)
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
