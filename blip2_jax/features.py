@@ -146,16 +146,7 @@ class FeatureExtractor:
             self.params, preprocess_images([images[i] for i in rows], size), ids[rows], mask[rows]))
 
     def _tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        if self.tokenizer is None:
-            raise UserError("text features need the Q-Former's BERT tokenizer: give tokenizer=")
-        lists = [self.tokenizer(t, truncation=True, max_length=self.model.config.qformer.max_position_embeddings)
-                 ["input_ids"] for t in texts]
-        width = -(-max(map(len, lists), default=1) // TEXT_BUCKET) * TEXT_BUCKET
-        ids = np.full((len(texts), width), self.tokenizer.pad_token_id, np.int32)
-        mask = np.zeros_like(ids)
-        for row, tokens in enumerate(lists):
-            ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
-        return ids, mask
+        return text_arrays(self.tokenizer, texts, self.model.config.qformer.max_position_embeddings)
 
     def _batched(self, count: int, run: Callable[[np.ndarray], jax.Array]) -> np.ndarray:
         """`run` over rows in batches of `batch_size` (the last padded with row 0, then dropped)."""
@@ -165,3 +156,51 @@ class FeatureExtractor:
             padded = np.concatenate([rows, np.zeros(self.batch_size - len(rows), rows.dtype)])
             out.append(np.asarray(run(padded))[:len(rows)])
         return np.concatenate(out) if out else np.zeros((0,))
+
+
+def text_arrays(tokenizer: Any, texts: Sequence[str], max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q-Former ids and mask (n, L) of `texts`, L the longest rounded up to TEXT_BUCKET."""
+    if tokenizer is None:
+        raise UserError("text features need the Q-Former's BERT tokenizer: give tokenizer=")
+    lists = [tokenizer(t, truncation=True, max_length=max_positions)["input_ids"] for t in texts]
+    width = -(-max(map(len, lists), default=1) // TEXT_BUCKET) * TEXT_BUCKET
+    ids = np.full((len(texts), width), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros_like(ids)
+    for row, tokens in enumerate(lists):
+        ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
+    return ids, mask
+
+
+@functools.lru_cache(maxsize=16)
+def _on_mesh(model: Any, mesh: Any, fn: Callable, kw: tuple) -> Callable:
+    from blip2_jax.evaluate.batches import jit_replicated  # pylint: disable=import-outside-toplevel
+
+    return jit_replicated(functools.partial(fn, model=model, **dict(kw)), mesh)
+
+
+class MeshFeatures:
+    """A model's image features and ITC text rows over every device and host of `mesh` (`blip2-jax
+    infer`): each host reads its rows of each global batch of `batch_size` per device; a row's
+    features are the same on any mesh. `params` are placed on `mesh` (`evaluate.model.load_model`)."""
+
+    def __init__(self, model: Any, params: Any, mesh: Any, *, batch_size: int, tokenizer: Any = None):
+        self.model, self.params, self.mesh, self.batch_size, self.tokenizer = model, params, mesh, batch_size, tokenizer
+
+    def images(self, images: Sequence[ImageInput], name: str) -> np.ndarray:
+        from blip2_jax.evaluate.batches import map_batches  # pylint: disable=import-outside-toplevel
+
+        check_feature(self.model, name)
+        fn = _on_mesh(self.model, self.mesh, image_features, (("name", name),))
+        size = self.model.config.vision.image_size
+        return map_batches(self.mesh, len(images), self.batch_size,
+                           lambda rows: {"x": preprocess_images([images[i] for i in rows], size)},
+                           lambda g: fn(self.params, g["x"]))
+
+    def itc_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """The [CLS] row of `itc_text` (n, E) for each text, the row ITC scores read."""
+        from blip2_jax.evaluate.batches import map_batches  # pylint: disable=import-outside-toplevel
+
+        ids, mask = text_arrays(self.tokenizer, texts, self.model.config.qformer.max_position_embeddings)
+        fn = _on_mesh(self.model, self.mesh, text_features, ())
+        return map_batches(self.mesh, len(texts), self.batch_size, lambda rows: {"ids": ids[rows], "mask": mask[rows]},
+                           lambda g: fn(self.params, g["ids"], g["mask"])[:, 0])

@@ -136,6 +136,10 @@ def test_answers_and_features_equal_the_library(data, tmp_path, blip2_jax):
     want = FeatureExtractor.from_pretrained(data / "itm").images([str(data / "images" / i) for i in ids])
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert len(ids) == 7 and got.dtype == np.float32
+    code, _, err = blip2_jax("infer", "embed", "--checkpoint", str(data / "itm"), "--images", str(data / "images"),
+                             "--out", str(tmp_path / "emb1"), "--shard_size=4", "--feature=itc_image", "--num_devices=1")
+    assert code == 0, err
+    assert _files(tmp_path / "emb1") == _files(tmp_path / "emb")  # the features, over 1 device or 8, and the index
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -75,3 +75,13 @@ def jit_replicated(fn: Callable, mesh: Mesh, **kwargs) -> Callable:
     """`fn` jitted with replicated outputs; its inputs bring their shardings (`to_global`,
     `replicate`, parameters placed by `weights.load`)."""
     return jax.jit(fn, out_shardings=mesh_lib.replicated(mesh), **kwargs)
+
+
+def map_batches(mesh: Mesh, count: int, per_device: int, inputs: Callable[[np.ndarray], dict[str, np.ndarray]],
+                fn: Callable[[dict[str, jax.Array]], jax.Array]) -> np.ndarray:
+    """`fn` (replicated output) over the global batches of `count` samples, each host giving its own
+    rows (`inputs(its sample indices)`); the valid rows of every batch, in sample order."""
+    batches, out = EvalBatches.for_mesh(count, per_device, mesh), []
+    for valid, local in batches:
+        out.append(np.asarray(fn(to_global(mesh, inputs(local), batches.global_batch)))[valid])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from blip2_jax.errors import UserError
-from blip2_jax.features import FeatureExtractor, check_feature
+from blip2_jax.data.tokenizers import qformer_tokenizer
+from blip2_jax.features import MeshFeatures, check_feature
 ANNOTATIONS = "annotations.json"
 
 
@@ -57,19 +58,23 @@ def candidates(own: list[str], sampled: list[str]) -> list[str]:
 
 
 class Ranker:
-    """ITC scores of each image's candidates under a retrieval model, and the ones kept."""
+    """ITC scores of each image's candidates under a retrieval model, over the mesh, and the ones kept."""
 
-    def __init__(self, config: CapFiltConfig, batch_size: int):
+    def __init__(self, config: CapFiltConfig, mesh: Any, batch_size: int):
+        from blip2_jax.evaluate.model import load_model  # pylint: disable=import-outside-toplevel
+
         self.keep = config.keep
-        self.extractor = FeatureExtractor.from_pretrained(config.ranker, batch_size=batch_size)
-        if self.extractor.tokenizer is None:
+        model = load_model(config.ranker, mesh)
+        if not model.tokenizer:
             raise UserError(f"--ranker {config.ranker}: no Q-Former tokenizer beside its weights (tokenizer files)")
+        self.features = MeshFeatures(model.module, model.params, mesh, batch_size=batch_size,
+                                     tokenizer=qformer_tokenizer(model.tokenizer))
 
     def __call__(self, images: list, texts: list[list[str]]) -> list[dict[str, Any]]:
         """Per image: candidates and their scores, and the kept captions and scores, best first."""
-        image_rows = self.extractor.images(images, "itc_image")  # (n, Q, E)
+        image_rows = self.features.images(images, "itc_image")  # (n, Q, E)
         flat = [t for ts in texts for t in ts]
-        text_rows = self.extractor.texts(flat)[:, 0] if flat else np.zeros((0, image_rows.shape[-1]), np.float32)
+        text_rows = self.features.itc_texts(flat) if flat else np.zeros((0, image_rows.shape[-1]), np.float32)
         out, start = [], 0
         for image, ts in zip(image_rows, texts):
             scores = (image @ text_rows[start:start + len(ts)].T).max(axis=0) if ts else np.zeros((0,), np.float32)

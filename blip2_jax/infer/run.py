@@ -3,7 +3,7 @@
 Each shard's images are read first: one that cannot be read is skipped, counted and listed in the
 shard's `.bad.json`, never fatal. The rest are captioned or answered over every device of the mesh
 (`evaluate/generation.py`: one compile, outputs bit-identical on any mesh) or embedded
-(`features.py`), or recaptioned (`infer/capfilt.py`). Texts go to Parquet (`id`, `caption` or `id`,
+(`features.MeshFeatures`, the same), or recaptioned (`infer/capfilt.py`). Texts go to Parquet (`id`, `caption` or `id`,
 `question`, `answer`; capfilt's columns in `capfilt.shard_columns`, and when every shard is written,
 the annotation file `annotations.json` assembled from them), features to `.npy` with the row ids in
 `.ids.json` (ITC features then also as one search index, `infer/index.py`). `run.json` records
@@ -28,6 +28,7 @@ from blip2_jax.data.sources import read_image
 from blip2_jax.data.text import pre_question
 from blip2_jax.errors import UserError
 from blip2_jax.evaluate.model import generation_tokenizers, load_model
+from blip2_jax.features import MeshFeatures
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.infer import capfilt as capfilt_lib
 from blip2_jax.infer.inputs import captions_of
@@ -151,16 +152,15 @@ def _job(task: str, checkpoint: str, mesh, *, step, tokenizer, prompt, generatio
          dtype) -> Callable[[list[dict], list], Any]:
     """The models of `task`, loaded once, as a function of a shard's readable records and images."""
     if task == "embed":
-        from blip2_jax.features import FeatureExtractor  # pylint: disable=import-outside-toplevel
-
-        extractor = FeatureExtractor.from_pretrained(checkpoint, step=step, batch_size=batch_size, dtype=dtype)
+        model = load_model(checkpoint, mesh, step=step, dtype=dtype)
+        extractor = MeshFeatures(model.module, model.params, mesh, batch_size=batch_size)
         return lambda good, images: extractor.images(images, feature)
     run = _Texts(checkpoint, mesh, step=step, tokenizer=tokenizer, dtype=dtype,
                  generation=generation or GenerationConfig(), batch_size=batch_size, answers=task == "answer")
     if task != "capfilt":
         return lambda good, images: run(images, [prompt.format(pre_question(r["question"])) if task == "answer"
                                                  else prompt for r in good])
-    ranker, n = capfilt_lib.Ranker(capfilt, batch_size), capfilt.num_captions
+    ranker, n = capfilt_lib.Ranker(capfilt, mesh, batch_size), capfilt.num_captions
 
     def recaption(good: list[dict], images: list) -> list[dict]:
         sampled = run(images, [prompt] * len(good), capfilt_lib.image_keys([r["id"] for r in good], capfilt.seed))
