@@ -112,23 +112,30 @@ def test_restored_iterator_continues_exactly(dataset, worker_count):
     def pipeline(workers: int = worker_count):
         return make_pipeline(dataset["source"], process=process, global_batch_size=4, seed=7, worker_count=workers)
 
+    expected = assert_resumes_exactly(pipeline, 14)  # 56 rows: across an epoch boundary (32 good)
+    assert _ids(expected[:8]) != _ids(expected[8:16])  # each epoch is shuffled differently
+
+
+def assert_resumes_exactly(pipeline, batches: int, stop: int = 5) -> list[dict]:
+    """`pipeline(workers=0)` read `batches` batches; `pipeline()` stopped after `stop`, its state
+    through JSON, and a new one restored to it read the rest of them, array for array."""
     reference = pipeline(workers=0)  # batches do not depend on the number of worker processes either
-    expected = [next(reference) for _ in range(14)]  # 56 rows: across an epoch boundary (32 good)
+    expected = [next(reference) for _ in range(batches)]
     reference.close()
     first = pipeline()
-    for _ in range(5):
+    for _ in range(stop):
         next(first)
     state = json.loads(json.dumps(first.get_state()))
     first.close()
     resumed = pipeline()
     resumed.set_state(state)
-    for want in expected[5:]:
+    for want in expected[stop:]:
         got = next(resumed)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
     assert resumed.stats == reference.stats
     resumed.close()
-    assert _ids(expected[:8]) != _ids(expected[8:16])  # each epoch is shuffled differently
+    return expected
 
 
 def test_hosts_read_disjoint_shards_covering_the_data(dataset):

@@ -2,7 +2,8 @@
 
 `make_loader(config, kind, image_size, vocab_size, spec)` reads `config.data`: `source` is 'synthetic' (per-row
 seeded random arrays, the exactness tests' data), 'json' (LAVIS annotation files + image root),
-'arrayrecord' (shards from `blip2-jax data build`), 'tfds', 'easy_vqa' (its questions),
+'arrayrecord' (shards from `blip2-jax data build`), 'tfds', 'webdataset' (tar shards,
+`data/webdataset.py`), 'easy_vqa' (its questions),
 'easy_vqa_captions' or 'easy_vqa_text' (`data/easy_vqa.py`: the demo's captions and LM text);
 `mixture` draws from several of them by weight. Real records become the arrays the objective
 takes (`RecordProcessor`): the LAVIS train transform and caption cleaning, then the Q-Former, OPT
@@ -201,6 +202,10 @@ def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:
         return sources_lib.ArrayRecordSource(d.path)
     if d.source == "tfds":
         return sources_lib.TfdsSource(d.tfds_name, d.split, d.path or None)
+    if d.source == "webdataset":
+        from blip2_jax.data.webdataset import WebDatasetSource  # pylint: disable=import-outside-toplevel
+
+        return WebDatasetSource(d.path.split(","))
     if d.source == "easy_vqa":
         return sources_lib.EasyVqaSource(d.split)
     if d.source == "easy_vqa_captions":

@@ -109,7 +109,8 @@ class _ReadAndProcess:
     strict: bool
 
     def __call__(self, position: int, index: int) -> tuple[str, Example] | _Skipped:
-        record_id, image = f"{type(self.source).__name__}[{index}]", None
+        named = getattr(self.source, "record_id", None)  # a source that names a record it cannot read
+        record_id, image = named(index) if named else f"{type(self.source).__name__}[{index}]", None
         try:
             record = self.source[index]
             record_id, image = str(record.get("id", record_id)), record.get("image")

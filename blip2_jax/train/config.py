@@ -37,7 +37,8 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     c.optim.total_steps = c.get_ref("total_steps")
     c.loss = ml_collections.ConfigDict()
     # source: synthetic | json (annotations: comma-separated LAVIS files, image_root) | arrayrecord (path:
-    # shard prefix) | tfds (tfds_name, split, path: data_dir) | easy_vqa | easy_vqa_captions | easy_vqa_text
+    # shard prefix) | tfds (tfds_name, split, path: data_dir) | webdataset (path: tar shards, comma-separated,
+    # brace patterns: /data/laion/{00000..01023}.tar, gs:// too) | easy_vqa | easy_vqa_captions | easy_vqa_text
     # (split; the last two are the demo's captions and LM text, data/easy_vqa.py). tokenizer: the Q-Former's
     # BERT (stage 1) or the LLM's (stage 2), a directory or hub id. Bad records are skipped and counted
     # (data_skipped in the metrics) unless strict. mixture: a list of dicts of the source fields above plus
