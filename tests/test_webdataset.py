@@ -19,7 +19,7 @@ from absl import flags
 
 from blip2_jax.data.loader import make_sources
 from blip2_jax.data.pipeline import Mixture, make_pipeline
-from blip2_jax.data.sources import write_array_records
+from blip2_jax.data.sources import ArrayRecordSource, write_array_records
 from blip2_jax.data.webdataset import WebDatasetSource, expand_braces
 from blip2_jax.errors import InputNotFound, UserError
 from tests.test_data_pipeline import (_ids, assert_resumes_exactly, dataset,  # noqa: F401  # a fixture
@@ -44,6 +44,8 @@ def shards(dataset, tmp_path_factory):  # noqa: F811
                 sample = {"__key__": key}
                 if Path(record["image"]).is_file():
                     sample["jpg"] = Path(record["image"]).read_bytes()
+                else:
+                    missing_image = f"part-{shard:05d}.tar:{key}"
                 if isinstance(record["caption"], str):
                     sample["txt"] = record["caption"]
                 else:
@@ -58,7 +60,8 @@ def shards(dataset, tmp_path_factory):  # noqa: F811
     third = data.index(b"c2.jpg")  # the third sample's image header; its data follows at +512
     (root / "part-00003.tar").write_bytes(data[:third + 512 + 100])
     (root / "cut.tar").unlink()
-    return {"root": root, "pattern": str(root / "part-{00000..00003}.tar"), "good": sorted(good + [
+    return {"root": root, "pattern": str(root / "part-{00000..00003}.tar"), "missing_image": missing_image,
+            "good": sorted(good + [
         "part-00003.tar:c0", "part-00003.tar:c1"]), "bad": sorted(bad + ["part-00003.tar:c2"])}
 
 
@@ -140,3 +143,25 @@ def test_stage1_trains_on_tar_shards(shards, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == [1, 2]
     assert all(np.isfinite(m["loss"]) for m in lines if "loss" in m)
+
+
+def test_data_build_from_tar_shards_reads_as_the_shards(shards, tmp_path, blip2_jax):
+    """`blip2-jax data build --webdataset`: the readable samples go to ArrayRecord (the image bytes as
+    they are), the unreadable members are left out and named; an epoch over the set reads what an
+    epoch over the shards reads."""
+    code, out, err = blip2_jax("data", "build", "--webdataset", shards["pattern"], "--out", str(tmp_path / "ar" / "w"),
+                               "--num_shards=2")
+    assert code == 0, err
+    unreadable = 2  # the sample without an image member, the one cut off
+    assert f"{len(shards['good']) + len(shards['bad']) - unreadable} records" in out and f"{unreadable} left out" in out
+    built = ArrayRecordSource(tmp_path / "ar" / "w")
+    records = {r["id"]: r for r in (built[i] for i in range(len(built)))}
+    tar = WebDatasetSource(shards["pattern"])
+    readable = {tar.record_id(i) for i in range(len(tar))} - {"part-00003.tar:c2", shards["missing_image"]}
+    assert set(records) == readable
+    for i in range(len(tar)):
+        if tar.record_id(i) in readable:
+            want = tar[i]
+            assert records[want["id"]]["image"] == want["image"] and records[want["id"]]["caption"] == want["caption"]
+    it = make_pipeline(built, process=process, global_batch_size=2, seed=0, num_epochs=1)
+    assert sorted(_ids(list(it))) == shards["good"]  # the readable bad members (bad bytes, captions) still skipped

@@ -3,7 +3,7 @@ weights and data sets from one format into another. Each reads `--src` and write
 temporary name, renamed when complete)."""
 from __future__ import annotations
 
-from absl import flags
+from absl import app, flags
 
 from blip2_jax.cli.command import Command, define_out, define_src, define_tokenizer
 
@@ -123,6 +123,8 @@ def _data_build_flags(values: flags.FlagValues, argv: list[str]) -> None:
                               flag_values=values)
     flags.DEFINE_string("image_root", None, "Directory the annotations' image paths are relative to.",
                         flag_values=values)
+    flags.DEFINE_string("webdataset", None, "Instead of annotations: WebDataset tar shards (comma-separated, brace "
+                        "patterns such as /data/laion/{00000..00099}.tar).", flag_values=values)
     define_out(values, "a shard path prefix: PREFIX-<build>-00000-of-0000N.array_record, ... and "
                "PREFIX.manifest.json, replacing an earlier set of PREFIX")
     flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord files to write.", flag_values=values)
@@ -131,11 +133,19 @@ def _data_build_flags(values: flags.FlagValues, argv: list[str]) -> None:
 def _data_build(values: flags.FlagValues) -> None:
     from blip2_jax.data import sources  # pylint: disable=import-outside-toplevel  # keep --help fast
 
-    DATA_BUILD.require(values, "annotations", "image_root", "out")
-    source = sources.JsonSource(values.annotations, values.image_root)
+    if values.webdataset:
+        from blip2_jax.data.webdataset import WebDatasetSource  # pylint: disable=import-outside-toplevel
+
+        if values.annotations or values.image_root:
+            raise app.UsageError(f"data build reads --webdataset or --annotations, not both\n{DATA_BUILD.usage()}")
+        DATA_BUILD.require(values, "out")
+        source = WebDatasetSource(values.webdataset.split(","))
+    else:
+        DATA_BUILD.require(values, "annotations", "image_root", "out")
+        source = sources.JsonSource(values.annotations, values.image_root)
     paths, missing = sources.write_array_records(source, values.out, values.num_shards)
     print(f"wrote {len(source) - len(missing)} records to {len(paths)} shards listed in "
-          f"{sources.manifest_path(values.out)}; {len(missing)} left out (image file missing)")
+          f"{sources.manifest_path(values.out)}; {len(missing)} left out (image missing or unreadable)")
 
 
 FROM_HF = Command(("convert", "from-hf"), "--src DIR_OR_HUB_ID --out DIR [--out_dtype float32]",
@@ -150,6 +160,7 @@ FROM_LAVIS = Command(("convert", "from-lavis"), "--src FILE.pth --model PRESET [
 TO_LAVIS = Command(("convert", "to-lavis"), "--src DIR [--step N] --out FILE.pth [--vision_out eva_vit_g.pth]",
                    "A model checkpoint or training workdir -> a LAVIS .pth (and eva_vit_g.pth).",
                    _to_lavis_flags, _to_lavis)
-DATA_BUILD = Command(("data", "build"), "--annotations FILE [--annotations FILE ...] --image_root DIR --out PREFIX "
-                     "[--num_shards N]", "LAVIS-style JSON annotations and their images -> ArrayRecord shards.",
+DATA_BUILD = Command(("data", "build"), "(--annotations FILE [--annotations FILE ...] --image_root DIR | "
+                     "--webdataset PATTERN) --out PREFIX [--num_shards N]",
+                     "LAVIS-style JSON annotations and their images, or WebDataset tar shards -> ArrayRecord shards.",
                      _data_build_flags, _data_build)

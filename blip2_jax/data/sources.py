@@ -123,8 +123,9 @@ def _shard_pattern(name: str) -> re.Pattern:
 def write_array_records(source: Source, prefix: str | os.PathLike, num_shards: int) -> tuple[list[str], list[str]]:
     """Write `source` as `num_shards` ArrayRecord files, each record a msgpack map with the image
     file's bytes as they are on disk (no re-encoding: the pixels the JSON source gives are kept).
-    Records whose image file is missing cannot be stored and are left out (logged); unreadable
-    image bytes are stored, and skipped when read like any other bad record. If no record can be
+    Records whose image file is missing, or that the source cannot read (a tar member without an
+    image), cannot be stored and are left out (logged); unreadable image bytes are stored, and skipped
+    when read like any other bad record. If no record can be
     stored, nothing is written and a ValueError names the first missing images.
 
     The set is committed by `<prefix>.manifest.json` (shard names, record counts, a build id),
@@ -152,7 +153,13 @@ def write_array_records(source: Source, prefix: str | os.PathLike, num_shards: i
             writer = ArrayRecordWriter(path, "group_size:1")
             count = 0
             for index in range(shard * n // num_shards, (shard + 1) * n // num_shards):
-                record = source[index]
+                try:
+                    record = source[index]
+                except (OSError, ValueError) as e:  # e.g. a tar member without an image, or cut off
+                    name = source.record_id(index) if hasattr(source, "record_id") else f"record {index}"
+                    logging.warning("%s left out: %s", name, e)
+                    missing.append((name, str(e)))
+                    continue
                 if isinstance(record["image"], str):
                     try:
                         record["image"] = Path(record["image"]).read_bytes()
