@@ -2,13 +2,16 @@
 
     python benchmarks/data_pipeline.py                      # ~3.5 min on 2 idle cores
     python benchmarks/data_pipeline.py --records 128 --long-records 2000 --workers 0   # ~30 s
+    python benchmarks/data_pipeline.py --compare webdataset   # tar shards in ArrayRecord's place
 
 What it measures: the stage-1 processing of one record as a stage-1 run's loader does it
 (`data.loader.RecordProcessor`): read, decode the image, `blip2_image_train(224)` (random resized
 crop, flip, CLIP normalisation), `pre_caption`, Q-Former tokens (32), through `make_pipeline`
 (batch `--batch`), from
   JSON:        a LAVIS-style captions file over JPEG files on disk (`JsonSource`);
-  ArrayRecord: the same records converted with `write_array_records` (`ArrayRecordSource`).
+  ArrayRecord: the same records converted with `write_array_records` (`ArrayRecordSource`), or with
+    `--compare webdataset`, WebDataset tar shards of them (`key.jpg` + `key.txt`, written here with
+    `tarfile`; `WebDatasetSource`).
 The data set is made here: `--records` easy-VQA images (the 64 px PNGs the `easy-vqa` package
 bundles) upscaled to COCO's usual 640x480 and saved as JPEG quality 90, each with a short caption
 (one of its easy-VQA questions and the answer). Plain shapes compress far better than photographs
@@ -28,7 +31,7 @@ How to read it:
     pipeline cost in it; `cores busy` is CPU time over wall time. 0 workers is not one core: every
     process runs the processing in `make_pipeline`'s 16 read threads, and PIL releases the GIL.
     A host needs about (the trainer's images/s per host) / (img/CPU-second) cores for its input.
-  memory: the ArrayRecord pipeline with `--workers` workers for `--long-records` records (many
+  memory: the ArrayRecord (or WebDataset) pipeline with `--workers` workers for `--long-records` records (many
     epochs); the RSS of this process and the sum over its child processes (Grain's workers and
     multiprocessing's resource tracker; pages they share count in each), from /proc, every 2
     batches after the first quarter of the run (warm-up). Slope: least-squares fit, MiB per 1000
@@ -50,7 +53,9 @@ import argparse
 import collections
 import datetime
 import json
+import io
 import os
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -67,6 +72,7 @@ from blip2_jax.data.pipeline import limit_malloc_arenas, make_pipeline
 from blip2_jax.data.sources import ArrayRecordSource, JsonSource, Source, read_image, write_array_records
 from blip2_jax.data.text import pre_caption
 from blip2_jax.data.transforms import blip2_image_train
+from blip2_jax.data.webdataset import WebDatasetSource
 from blip2_jax.objectives import stage1
 from common import cpu_name, load_average, row
 
@@ -99,6 +105,22 @@ def make_dataset(root: Path, count: int) -> Path:
     file = root / "captions.json"
     file.write_text(json.dumps(annotations))
     return file
+
+
+def write_tar_shards(source: JsonSource, directory: Path, shards: int) -> str:
+    """`source`'s records as WebDataset tar shards (`<i>.jpg`, `<i>.txt`); returns their brace pattern."""
+    directory.mkdir()
+    n = len(source)
+    for shard in range(shards):
+        with tarfile.open(directory / f"{shard:05d}.tar", "w") as tar:
+            for i in range(shard * n // shards, (shard + 1) * n // shards):
+                record = source[i]
+                for name, data in ((f"{i:06d}.jpg", Path(record["image"]).read_bytes()),
+                                   (f"{i:06d}.txt", record["caption"].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(directory / f"{{00000..{shards - 1:05d}}}.tar")
 
 
 def write_vocabulary(captions: list[str], directory: Path) -> Path:
@@ -197,6 +219,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=512, help="images (and captions) in the data set")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--long-records", type=int, default=20_000, help="records read in the memory run")
+    parser.add_argument("--compare", choices=["arrayrecord", "webdataset"], default="arrayrecord",
+                        help="the source measured beside JSON files, and the one the memory run reads")
     parser.add_argument("--workers", type=int, default=cores if cores > 1 else 0,
                         help="Grain worker processes of the multi-process rate (0: none) and of the memory run")
     args = parser.parse_args()
@@ -216,29 +240,33 @@ def main() -> None:
         process = RecordProcessor("stage1", stage1.batch_spec(IMAGE_SIZE, TEXT_LENGTH), blip2_image_train(IMAGE_SIZE),
                                   str(vocabulary), TEXT_LENGTH)
         process(json_source[0], np.random.default_rng(0))  # loads the tokenizer outside the timings
-        ar_source = ArrayRecordSource(write_array_records(json_source, root / "shards" / "captions", NUM_SHARDS)[0])
-        sources = {"json": json_source, "ar": ar_source}
+        if args.compare == "arrayrecord":
+            other = ArrayRecordSource(write_array_records(json_source, root / "shards" / "captions", NUM_SHARDS)[0])
+        else:
+            other = WebDatasetSource(write_tar_shards(json_source, root / "tars", NUM_SHARDS))
+        sources = {"json": json_source, "other": other}
         jpeg_kb = np.mean([p.stat().st_size for p in (root / "images").iterdir()]) / 1000
         stages = {k: stage_times(s, process) for k, s in sources.items()}
         single = {k: pipeline_rate(s, process, args.batch, 0) for k, s in sources.items()}
         multi = {k: pipeline_rate(s, process, args.batch, args.workers) for k, s in sources.items()} \
             if args.workers else {}
-        memory = memory_run(ar_source, process, args)
+        memory = memory_run(other, process, args)
     load_after = os.getloadavg()
 
     words = np.mean([len(pre_caption(c).split()) for c in captions])
+    label = {"arrayrecord": "ArrayRecord", "webdataset": "WebDataset"}[args.compare]
     print(f"Stage-1 input pipeline: decode + blip2_image_train({IMAGE_SIZE}) + pre_caption + Q-Former tokens "
           f"({TEXT_LENGTH}), make_pipeline batch {args.batch}")
     print(f"  {start:%Y-%m-%d %H:%M %Z}; {cpu_name()}, {cores} cores; load average (1/5/15 min) "
           f"{load_average(load_before)} before, {load_average(load_after)} after")
     print(f"  {args.records} records: easy-VQA images as {STORED_SIZE[0]}x{STORED_SIZE[1]} JPEG q{JPEG_QUALITY} "
-          f"(mean {jpeg_kb:.0f} KB), captions of {words:.1f} words; ArrayRecord in {NUM_SHARDS} shards")
-    print(row("", "JSON + JPEG files", "ArrayRecord", "AR speed-up"))
+          f"(mean {jpeg_kb:.0f} KB), captions of {words:.1f} words; {label} in {NUM_SHARDS} shards")
+    print(row("", "JSON + JPEG files", label, "speed-up"))
     names = {"read": "per record, ms: read", "decode": "  + decode", "augment": "  + blip2_image_train",
              "all": "  + caption, tokens (all)"}
     for stage, name in names.items():
-        json_s, ar_s = stages["json"][stage], stages["ar"][stage]
-        print(row(name, f"{json_s * 1e3:.3f}", f"{ar_s * 1e3:.3f}", f"{json_s / ar_s:.2f}x"))
+        json_s, other_s = stages["json"][stage], stages["other"][stage]
+        print(row(name, f"{json_s * 1e3:.3f}", f"{other_s * 1e3:.3f}", f"{json_s / other_s:.2f}x"))
     rates = {"direct calls: img/s (1 thread)": {k: 1 / s["all"] for k, s in stages.items()}}
     for workers, result in ((0, single), (args.workers, multi)):
         if result:
@@ -246,10 +274,10 @@ def main() -> None:
             rates[f"  {workers} workers: img/CPU-second"] = {k: r["per_cpu_second"] for k, r in result.items()}
             rates[f"  {workers} workers: cores busy"] = {k: r["cores"] for k, r in result.items()}
     for name, rate in rates.items():
-        ratio = "" if name.endswith("cores busy") else f"{rate['ar'] / rate['json']:.2f}x"
-        print(row(name, f"{rate['json']:.1f}", f"{rate['ar']:.1f}", ratio))
+        ratio = "" if name.endswith("cores busy") else f"{rate['other'] / rate['json']:.2f}x"
+        print(row(name, f"{rate['json']:.1f}", f"{rate['other']:.1f}", ratio))
     skipped = {k: single[k]["skipped"] + (multi[k]["skipped"] if multi else 0) for k in sources}
-    print(row("skipped records", str(skipped["json"]), str(skipped["ar"])))
+    print(row("skipped records", str(skipped["json"]), str(skipped["other"])))
 
     samples = memory["samples"]
     columns = {"this process": samples[:, 1]}
@@ -257,7 +285,7 @@ def main() -> None:
         columns.update({"child processes (sum)": samples[:, 2], "total": samples[:, 1:].sum(1)})
     fits = {k: np.polyfit(samples[:, 0], v, 1, cov=True) for k, v in columns.items()}
     slopes = {k: (coef[0] * 1000, np.sqrt(cov[0, 0]) * 1000) for k, (coef, cov) in fits.items()}
-    print(f"  memory: ArrayRecord pipeline, {args.workers} workers, {memory['batches']} batches "
+    print(f"  memory: {label} pipeline, {args.workers} workers, {memory['batches']} batches "
           f"({memory['batches'] * args.batch / args.records:.0f} epochs, {memory['rate']:.0f} img/s); RSS every "
           f"{SAMPLE_EVERY} batches after a {memory['warmup']}-batch warm-up, {len(samples)} samples")
     print(row("RSS (MiB)", f"batch {int(samples[0, 0])}", f"batch {int(samples[-1, 0])}", "MiB/1k batches"))
