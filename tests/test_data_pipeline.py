@@ -3,6 +3,7 @@ records: skipping and strict mode, exact resume, host sharding, ArrayRecord roun
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -317,3 +318,41 @@ def test_config_mixture_builds_weighted_sources():
     data.mixture = [dict(), dict(source="arrayrecord", path="/nonexistent/shards")]
     with pytest.raises(FileNotFoundError, match=r"data.mixture\[1\]: no ArrayRecord set at /nonexistent/shards"):
         make_sources(data)
+
+
+def assert_restores_exactly(source, worker_count: int) -> None:
+    """A pipeline over `source` stopped and restored (with `worker_count` Grain worker processes, each
+    given the pickled source) reads the batches the uninterrupted one reads."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags (a CLI run parses them)
+
+    def pipeline(workers: int = worker_count):
+        return make_pipeline(source, process=process, global_batch_size=4, seed=3, worker_count=workers)
+
+    assert_resumes_exactly(pipeline, 12)  # past an epoch: the order is shuffled per epoch
+
+
+def assert_hosts_partition(source, good: list[str]) -> None:
+    """2 hosts' epochs over `source` read disjoint records whose union is `good`."""
+    per_host = [set(_ids(make_pipeline(source, process=process, global_batch_size=2, seed=1, num_epochs=1,
+                                       process_index=i, process_count=2))) for i in range(2)]
+    assert not per_host[0] & per_host[1]
+    assert sorted(per_host[0] | per_host[1]) == good
+
+
+def train_stage1_tiny(tmp_path: Path, *data_flags: str) -> None:
+    """`blip2-jax train` (its own process) of configs/stage1.py:tiny for 2 steps on the `data_flags`
+    source, with a BERT vocabulary of the captions' words: both steps log a finite loss."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what",
+                                                            "color", "is", "the", "shape"]) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "blip2_jax", "train", "--config", str(root / "configs/stage1.py:tiny"),
+                           "--workdir", str(tmp_path / "run"), *data_flags, f"--config.data.tokenizer={tmp_path / 'bert'}",
+                           "--config.total_steps=2", "--config.optim.warmup_steps=0", "--config.mesh.num_devices=2",
+                           "--config.log.tensorboard=False"],
+                          env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2]
+    assert all(np.isfinite(m["loss"]) for m in lines if "loss" in m)

@@ -7,26 +7,21 @@ weight; and stage-1 training runs on the shards through the CLI."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 import pytest
-from absl import flags
 
 from blip2_jax.data.loader import make_sources
 from blip2_jax.data.pipeline import Mixture, make_pipeline
 from blip2_jax.data.sources import ArrayRecordSource, write_array_records
 from blip2_jax.data.webdataset import WebDatasetSource, expand_braces
 from blip2_jax.errors import InputNotFound, UserError
-from tests.test_data_pipeline import (_ids, assert_resumes_exactly, dataset,  # noqa: F401  # a fixture
-                                      process)
+from tests.test_data_pipeline import (_ids, assert_hosts_partition, assert_restores_exactly,  # noqa: F401
+                                      dataset, process, train_stage1_tiny)
 
 wds = pytest.importorskip("webdataset")  # in the [test] extra: CI runs this
-ROOT = Path(__file__).resolve().parents[1]
 SHARDS = 3
 
 
@@ -84,25 +79,14 @@ def test_an_epoch_reads_every_good_record_once_and_counts_the_bad(shards):
 
 
 def test_two_hosts_read_disjoint_records_covering_the_set(shards):
-    source = WebDatasetSource(shards["pattern"])
-    per_host = [set(_ids(make_pipeline(source, process=process, global_batch_size=2, seed=1, num_epochs=1,
-                                       process_index=i, process_count=2))) for i in range(2)]
-    assert not per_host[0] & per_host[1]
-    assert sorted(per_host[0] | per_host[1]) == shards["good"]
+    assert_hosts_partition(WebDatasetSource(shards["pattern"]), shards["good"])
 
 
 @pytest.mark.parametrize("worker_count", [0, 2])
 def test_a_restored_iterator_reads_the_same_batches(shards, worker_count):
     """Also with Grain's worker processes (the source pickled, each opening its own files) and its read
     threads (each seeking its own file objects: shared ones read other records' bytes)."""
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags (a CLI run parses them)
-    source = WebDatasetSource(shards["pattern"])
-
-    def pipeline(workers: int = worker_count):
-        return make_pipeline(source, process=process, global_batch_size=4, seed=3, worker_count=workers)
-
-    assert_resumes_exactly(pipeline, 12)  # past an epoch: the order is shuffled per epoch
+    assert_restores_exactly(WebDatasetSource(shards["pattern"]), worker_count)
 
 
 def test_missing_and_foreign_shards_are_one_line_errors(shards, tmp_path):
@@ -129,20 +113,7 @@ def test_a_weighted_mixture_of_tar_shards_arrayrecord_and_json(shards, dataset, 
 
 @pytest.mark.slow
 def test_stage1_trains_on_tar_shards(shards, tmp_path):
-    (tmp_path / "bert").mkdir()
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w for s in ("what color is the shape", "yes no")
-                                                                     for w in s.split()})]
-    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "blip2_jax", "train", "--config", str(ROOT / "configs/stage1.py:tiny"),
-                           "--workdir", str(tmp_path / "run"), "--config.data.source=webdataset",
-                           f"--config.data.path={shards['pattern']}", f"--config.data.tokenizer={tmp_path / 'bert'}",
-                           "--config.total_steps=2", "--config.optim.warmup_steps=0", "--config.mesh.num_devices=2",
-                           "--config.log.tensorboard=False"],
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines if "loss" in m] == [1, 2]
-    assert all(np.isfinite(m["loss"]) for m in lines if "loss" in m)
+    train_stage1_tiny(tmp_path, "--config.data.source=webdataset", f"--config.data.path={shards['pattern']}")
 
 
 def test_data_build_from_tar_shards_reads_as_the_shards(shards, tmp_path, blip2_jax):

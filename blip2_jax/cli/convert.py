@@ -125,6 +125,10 @@ def _data_build_flags(values: flags.FlagValues, argv: list[str]) -> None:
                         flag_values=values)
     flags.DEFINE_string("webdataset", None, "Instead of annotations: WebDataset tar shards (comma-separated, brace "
                         "patterns such as /data/laion/{00000..00099}.tar).", flag_values=values)
+    flags.DEFINE_string("parquet", None, "Instead of annotations: Parquet files (as --webdataset); a path column is "
+                        "under --image_root.", flag_values=values)
+    flags.DEFINE_string("columns", "", "With --parquet: KEY=COLUMN pairs (image, caption, id) not named so.",
+                        flag_values=values)
     define_out(values, "a shard path prefix: PREFIX-<build>-00000-of-0000N.array_record, ... and "
                "PREFIX.manifest.json, replacing an earlier set of PREFIX")
     flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord files to write.", flag_values=values)
@@ -133,13 +137,20 @@ def _data_build_flags(values: flags.FlagValues, argv: list[str]) -> None:
 def _data_build(values: flags.FlagValues) -> None:
     from blip2_jax.data import sources  # pylint: disable=import-outside-toplevel  # keep --help fast
 
+    if sum(map(bool, (values.webdataset, values.parquet, values.annotations))) > 1:
+        raise app.UsageError(f"data build reads one of --annotations, --webdataset, --parquet\n{DATA_BUILD.usage()}")
     if values.webdataset:
         from blip2_jax.data.webdataset import WebDatasetSource  # pylint: disable=import-outside-toplevel
 
-        if values.annotations or values.image_root:
-            raise app.UsageError(f"data build reads --webdataset or --annotations, not both\n{DATA_BUILD.usage()}")
         DATA_BUILD.require(values, "out")
         source = WebDatasetSource(values.webdataset.split(","))
+    elif values.parquet:
+        from blip2_jax.data.loader import parquet_columns  # pylint: disable=import-outside-toplevel
+        from blip2_jax.data.parquet import ParquetSource  # pylint: disable=import-outside-toplevel
+
+        DATA_BUILD.require(values, "out")
+        source = ParquetSource(values.parquet.split(","), image_root=values.image_root or "",
+                               **parquet_columns(values.columns))
     else:
         DATA_BUILD.require(values, "annotations", "image_root", "out")
         source = sources.JsonSource(values.annotations, values.image_root)
@@ -161,6 +172,7 @@ TO_LAVIS = Command(("convert", "to-lavis"), "--src DIR [--step N] --out FILE.pth
                    "A model checkpoint or training workdir -> a LAVIS .pth (and eva_vit_g.pth).",
                    _to_lavis_flags, _to_lavis)
 DATA_BUILD = Command(("data", "build"), "(--annotations FILE [--annotations FILE ...] --image_root DIR | "
-                     "--webdataset PATTERN) --out PREFIX [--num_shards N]",
-                     "LAVIS-style JSON annotations and their images, or WebDataset tar shards -> ArrayRecord shards.",
+                     "--webdataset PATTERN | --parquet PATTERN [--columns K=C,...]) --out PREFIX [--num_shards N]",
+                     "LAVIS-style JSON annotations and their images, WebDataset tar shards or Parquet files -> "
+                     "ArrayRecord shards.",
                      _data_build_flags, _data_build)

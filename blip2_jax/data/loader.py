@@ -3,7 +3,7 @@
 `make_loader(config, kind, image_size, vocab_size, spec)` reads `config.data`: `source` is 'synthetic' (per-row
 seeded random arrays, the exactness tests' data), 'json' (LAVIS annotation files + image root),
 'arrayrecord' (shards from `blip2-jax data build`), 'tfds', 'webdataset' (tar shards,
-`data/webdataset.py`), 'easy_vqa' (its questions),
+`data/webdataset.py`), 'parquet' (`data/parquet.py`), 'easy_vqa' (its questions),
 'easy_vqa_captions' or 'easy_vqa_text' (`data/easy_vqa.py`: the demo's captions and LM text);
 `mixture` draws from several of them by weight. Real records become the arrays the objective
 takes (`RecordProcessor`): the LAVIS train transform and caption cleaning, then the Q-Former, OPT
@@ -31,6 +31,7 @@ from blip2_jax.data.pipeline import Mixture, make_pipeline
 from blip2_jax.data.spec import BatchSpec, conform
 from blip2_jax.data.synthetic import SyntheticData
 from blip2_jax.data.text import pre_caption, pre_question, split_prefix
+from blip2_jax.errors import UserError
 
 TRANSFORMS = {"blip2_image_train": transforms.blip2_image_train, "blip_image_train": transforms.blip_image_train,
               "blip_image_eval": transforms.blip_image_eval}
@@ -206,6 +207,10 @@ def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:
         from blip2_jax.data.webdataset import WebDatasetSource  # pylint: disable=import-outside-toplevel
 
         return WebDatasetSource(d.path.split(","))
+    if d.source == "parquet":
+        from blip2_jax.data.parquet import ParquetSource  # pylint: disable=import-outside-toplevel
+
+        return ParquetSource(d.path.split(","), image_root=d.image_root, **parquet_columns(d.get("columns", "")))
     if d.source == "easy_vqa":
         return sources_lib.EasyVqaSource(d.split)
     if d.source == "easy_vqa_captions":
@@ -215,7 +220,15 @@ def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:
     raise ValueError(f"data.source must be one of {', '.join(sources_lib.SOURCES[1:])}; got {d.source!r}")
 
 
-SOURCE_FIELDS = ("source", "annotations", "image_root", "path", "tfds_name", "split")
+SOURCE_FIELDS = ("source", "annotations", "image_root", "path", "tfds_name", "split", "columns")
+
+
+def parquet_columns(columns: str) -> dict[str, str]:
+    """`data.columns` ("image=jpg,caption=text,id=key") as ParquetSource's column arguments."""
+    pairs = [c.split("=", 1) for c in columns.split(",") if c]
+    if any(len(p) != 2 or p[0] not in ("image", "caption", "id") or not p[1] for p in pairs):
+        raise UserError(f"data.columns {columns!r}: expected KEY=COLUMN pairs with KEY image, caption or id")
+    return {f"{key}_column": column for key, column in pairs}
 
 
 # What a data.mixture entry may hold besides its source's fields.
@@ -252,7 +265,7 @@ def make_sources(d: ml_collections.ConfigDict) -> sources_lib.Source | Mixture:
         if unknown:
             raise ValueError(f"data.mixture[{i}] has unknown keys {unknown}; a source takes {list(SOURCE_FIELDS)} "
                              f"and {', '.join(MIXTURE_EXTRAS)}")
-        fields = {k: d[k] for k in SOURCE_FIELDS}
+        fields = {k: d.get(k, "") for k in SOURCE_FIELDS}
         try:
             source = make_source(ml_collections.ConfigDict({**fields, **entry}))
         except (ValueError, FileNotFoundError, ImportError) as e:

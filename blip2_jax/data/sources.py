@@ -30,7 +30,8 @@ Record = dict[str, Any]
 
 # Every data.source the loader reads ("synthetic" needs no files). Here, not in loader.py, so that
 # config validation (and with it `plan`) does not import the Grain pipeline.
-SOURCES = ("synthetic", "json", "arrayrecord", "tfds", "webdataset", "easy_vqa", "easy_vqa_captions", "easy_vqa_text")
+SOURCES = ("synthetic", "json", "arrayrecord", "tfds", "webdataset", "parquet", "easy_vqa", "easy_vqa_captions",
+           "easy_vqa_text")
 # The batch kinds (`train/layout.py::data_kind`) whose records `loader.RecordProcessor` tokenises.
 RECORD_KINDS = ("stage1", "stage2_opt", "stage2_llama", "stage2_t5", "lm_opt")
 # How a mixture without weights draws its sources: by size (LAVIS) or its square root (InstructBLIP).

@@ -46,6 +46,22 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for option in options for p in expand_braces(head + option + tail)]
 
 
+def existing_paths(patterns: str | Sequence[str], what: str, example: str) -> list[str]:
+    """The files of comma-free `patterns` (brace-expanded), every one checked to exist (locally or
+    through `etils.epath`) before any is read."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
+
+    patterns = [p for p in ([patterns] if isinstance(patterns, str) else patterns) if p]
+    paths = [path for pattern in patterns for path in expand_braces(pattern)]
+    if not paths:
+        raise UserError(f"data.path: no {what} given (e.g. {example})")
+    missing = [p for p in paths if not epath.Path(p).exists()]
+    if missing:
+        raise InputNotFound(f"{what} not found: {', '.join(missing[:3])}"
+                            + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
+    return paths
+
+
 def _open(path: str) -> BinaryIO:
     from etils import epath  # pylint: disable=import-outside-toplevel  # gs:// and s3:// as well as files
 
@@ -91,16 +107,7 @@ class WebDatasetSource:
     """The samples of tar shards, in shard order then member order; ids are `<shard name>:<key>`."""
 
     def __init__(self, patterns: str | Sequence[str], caption_field: str = "caption"):
-        patterns = [p for p in ([patterns] if isinstance(patterns, str) else patterns) if p]
-        self.paths = [path for pattern in patterns for path in expand_braces(pattern)]
-        if not self.paths:
-            raise UserError("data.path: no WebDataset shards given (e.g. /data/laion/{00000..00099}.tar)")
-        from etils import epath  # pylint: disable=import-outside-toplevel
-
-        missing = [p for p in self.paths if not epath.Path(p).exists()]
-        if missing:
-            raise InputNotFound(f"WebDataset shards not found: {', '.join(missing[:3])}"
-                                + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
+        self.paths = existing_paths(patterns, "WebDataset shards", "/data/laion/{00000..00099}.tar")
         self.caption_field = caption_field
         self._index = [(shard, key, members) for shard, path in enumerate(self.paths)
                        for key, members in _index_shard(path)]

@@ -38,7 +38,9 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     # source: synthetic | json (annotations: comma-separated LAVIS files, image_root) | arrayrecord (path:
     # shard prefix) | tfds (tfds_name, split, path: data_dir) | webdataset (path: tar shards, comma-separated,
-    # brace patterns: /data/laion/{00000..01023}.tar, gs:// too) | easy_vqa | easy_vqa_captions | easy_vqa_text
+    # brace patterns: /data/laion/{00000..01023}.tar, gs:// too) | parquet (path: files as webdataset's;
+    # columns: "image=COL,caption=COL,id=COL" where they are not named so; a path column is under
+    # image_root) | easy_vqa | easy_vqa_captions | easy_vqa_text
     # (split; the last two are the demo's captions and LM text, data/easy_vqa.py). tokenizer: the Q-Former's
     # BERT (stage 1) or the LLM's (stage 2), a directory or hub id. Bad records are skipped and counted
     # (data_skipped in the metrics) unless strict. mixture: a list of dicts of the source fields above plus
@@ -58,7 +60,7 @@ def base_config(stage: str, model_preset: str) -> ml_collections.ConfigDict:
         source="synthetic", text_length=32, annotations="", image_root="", path="", tfds_name="", split="train",
         tokenizer="", prompt="", transform="blip2_image_train", workers=0, strict=False, prefix_lm=False,
         positives="", context_length=0, instruction_length=32, instruction_tokenizer="", mixture=(),
-        mixture_balance="size", templates="", vqa_templates=()))
+        mixture_balance="size", templates="", vqa_templates=(), columns=""))
     # hf: a HF BLIP-2 checkpoint; checkpoint: a model checkpoint (`blip2-jax convert from-hf/from-lavis`)
     # or a training workdir with this run's model; bert: stage 1's Q-Former from BERT; stage1: a stage-1
     # workdir or model checkpoint whose Q-Former query path and ln_vision start stage 2
