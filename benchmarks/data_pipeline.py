@@ -3,6 +3,7 @@
     python benchmarks/data_pipeline.py                      # ~3.5 min on 2 idle cores
     python benchmarks/data_pipeline.py --records 128 --long-records 2000 --workers 0   # ~30 s
     python benchmarks/data_pipeline.py --compare webdataset   # tar shards in ArrayRecord's place
+    python benchmarks/data_pipeline.py --compare parquet      # Parquet files (row groups of 64)
 
 What it measures: the stage-1 processing of one record as a stage-1 run's loader does it
 (`data.loader.RecordProcessor`): read, decode the image, `blip2_image_train(224)` (random resized
@@ -11,7 +12,8 @@ crop, flip, CLIP normalisation), `pre_caption`, Q-Former tokens (32), through `m
   JSON:        a LAVIS-style captions file over JPEG files on disk (`JsonSource`);
   ArrayRecord: the same records converted with `write_array_records` (`ArrayRecordSource`), or with
     `--compare webdataset`, WebDataset tar shards of them (`key.jpg` + `key.txt`, written here with
-    `tarfile`; `WebDatasetSource`).
+    `tarfile`; `WebDatasetSource`), or with `--compare parquet`, Parquet files of them (image bytes
+    and caption columns, row groups of PARQUET_GROUP rows, written with pyarrow; `ParquetSource`).
 The data set is made here: `--records` easy-VQA images (the 64 px PNGs the `easy-vqa` package
 bundles) upscaled to COCO's usual 640x480 and saved as JPEG quality 90, each with a short caption
 (one of its easy-VQA questions and the answer). Plain shapes compress far better than photographs
@@ -31,8 +33,8 @@ How to read it:
     pipeline cost in it; `cores busy` is CPU time over wall time. 0 workers is not one core: every
     process runs the processing in `make_pipeline`'s 16 read threads, and PIL releases the GIL.
     A host needs about (the trainer's images/s per host) / (img/CPU-second) cores for its input.
-  memory: the ArrayRecord (or WebDataset) pipeline with `--workers` workers for `--long-records` records (many
-    epochs); the RSS of this process and the sum over its child processes (Grain's workers and
+  memory: the ArrayRecord (or WebDataset, or Parquet) pipeline with `--workers` workers for
+    `--long-records` records (many epochs); the RSS of this process and the sum over its child processes (Grain's workers and
     multiprocessing's resource tracker; pages they share count in each), from /proc, every 2
     batches after the first quarter of the run (warm-up). Slope: least-squares fit, MiB per 1000
     batches, ± its standard error, which understates the spread (successive samples are correlated:
@@ -68,6 +70,7 @@ from PIL import Image
 from tokenizers import normalizers, pre_tokenizers
 
 from blip2_jax.data.loader import RecordProcessor
+from blip2_jax.data.parquet import ParquetSource
 from blip2_jax.data.pipeline import limit_malloc_arenas, make_pipeline
 from blip2_jax.data.sources import ArrayRecordSource, JsonSource, Source, read_image, write_array_records
 from blip2_jax.data.text import pre_caption
@@ -79,6 +82,7 @@ from common import cpu_name, load_average, row
 IMAGE_SIZE, TEXT_LENGTH = 224, 32
 STORED_SIZE, JPEG_QUALITY = (640, 480), 90
 NUM_SHARDS = 4
+PARQUET_GROUP = 64
 STAGE_PASSES = 3
 WARMUP_EPOCHS = 2  # of the rate measurements; the memory run's warm-up is its first quarter
 SAMPLE_EVERY, MIN_LONG_BATCHES = 2, 40
@@ -121,6 +125,21 @@ def write_tar_shards(source: JsonSource, directory: Path, shards: int) -> str:
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     return str(directory / f"{{00000..{shards - 1:05d}}}.tar")
+
+
+def write_parquet(source: JsonSource, directory: Path, files: int) -> str:
+    """`source`'s records as Parquet files (image bytes, caption); returns their brace pattern."""
+    import pyarrow as pa
+    from pyarrow import parquet as pq
+
+    directory.mkdir()
+    n = len(source)
+    for f in range(files):
+        rows = [source[i] for i in range(f * n // files, (f + 1) * n // files)]
+        table = pa.table({"image": [Path(r["image"]).read_bytes() for r in rows],
+                          "caption": [r["caption"] for r in rows]})
+        pq.write_table(table, directory / f"{f:05d}.parquet", row_group_size=PARQUET_GROUP)
+    return str(directory / f"{{00000..{files - 1:05d}}}.parquet")
 
 
 def write_vocabulary(captions: list[str], directory: Path) -> Path:
@@ -219,7 +238,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=512, help="images (and captions) in the data set")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--long-records", type=int, default=20_000, help="records read in the memory run")
-    parser.add_argument("--compare", choices=["arrayrecord", "webdataset"], default="arrayrecord",
+    parser.add_argument("--compare", choices=["arrayrecord", "webdataset", "parquet"], default="arrayrecord",
                         help="the source measured beside JSON files, and the one the memory run reads")
     parser.add_argument("--workers", type=int, default=cores if cores > 1 else 0,
                         help="Grain worker processes of the multi-process rate (0: none) and of the memory run")
@@ -242,8 +261,10 @@ def main() -> None:
         process(json_source[0], np.random.default_rng(0))  # loads the tokenizer outside the timings
         if args.compare == "arrayrecord":
             other = ArrayRecordSource(write_array_records(json_source, root / "shards" / "captions", NUM_SHARDS)[0])
-        else:
+        elif args.compare == "webdataset":
             other = WebDatasetSource(write_tar_shards(json_source, root / "tars", NUM_SHARDS))
+        else:
+            other = ParquetSource(write_parquet(json_source, root / "parquet", NUM_SHARDS))
         sources = {"json": json_source, "other": other}
         jpeg_kb = np.mean([p.stat().st_size for p in (root / "images").iterdir()]) / 1000
         stages = {k: stage_times(s, process) for k, s in sources.items()}
@@ -254,7 +275,7 @@ def main() -> None:
     load_after = os.getloadavg()
 
     words = np.mean([len(pre_caption(c).split()) for c in captions])
-    label = {"arrayrecord": "ArrayRecord", "webdataset": "WebDataset"}[args.compare]
+    label = {"arrayrecord": "ArrayRecord", "webdataset": "WebDataset", "parquet": "Parquet"}[args.compare]
     print(f"Stage-1 input pipeline: decode + blip2_image_train({IMAGE_SIZE}) + pre_caption + Q-Former tokens "
           f"({TEXT_LENGTH}), make_pipeline batch {args.batch}")
     print(f"  {start:%Y-%m-%d %H:%M %Z}; {cpu_name()}, {cores} cores; load average (1/5/15 min) "

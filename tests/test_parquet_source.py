@@ -14,11 +14,13 @@ import pyarrow as pa
 import pytest
 from pyarrow import parquet as pq
 
-from blip2_jax.data.loader import make_sources
+from blip2_jax.data.loader import RecordProcessor, make_sources
 from blip2_jax.data.parquet import ParquetSource
 from blip2_jax.data.pipeline import Mixture, make_pipeline
 from blip2_jax.data.sources import ArrayRecordSource
+from blip2_jax.data.transforms import blip2_image_train
 from blip2_jax.errors import InputNotFound, UserError
+from blip2_jax.objectives import stage1
 from tests.test_data_pipeline import (_ids, assert_hosts_partition, assert_restores_exactly,  # noqa: F401
                                       dataset, process, train_stage1_tiny)
 
@@ -115,3 +117,20 @@ def test_data_build_and_a_mixture_read_the_rows(files, dataset, tmp_path, blip2_
 def test_stage1_trains_on_parquet_files(files, tmp_path):
     train_stage1_tiny(tmp_path, "--config.data.source=parquet", f"--config.data.path={files['pattern']}",
                       "--config.data.columns=id=image_id")
+
+
+def test_a_row_with_several_captions_trains_on_one_drawn_per_epoch(files, tmp_path):
+    """A list column (or a tar sample's .json caption list) is several captions of one image, as
+    BLIP-2's CapFilt keeps two: each epoch's draw tokenises one of them, the record's generator picks."""
+    table = pq.read_table(files["root"] / "pairs-00000.parquet").slice(0, 2)
+    table = table.set_column(1, "caption", pa.array([["what color", "is the shape"], ["what shape"]]))
+    pq.write_table(table, tmp_path / "lists.parquet")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what",
+                                                            "color", "is", "the", "shape"]) + "\n")
+    processor = RecordProcessor("stage1", stage1.batch_spec(32, 8), blip2_image_train(32), str(tmp_path / "bert"), 8)
+    record = ParquetSource(str(tmp_path / "lists.parquet"))[0]
+    single = {c: processor({**record, "caption": c}, np.random.default_rng(0))["text_ids"].tolist()
+              for c in record["caption"]}
+    drawn = [processor(record, np.random.default_rng(seed))["text_ids"].tolist() for seed in range(12)]
+    assert all(d in single.values() for d in drawn) and len({tuple(d) for d in drawn}) == 2

@@ -136,3 +136,13 @@ def test_data_build_from_tar_shards_reads_as_the_shards(shards, tmp_path, blip2_
             assert records[want["id"]]["image"] == want["image"] and records[want["id"]]["caption"] == want["caption"]
     it = make_pipeline(built, process=process, global_batch_size=2, seed=0, num_epochs=1)
     assert sorted(_ids(list(it))) == shards["good"]  # the readable bad members (bad bytes, captions) still skipped
+
+
+@pytest.mark.slow
+def test_stage1_trains_on_a_weighted_mixture_of_tar_shards_arrayrecord_and_json(shards, dataset, tmp_path):  # noqa: F811
+    write_array_records(dataset["source"], tmp_path / "ar" / "c", 2)
+    mixture = (dict(source="webdataset", path=shards["pattern"], weight=2.0),
+               dict(source="arrayrecord", path=str(tmp_path / "ar" / "c"), weight=1.0),
+               dict(source="json", annotations=str(dataset["root"] / "captions.json"),
+                    image_root=str(dataset["root"]), weight=1.0))
+    train_stage1_tiny(tmp_path, f"--config.data.mixture={mixture!r}")

@@ -178,6 +178,10 @@ class RecordProcessor:
                 out.update(tokenizers.opt_context(self.tokenizer, record["context"], self.context_length))
             return out
         image = self.image_transform(sources_lib.read_image(record["image"]), rng)
+        if isinstance(record.get("caption"), (list, tuple)):  # several (web data, CapFilt's): one per epoch
+            if not record["caption"]:
+                raise ValueError(f"record {record.get('id')!r} has an empty caption list")
+            record = {**record, "caption": record["caption"][int(rng.integers(len(record["caption"])))]}
         if self.templates:
             text_input, text_output = instruction_texts(record, rng, self.vqa_templates)
         else:
