@@ -38,8 +38,9 @@ How to read it:
     processes (Grain's workers and multiprocessing's resource tracker; pages they share count in
     each), from /proc, every 2 batches after the first quarter of the run (warm-up). Slope:
     least-squares fit, MiB per 1000 batches, ± its standard error, which understates the spread
-    (successive samples are correlated: two default runs of the same code gave +15 and +2). `flat` means |slope| < 25 MiB per 1000
-    batches (~800 bytes a record at batch 32): what the default length can tell from noise. It
+    (successive samples are correlated: two default runs of the same code gave +15 and +2). `flat`
+    means |slope| < 25 MiB per 1000 batches (~800 bytes a record at batch 32): what the default
+    length can tell from noise. It
     catches a pipeline that keeps an image or a batch alive, not a slow creep over a months-long run:
     for that, raise `--long-records` (the resolution improves as length^1.5). Like the `blip2-jax`
     command, this process caps glibc's malloc arenas (`limit_malloc_arenas`); Grain's spawned
