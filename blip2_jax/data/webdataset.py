@@ -2,8 +2,9 @@
 as a random-access source, so the Grain pipeline shuffles, shards over hosts, resumes and skips
 bad records over them exactly as over every other source.
 
-At start-up each shard's member headers are read once (tar headers only: the data is seeked over)
-into an index of (shard, key, member offsets); a record then reads its members with one seek each.
+At start-up each shard's member headers are read once (tar headers only: the data is seeked over;
+16 shards at a time) into an index of (shard, key, member offsets); a record then reads its members
+with one seek each.
 A record is a key's consecutive members: the image from the first image extension, the caption from
 `.txt`, else the `.json` field `caption`, and every `.json` field besides. Paths are local files or
 anything `etils.epath` opens (`gs://`, `s3://`), with brace patterns such as `{00000..01023}.tar`.
@@ -13,6 +14,7 @@ and counts it; a shard cut inside a header ends there, with a warning naming it.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import re
@@ -24,6 +26,7 @@ from absl import logging
 
 from blip2_jax.errors import InputNotFound, UserError
 
+INDEX_THREADS = 16  # shards whose headers are read at once
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _BRACES = re.compile(r"\{([^{}]*)\}")
 
@@ -109,8 +112,9 @@ class WebDatasetSource:
     def __init__(self, patterns: str | Sequence[str], caption_field: str = "caption"):
         self.paths = existing_paths(patterns, "WebDataset shards", "/data/laion/{00000..00099}.tar")
         self.caption_field = caption_field
-        self._index = [(shard, key, members) for shard, path in enumerate(self.paths)
-                       for key, members in _index_shard(path)]
+        with concurrent.futures.ThreadPoolExecutor(INDEX_THREADS) as pool:  # remote shards: requests overlap
+            indexes = list(pool.map(_index_shard, self.paths))
+        self._index = [(shard, key, members) for shard, index in enumerate(indexes) for key, members in index]
         self._local = threading.local()  # Grain reads with several threads: each seeks its own file objects
 
     def __getstate__(self) -> dict[str, Any]:  # Grain's worker processes open their own files
