@@ -3,7 +3,8 @@ captions set of `test_data_pipeline.py` (image bytes; an empty image cell where 
 an empty caption cell where the caption is not text), in row groups of 5. Every good record is read
 once per epoch, across 2 hosts too; bad rows are skipped and counted; a restored iterator continues
 with the same batches; a path column, Hugging Face's image struct and renamed columns read the same
-records; `data build --parquet` copies them; a mixture and stage-1 training run on them."""
+records; `data build --parquet` copies them; a mixture draws them by weight. (Stage-1 training on
+Parquet runs in `test_webdataset.py`, in its mixture of every file-based source.)"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +23,7 @@ from blip2_jax.data.transforms import blip2_image_train
 from blip2_jax.errors import InputNotFound, UserError
 from blip2_jax.objectives import stage1
 from tests.test_data_pipeline import (_ids, assert_hosts_partition, assert_restores_exactly,  # noqa: F401
-                                      dataset, process, train_stage1_tiny)
+                                      dataset, process)
 
 FILES, GROUP = 2, 5
 
@@ -111,12 +112,6 @@ def test_data_build_and_a_mixture_read_the_rows(files, dataset, tmp_path, blip2_
     it = make_pipeline(mixture, process=lambda r, rng: {"pq": np.int32(".parquet:" in r["id"])}, global_batch_size=8,
                        seed=0)
     assert abs(np.mean(np.concatenate([next(it)["pq"] for _ in range(60)])) - 0.75) < 0.06
-
-
-@pytest.mark.slow
-def test_stage1_trains_on_parquet_files(files, tmp_path):
-    train_stage1_tiny(tmp_path, "--config.data.source=parquet", f"--config.data.path={files['pattern']}",
-                      "--config.data.columns=id=image_id")
 
 
 def test_a_row_with_several_captions_trains_on_one_drawn_per_epoch(files, tmp_path):

@@ -3,7 +3,8 @@
 its planted bad records as bad members, plus a shard cut off mid-member. Every good record is read
 once per epoch, across 2 hosts too; bad and cut-off members are skipped and counted; a restored
 iterator continues with the same batches; a mixture of tar shards, ArrayRecord and JSON draws by
-weight; and stage-1 training runs on the shards through the CLI."""
+weight; and stage-1 training runs through the CLI on the shards and on a weighted mixture of every
+file-based source."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+import pyarrow as pa
 import pytest
+from pyarrow import parquet as pq
 
 from blip2_jax.data.loader import make_sources
 from blip2_jax.data.pipeline import Mixture, make_pipeline
@@ -139,9 +142,17 @@ def test_data_build_from_tar_shards_reads_as_the_shards(shards, tmp_path, blip2_
 
 
 @pytest.mark.slow
-def test_stage1_trains_on_a_weighted_mixture_of_tar_shards_arrayrecord_and_json(shards, dataset, tmp_path):  # noqa: F811
+def test_stage1_trains_on_a_weighted_mixture_of_tar_shards_parquet_arrayrecord_and_json(shards, dataset,  # noqa: F811
+                                                                                       tmp_path):
+    """Done-when 2's mixture, with Parquet rows (written by pyarrow) as a fourth source."""
     write_array_records(dataset["source"], tmp_path / "ar" / "c", 2)
+    source = dataset["source"]
+    rows = [source[i] for i in range(len(source)) if Path(source[i]["image"]).is_file()]
+    pq.write_table(pa.table({"image": [Path(r["image"]).read_bytes() for r in rows],
+                             "caption": [r["caption"] if isinstance(r["caption"], str) else None for r in rows]}),
+                   tmp_path / "pairs.parquet", row_group_size=4)
     mixture = (dict(source="webdataset", path=shards["pattern"], weight=2.0),
+               dict(source="parquet", path=str(tmp_path / "pairs.parquet"), weight=1.0),
                dict(source="arrayrecord", path=str(tmp_path / "ar" / "c"), weight=1.0),
                dict(source="json", annotations=str(dataset["root"] / "captions.json"),
                     image_root=str(dataset["root"]), weight=1.0))
