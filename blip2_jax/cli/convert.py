@@ -26,6 +26,8 @@ def _from_hf_flags(values: flags.FlagValues, argv: list[str]) -> None:
     define_src(values, _FORMS["hf"])
     define_out(values, "a model checkpoint directory")
     _out_dtype(values, "float32")
+    flags.DEFINE_string("adapter", None, "A PEFT LoRA adapter directory for the model: the checkpoint holds its "
+                        "adapters too.", flag_values=values)
 
 
 def _to_hf_flags(values: flags.FlagValues, argv: list[str]) -> None:
@@ -36,6 +38,8 @@ def _to_hf_flags(values: flags.FlagValues, argv: list[str]) -> None:
     _out_dtype(values, "the checkpoint's")
     define_tokenizer(values, "the one shipped (default: the checkpoint's, or the run's data.tokenizer)")
     flags.DEFINE_string("max_shard_size", "5GB", "The largest safetensors shard.", flag_values=values)
+    flags.DEFINE_boolean("merge_lora", False, "Fold LoRA adapters into the weights instead of writing them as a PEFT "
+                         "adapter in OUT/adapter.", flag_values=values)
 
 
 def _from_lavis_flags(values: flags.FlagValues, argv: list[str]) -> None:
@@ -71,7 +75,8 @@ def _from_hf(values: flags.FlagValues) -> None:
 
     FROM_HF.require(values, "src", "out")
     with _bytes_bar(0, "from-hf") as bar:
-        out = hf_export.from_hf(values.src, values.out, dtype=values.out_dtype, progress=bar.update)
+        out = hf_export.from_hf(values.src, values.out, dtype=values.out_dtype, adapter=values.adapter,
+                                progress=bar.update)
     _summary(values.out, out)
 
 
@@ -104,7 +109,7 @@ def _to_hf(values: flags.FlagValues) -> None:
     total = sum(int(np.prod(s)) * np.dtype(values.out_dtype or d).itemsize for s, d in params.shapes.values())
     with _bytes_bar(total, "to-hf") as bar:
         hf_export.to_hf(params, values.out, dtype=values.out_dtype, tokenizer=values.tokenizer or "",
-                        max_shard_size=values.max_shard_size, progress=bar.update)
+                        max_shard_size=values.max_shard_size, merge_lora=values.merge_lora, progress=bar.update)
     print(f"wrote {values.out}")
 
 
@@ -159,10 +164,11 @@ def _data_build(values: flags.FlagValues) -> None:
           f"{sources.manifest_path(values.out)}; {len(missing)} left out (image missing or unreadable)")
 
 
-FROM_HF = Command(("convert", "from-hf"), "--src DIR_OR_HUB_ID --out DIR [--out_dtype float32]",
+FROM_HF = Command(("convert", "from-hf"), "--src DIR_OR_HUB_ID --out DIR [--out_dtype float32] [--adapter PEFT_DIR]",
                   "Hugging Face BLIP-2 weights -> a model checkpoint (Orbax), tensor by tensor.",
                   _from_hf_flags, _from_hf)
-TO_HF = Command(("convert", "to-hf"), "--src DIR [--step N] --out DIR [--out_dtype bfloat16] [--tokenizer T]",
+TO_HF = Command(("convert", "to-hf"), "--src DIR [--step N] --out DIR [--out_dtype bfloat16] [--tokenizer T] "
+                "[--merge_lora]",
                 "A model checkpoint or training workdir -> a Hugging Face directory transformers loads.",
                 _to_hf_flags, _to_hf)
 FROM_LAVIS = Command(("convert", "from-lavis"), "--src FILE.pth --model PRESET [--vision eva_vit_g.pth] "

@@ -14,6 +14,7 @@ and written one at a time (export reads one of our stacked leaves at a time).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -25,8 +26,10 @@ import numpy as np
 from blip2_jax.data.tokenizers import INSTRUCTION_TOKENIZER_DIR
 from blip2_jax.errors import InputNotFound
 from blip2_jax.models import config as config_lib
+from blip2_jax.models import lora
 from blip2_jax.weights import hf_names
 from blip2_jax.weights import model_checkpoint
+from blip2_jax.weights import peft
 from blip2_jax.weights import safetensors_io
 from blip2_jax.weights.hf_checkpoint import (SAFE_INDEX, SAFE_WEIGHTS, STAGE1_EXTRAS, hf_architecture, hf_tensors,
                                              read_config, resolve)
@@ -36,6 +39,7 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "preprocessor_config.json",
                    "processor_config.json", "chat_template.jinja", "generation_config.json")
 IMAGE_TOKEN = "<image>"
+ADAPTER_DIR = "adapter"  # a LoRA model's PEFT adapter, beside its base model
 
 
 def _is_stage1_extra(name: str) -> bool:
@@ -59,17 +63,25 @@ def parse_size(text: str | int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Hugging Face -> ours
 
-def from_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
+def from_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None, adapter: str | None = None,
             progress: Callable[[int], None] | None = None) -> model_checkpoint.CheckpointParams:
     """A Hugging Face BLIP-2 directory or hub id -> a model checkpoint at `out` (see
-    `model_checkpoint`), validated in full before anything is written."""
+    `model_checkpoint`), validated in full before anything is written; with `adapter`, a PEFT LoRA
+    adapter directory for it, whose adapters the checkpoint then holds (unmerged)."""
     directory = resolve(src, extra_patterns=PROCESSOR_FILES + (STAGE1_EXTRAS, f"{INSTRUCTION_TOKENIZER_DIR}/*"))
     config = config_lib.from_hf(read_config(directory))
     architecture = hf_architecture(directory, config)
     tensors = hf_tensors(directory, architecture)
-    leaves = hf_names.iter_from_hf(tensors, model_checkpoint.abstract_params(architecture, config),
-                                   qformer_group=config.qformer.cross_attention_frequency, dtype=dtype,
-                                   source=str(directory))
+    abstract = model_checkpoint.abstract_params(architecture, config)
+    qformer_group = config.qformer.cross_attention_frequency
+    adapters: dict[str, np.ndarray] = {}
+    if adapter:
+        lora_config, adapters = peft.read_adapter(adapter, hf_names.flat_shapes(abstract), qformer_group=qformer_group)
+        config = config.replace(lora=lora_config)
+        if dtype is not None:
+            adapters = {p: v if lora.is_constant(p) else v.astype(dtype) for p, v in adapters.items()}
+    leaves = itertools.chain(hf_names.iter_from_hf(tensors, abstract, qformer_group=qformer_group, dtype=dtype,
+                                                   source=str(directory)), adapters.items())
     files = [directory / f for f in PROCESSOR_FILES if (directory / f).is_file()]
     files += [directory / INSTRUCTION_TOKENIZER_DIR] if (directory / INSTRUCTION_TOKENIZER_DIR).is_dir() else []
     model_checkpoint.write(out, architecture, config, leaves, source=str(src), copy_files=files, progress=progress)
@@ -93,7 +105,7 @@ def _hf_config(params: model_checkpoint.CheckpointParams, image_token_index: int
 
 def _tensor_plan(params: model_checkpoint.CheckpointParams, dtype: Any
                  ) -> tuple[list[tuple[str, tuple[int, ...], np.dtype]], dict[str, hf_names.Slot]]:
-    shapes = {p: s for p, (s, _) in params.shapes.items()}
+    shapes = {p: s for p, (s, _) in params.shapes.items() if not lora.is_adapter_leaf(p)}
     table = hf_names.slots(shapes, qformer_group=params.config.qformer.cross_attention_frequency)
     plan = [(name, hf_names.hf_shape(slot, shapes[slot.path]),
              np.dtype(dtype) if dtype is not None else params.shapes[slot.path][1]) for name, slot in table.items()]
@@ -106,8 +118,10 @@ class _LeafReader:
     memory stays at one batch plus the largest leaf."""
 
     def __init__(self, params: model_checkpoint.CheckpointParams, table: dict[str, hf_names.Slot], dtype: Any,
-                 order: list[str], batch_bytes: int = 256 << 20):
+                 order: list[str], batch_bytes: int = 256 << 20, merge: frozenset[str] = frozenset()):
+        """`merge`: adapted layers whose kernels are written with their LoRA adapter folded in."""
         self.params, self.table, self.dtype, self.batch_bytes = params, table, dtype, batch_bytes
+        self.merge = merge
         self.order = list(dict.fromkeys(table[n].path for n in order))  # leaves in the order they are needed
         self.cache: dict[str, np.ndarray] = {}
         self.current: str | None = None
@@ -130,6 +144,13 @@ class _LeafReader:
                 batch.append(path)
                 size += self._nbytes(path)
             self.cache.update(self.params.read(batch))
+            for path in batch:
+                layer = path[: -len("/kernel")]
+                if path.endswith("/kernel") and layer in self.merge:
+                    adapter = self.params.read([f"{layer}/{k}" for k in (lora.A, lora.B, lora.SCALING)])
+                    kernel = self.cache[path]
+                    self.cache[path] = (kernel.astype(np.float32) + lora.delta(
+                        *(adapter[f"{layer}/{k}"] for k in (lora.A, lora.B, lora.SCALING)))).astype(kernel.dtype)
         value = self.cache[slot.path]
         value = slot.to_hf(np.asarray(value if slot.index is None else value[slot.index]))
         return value.astype(self.dtype) if self.dtype is not None else value
@@ -201,9 +222,11 @@ def _instruct_processor(image_processor: Any, tokenizer: Any, qformer_tokenizer:
 
 def to_hf(checkpoint: str | os.PathLike | model_checkpoint.CheckpointParams, out: str | os.PathLike, *,
           step: int | None = None, dtype: Any = None, tokenizer: str = "", max_shard_size: str | int = "5GB",
-          progress: Callable[[int], None] | None = None) -> Path:
+          merge_lora: bool = False, progress: Callable[[int], None] | None = None) -> Path:
     """A model checkpoint or training workdir (a path, or one already opened) -> a Hugging Face
-    directory at `out`."""
+    directory at `out`. A model with LoRA adapters is written as its base model plus the adapters
+    as a PEFT directory `out/adapter` (`PeftModel.from_pretrained(model, out / "adapter")`), or with
+    `merge_lora` as one model with the adapters folded into its kernels."""
     params = checkpoint if isinstance(checkpoint, model_checkpoint.CheckpointParams) else \
         model_checkpoint.CheckpointParams.open(checkpoint, step)
     if params.config.vision.variant != "eva":
@@ -216,7 +239,9 @@ def to_hf(checkpoint: str | os.PathLike | model_checkpoint.CheckpointParams, out
         plan, table = _tensor_plan(params, dtype)
         extras = [t for t in plan if _is_stage1_extra(t[0])]
         weights = [t for t in plan if not _is_stage1_extra(t[0])]
-        produce = _LeafReader(params, table, dtype, [t[0] for t in weights + extras])
+        adapted = frozenset(lora.adapted_layers(params.shapes))
+        produce = _LeafReader(params, table, dtype, [t[0] for t in weights + extras],
+                              merge=adapted if merge_lora else frozenset())
         shards = safetensors_io.plan_shards(weights, parse_size(max_shard_size))
         names = [SAFE_WEIGHTS] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -229,6 +254,10 @@ def to_hf(checkpoint: str | os.PathLike | model_checkpoint.CheckpointParams, out
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
         if extras:
             safetensors_io.write_file(tmp / STAGE1_EXTRAS, extras, produce, progress=progress)
+        if adapted and not merge_lora:
+            peft.write_adapter(tmp / ADAPTER_DIR, params.shapes, params.read,
+                               qformer_group=params.config.qformer.cross_attention_frequency,
+                               base=model_checkpoint.absolute(out), dtype=dtype)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

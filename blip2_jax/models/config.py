@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from blip2_jax.models.lora import LoraConfig
+
 
 def _take(cls, d: Mapping[str, Any], renames: Mapping[str, str] = ()) -> Any:
     """Build dataclass `cls` from the keys of `d` it knows (after `renames` hf_key -> field)."""
@@ -259,8 +261,12 @@ class Blip2Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    # LoRA adapters on dense layers (models/lora.py); rank 0: none
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
+        if isinstance(self.lora, Mapping):  # read back from a JSON / ConfigDict
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
         if self.qformer.encoder_hidden_size != self.vision.hidden_size:
             raise ValueError(
                 f"qformer.encoder_hidden_size ({self.qformer.encoder_hidden_size}) must equal the vision "

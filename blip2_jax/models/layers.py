@@ -12,6 +12,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen.dtypes import promote_dtype
+
+from blip2_jax.models import lora
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -34,17 +37,47 @@ def dense(
     name: str,
     use_bias: bool = True,
     kernel_init: Callable = default_init,
-) -> nn.Dense:
+) -> Dense:
     """A Dense layer with kernel axes `axes` (in, out) and bias axis (out,)."""
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=partitioned(kernel_init, axes),
-        bias_init=partitioned(nn.initializers.zeros_init(), (axes[-1],)),
-        name=name,
-    )
+    return Dense(features, axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                 name=name)
+
+
+class Dense(nn.Module):
+    """`nn.Dense`'s computation and parameters (`kernel` (in, out), `bias`), plus what the tree may
+    add to a frozen layer (`models/lora.py`): a LoRA branch wherever `lora_a` is present. Its
+    dropout runs on a training pass — one given a `dropout` RNG, as PEFT's runs in `train()` mode —
+    so the objectives pass that RNG only when they train."""
+
+    features: int
+    axes: Axes
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", partitioned(self.kernel_init, self.axes), (x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[-1],)), (self.features,),
+                          self.param_dtype) if self.use_bias else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if bias is not None:
+            y = y + bias
+        if self.has_variable("params", lora.A):
+            y = y + self._lora(x)
+        return y
+
+    def _lora(self, x: jax.Array) -> jax.Array:
+        get = lambda name: self.get_variable("params", name)  # noqa: E731
+        a, b = (get(n).astype(x.dtype) for n in (lora.A, lora.B))
+        if self.has_rng("dropout"):
+            rate = get(lora.DROPOUT)
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+        return (x @ a @ b) * get(lora.SCALING).astype(x.dtype)
 
 
 def layer_norm(epsilon: float, *, param_dtype: Dtype, name: str, use_scale: bool = True,

@@ -47,7 +47,8 @@ def lm_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, mode
     """Mean next-token cross-entropy over the real tokens after BOS; metrics `loss`, `accuracy`."""
     if model.config.text.is_encoder_decoder:
         raise ValueError(f"the text-only LM objective trains a decoder-only LM, got {model.config.text!r}")
-    logits = model.apply({"params": params}, batch, deterministic, method=_lm_logits, rngs={"dropout": rng})[:, :-1]
+    rngs = {} if deterministic else {"dropout": rng}  # a dropout RNG marks a training pass (layers.Dense)
+    logits = model.apply({"params": params}, batch, deterministic, method=_lm_logits, rngs=rngs)[:, :-1]
     labels = batch["labels"] if "labels" in batch else jnp.where(batch["text_mask"] == 0, IGNORE, batch["text_ids"])
     targets = labels[:, 1:]
     loss = token_cross_entropy(logits, targets, 0.0)

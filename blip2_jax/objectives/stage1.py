@@ -140,12 +140,13 @@ def stage1_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, 
     Returns the total loss and the metrics `loss_itc`, `loss_itm`, `loss_itg`, `temp`.
     """
     rng_neg, rng_drop = jax.random.split(rng)
-    drop = lambda i: {"dropout": jax.random.fold_in(rng_drop, i)}  # noqa: E731
+    # a dropout RNG marks a training pass (layers.Dense: LoRA dropout)
+    drop = lambda i: {} if deterministic else {"dropout": jax.random.fold_in(rng_drop, i)}  # noqa: E731
     variables = {"params": params}
     ids, mask = batch["text_ids"], batch["text_mask"]
     n = ids.shape[0]
 
-    image_embeds = model.apply(variables, batch["image"], method=model.encode_image)
+    image_embeds = model.apply(variables, batch["image"], method=model.encode_image, rngs=drop(4))
     query_output, query_kv = model.apply(variables, image_embeds, deterministic=deterministic,
                                          method=model.query_pass, rngs=drop(0))
     image_feats = model.apply(variables, query_output, method=model.project_queries)

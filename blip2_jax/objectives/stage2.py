@@ -90,7 +90,8 @@ def _logits_and_targets(params: Any, batch: Mapping[str, jax.Array], rng: jax.Ar
     """The LM's logits at the positions that predict text (B, T, V) and the token each predicts
     (B, T; IGNORE where none is a target)."""
     variables = {"params": params}
-    rngs = {} if rng is None else {"rngs": {"dropout": rng}}
+    # a dropout RNG marks a training pass (layers.Dense: LoRA dropout)
+    rngs = {} if rng is None or deterministic else {"rngs": {"dropout": rng}}
     text_cfg = model.config.text
     instruction = (batch["qformer_ids"], batch["qformer_mask"]) if model.config.instruction_aware else None
     if not text_cfg.is_encoder_decoder:  # OPT, LLaMA

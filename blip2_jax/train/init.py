@@ -34,8 +34,8 @@ from flax import linen as nn
 from flax import traverse_util
 
 from blip2_jax.errors import UserError
-from blip2_jax.models import blip2
-from blip2_jax.train.partition import merge, partition
+from blip2_jax.models import blip2, lora
+from blip2_jax.train.partition import cast_frozen, merge, partition
 from blip2_jax.weights.bert_init import init_from_bert, load_bert
 from blip2_jax.weights.load import check_like, load, open_source
 from blip2_jax.weights.stage1_to_stage2 import load_stage1, stage1_name, stage2_from_stage1
@@ -80,8 +80,7 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, model_cf
         text_side_only = model_cfg.instruction_aware and bool(config.init.hf or config.init.checkpoint)
         trainable, frozen = place(stage2_from_stage1(load_stage1(config.init.stage1), merge(trainable, frozen),
                                                      text_side_only=text_side_only))
-    frozen_dtype = jnp.dtype(config.frozen_dtype)
-    return trainable, jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
+    return trainable, cast_frozen(frozen, jnp.dtype(config.frozen_dtype))
 
 
 def _pretrained(config: ml_collections.ConfigDict, model_cfg: Any, shardings: tuple[Any, Any]) -> Any:
@@ -99,8 +98,27 @@ def _pretrained(config: ml_collections.ConfigDict, model_cfg: Any, shardings: tu
         return _instruction_aware(source, plain_cfg, model_cfg, merge(*shardings))
     if source.architecture != want:
         raise UserError(f"init.{field} {source.name} holds a {source.architecture}; {config.stage} trains a {want}")
+    if model_cfg.lora.enabled and not source.config.lora.enabled:  # new adapters on the source's weights
+        base_cfg = model_cfg.replace(lora=lora.LoraConfig())
+        check_like(source, base_cfg, "config.model without lora")
+        params = load(source, shardings=lora.strip(merge(*shardings)), like=base_cfg).params
+        return with_adapters(params, model_cfg.lora, merge(*shardings), jax.random.PRNGKey(config.seed))
     check_like(source, model_cfg, "config.model")
     return load(source, shardings=merge(*shardings), like=model_cfg).params
+
+
+def with_adapters(params: Any, config: lora.LoraConfig, shardings: Any, rng: jax.Array) -> Any:
+    """`params` (placed) with fresh LoRA adapters made in their shardings: only the adapters are
+    computed, the placed weights are not copied."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+    def adapters():
+        full = traverse_util.flatten_dict(lora.add(abstract, config, rng), sep="/")
+        return {p: v for p, v in full.items() if lora.is_adapter_leaf(p)}
+
+    flat_sh = traverse_util.flatten_dict(shardings, sep="/")
+    made = jax.jit(adapters, out_shardings={p: flat_sh[p] for p in jax.eval_shape(adapters)})()
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(params, sep="/"), **made}, sep="/")
 
 
 def without_instructions(model_cfg: Any, source_cfg: Any) -> Any:

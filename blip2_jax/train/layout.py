@@ -15,11 +15,11 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from blip2_jax.data.spec import BatchSpec
-from blip2_jax.models import blip2, presets
+from blip2_jax.models import blip2, lora, presets
 from blip2_jax.objectives import lm, stage1, stage2
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train.optim import learning_rate_schedule, make_optimizer
-from blip2_jax.train.partition import partition, patterns_for
+from blip2_jax.train.partition import cast_frozen, partition, patterns_for
 from blip2_jax.train.state import TrainState
 from blip2_jax.train.step import train_step
 
@@ -65,8 +65,8 @@ def data_args(config: ml_collections.ConfigDict, model_cfg) -> dict[str, Any]:
                 spec=batch_spec(config, model_cfg), instruction_vocab_size=model_cfg.qformer.vocab_size - 1)
 
 
-def _with_sharding(tree: Any, shardings: Any, dtype: Any = None) -> Any:
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh), tree, shardings)
+def _with_sharding(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
 
 
 def state_shardings_like(state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
@@ -127,7 +127,7 @@ def build_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
     """The run's layout on `mesh`; refused (UserError) when config.mesh.rules cannot be met past the
     config's limit, before any weight exists."""
     model, model_cfg, loss_fn = build_objective(config)
-    patterns = patterns_for(config.trainable)
+    patterns = patterns_for(config.trainable) + (lora.TRAINABLE_PATTERNS if model_cfg.lora.enabled else ())
     boxed = blip2.abstract_params(model_cfg, unbox=False, model=model)
     rules = mesh_lib.parse_rules(config.mesh.rules)
     replicated = mesh_lib.replicated_report(boxed, mesh, rules)
@@ -144,7 +144,8 @@ def build_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
     state_shardings = state_shardings_like(state_abstract, trainable_abstract, trainable_sh, mesh)
     return Layout(config=config, mesh=mesh, model=model, model_cfg=model_cfg, loss_fn=loss_fn, patterns=patterns,
                   trainable_shardings=trainable_sh, frozen_shardings=frozen_sh,
-                  frozen_abstract=_with_sharding(frozen_abstract, frozen_sh, jnp.dtype(config.frozen_dtype)),
+                  frozen_abstract=cast_frozen(_with_sharding(frozen_abstract, frozen_sh),
+                                              jnp.dtype(config.frozen_dtype)),
                   tx=tx, schedule=learning_rate_schedule(config.optim), state_shardings=state_shardings,
                   state_abstract=_with_sharding(state_abstract, state_shardings),
                   init_key=key, replicated=tuple(replicated))

@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+import jax
 from flax import traverse_util
 
 from blip2_jax.errors import UnknownName
+from blip2_jax.models import lora
 
 Tree = Any
 
@@ -55,10 +57,11 @@ def is_trainable(path: str, patterns: Sequence[str]) -> bool:
 def partition(params: Tree, patterns: Sequence[str]) -> tuple[Tree, Tree]:
     """(trainable, frozen): the leaves whose path matches one of `patterns`, and the rest.
 
-    Works on any nested-dict tree (arrays, boxed `nn.Partitioned`, shardings, shapes).
+    Works on any nested-dict tree (arrays, boxed `nn.Partitioned`, shardings, shapes). LoRA's
+    constants (`lora_scaling`, `lora_dropout`) are frozen whatever the patterns say.
     """
     flat = _flat(params)
-    trainable = {k: v for k, v in flat.items() if is_trainable(k, patterns)}
+    trainable = {k: v for k, v in flat.items() if is_trainable(k, patterns) and not lora.is_constant(k)}
     if not trainable:
         raise ValueError(f"no parameter matches the trainable patterns {list(patterns)}")
     return _unflat(trainable), _unflat({k: v for k, v in flat.items() if k not in trainable})
@@ -72,3 +75,15 @@ def merge(trainable: Tree, frozen: Tree) -> Tree:
         raise ValueError(f"parameters both trainable and frozen: {sorted(overlap)[:5]}")
     flat.update(_flat(trainable))
     return _unflat(flat)
+
+
+def cast_frozen(frozen: Tree, dtype: Any) -> Tree:
+    """The frozen tree (arrays or `jax.ShapeDtypeStruct`s) stored in `dtype`, but for LoRA's
+    constants: a dropout rate of 0.05 or a scaling of 16/6 are not bfloat16 numbers."""
+    def cast(path: str, leaf: Any) -> Any:
+        if lora.is_constant(path):
+            return leaf
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+        return leaf.astype(dtype)
+    return _unflat({k: cast(k, v) for k, v in _flat(frozen).items()})

@@ -1,0 +1,180 @@
+"""LoRA (`models/lora.py`, `weights/peft.py`): an adapted model computes what transformers + PEFT
+compute on our export (`PeftModel.from_pretrained`), a PEFT adapter imports as ours, merged and
+unmerged agree, and training builds gradients and optimizer state for the adapters (and the
+partition's trainables) only — checked at full OPT-2.7B size on shapes."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from flax import linen as nn
+from flax import traverse_util
+
+from blip2_jax.convert import hf_export
+from blip2_jax.errors import UserError
+from blip2_jax.models import blip2, lora
+from blip2_jax.models import config as config_lib
+from blip2_jax.weights import model_checkpoint
+from tests.reference import hf_models as ref
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+Q = ref.NUM_QUERY_TOKENS
+TOL = 1e-4
+# the LLM's query/value projections, the ViT's fused qkv, the Q-Former's query projections (self and cross)
+TARGETS = {"opt": (r"language_model/.*/(q_proj|v_proj)$", r"vision_model/.*/qkv$", r"qformer/.*/query$"),
+           "t5": (r"language_model/.*/(q|v)$", r"vision_model/.*/qkv$")}
+TEXT = {"opt": ref.OPT, "t5": ref.T5}
+
+
+def _inputs(kind: str):
+    ids, mask = ref.padded_text([6, 4, 2], 6, 99, left=kind == "opt", avoid=(ref.IMAGE_TOKEN_INDEX,))
+    ids = np.concatenate([np.full((3, Q), ref.IMAGE_TOKEN_INDEX), ids], 1)
+    mask = np.concatenate([np.ones((3, Q), np.int64), mask], 1)
+    extra = {"decoder_input_ids": np.array([[0, 7, 9, 11]] * 3)} if kind == "t5" else {}
+    return ref.pixels(3, seed=1), ids, mask, extra
+
+
+def _ours(model: nn.Module, params, kind: str) -> np.ndarray:
+    px, ids, mask, extra = _inputs(kind)
+    return np.asarray(model.apply({"params": params}, ref.nhwc(px), ids, mask, **extra).logits)
+
+
+def _theirs(model: torch.nn.Module, kind: str) -> np.ndarray:
+    px, ids, mask, extra = _inputs(kind)
+    with torch.no_grad():
+        return model(pixel_values=torch.tensor(px), input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     **{k: torch.tensor(v) for k, v in extra.items()}).logits.numpy()
+
+
+def _adapted(kind: str, seed: int = 3):
+    """(config, model, params): a random tiny model with adapters whose B is not zero (an adapter
+    at its init computes nothing, and would hide every mapping error)."""
+    base = config_lib.from_hf(ref.blip2_config(TEXT[kind]).to_dict())
+    config = base.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=TARGETS[kind]))
+    model = blip2.build(config)
+    params = nn.unbox(blip2.init(config, jax.random.PRNGKey(seed), model)["params"])
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: np.asarray(x) + (0.3 * rng.standard_normal(x.shape)).astype(x.dtype)
+        if path[-1].key == lora.B else np.asarray(x), params)
+    return config, model, params
+
+
+def _write(tmp_path, config, params) -> model_checkpoint.CheckpointParams:
+    flat = traverse_util.flatten_dict(params, sep="/")
+    model_checkpoint.write(tmp_path / "ours", "Blip2ForConditionalGeneration", config, iter(flat.items()),
+                           source="test")
+    return model_checkpoint.CheckpointParams.open(tmp_path / "ours")
+
+
+def _no_tokenizer_export(checkpoint, out, **kw):
+    """`to_hf` without the processor files (these tests need none: they feed ids)."""
+    return hf_export.to_hf(checkpoint, out, tokenizer="none", **kw)
+
+
+@pytest.fixture(autouse=True)
+def _skip_processor(monkeypatch):
+    monkeypatch.setattr(hf_export, "_write_processor", lambda directory, params, source: ref.IMAGE_TOKEN_INDEX)
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_peft_runs_our_export_like_ours(kind, tmp_path):
+    config, model, params = _adapted(kind)
+    unmerged = _ours(model, params, kind)
+    base_model = blip2.build(config.replace(lora=lora.LoraConfig()))
+    merged = _ours(base_model, lora.merged(params), kind)
+    np.testing.assert_allclose(merged, unmerged, atol=TOL, rtol=TOL)
+    assert np.abs(_ours(base_model, lora.strip(params), kind) - unmerged).max() > 1e-2  # the adapters matter
+
+    checkpoint = _write(tmp_path, config, params)
+    out = _no_tokenizer_export(checkpoint, tmp_path / "hf")
+    adapter = json.loads((out / hf_export.ADAPTER_DIR / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8.0 and adapter["lora_dropout"] == pytest.approx(0.1)
+    hf = transformers.Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, out / hf_export.ADAPTER_DIR).eval()
+    assert not peft_model.base_model.model.training
+    theirs = _theirs(peft_model, kind)
+    mask = _inputs(kind)[2].astype(bool) if kind == "opt" else np.ones(theirs.shape[:2], bool)
+    np.testing.assert_allclose(unmerged[mask], theirs[mask], atol=TOL, rtol=TOL)
+    n_adapted = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in peft_model.modules())
+    assert n_adapted == len(adapter["target_modules"]) == sum(
+        1 if params_leaf.ndim == 2 else params_leaf.shape[0]
+        for path, params_leaf in traverse_util.flatten_dict(params, sep="/").items() if path.endswith(lora.A))
+
+    hf_merged = transformers.Blip2ForConditionalGeneration.from_pretrained(
+        _no_tokenizer_export(checkpoint, tmp_path / "hf_merged", merge_lora=True)).eval()
+    assert not (tmp_path / "hf_merged" / hf_export.ADAPTER_DIR).exists()
+    np.testing.assert_allclose(_theirs(hf_merged, kind)[mask], theirs[mask], atol=TOL, rtol=TOL)
+
+
+def _peft_adapter(kind: str, tmp_path, **lora_kw):
+    """A PEFT adapter made by PEFT itself (random A and B) on a transformers model saved beside it."""
+    hf = ref.generation_model(TEXT[kind], seed=5)
+    hf.save_pretrained(tmp_path / "hf")
+    lora_kw.setdefault("target_modules", r".*language_model.*\.(q_proj|v_proj|q|v)$|.*\.qkv$|.*qformer.*\.query$")
+    config = peft.LoraConfig(r=2, lora_alpha=6, lora_dropout=0.05, init_lora_weights=False, **lora_kw)
+    peft_model = peft.get_peft_model(hf, config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return peft_model
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_a_peft_adapter_imports_as_ours_and_exports_back(kind, tmp_path, blip2_jax):
+    peft_model = _peft_adapter(kind, tmp_path)
+    code, _, err = blip2_jax("convert", "from-hf", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "ours"),
+                             "--adapter", str(tmp_path / "adapter"))
+    assert code == 0, err
+    checkpoint = model_checkpoint.CheckpointParams.open(tmp_path / "ours")
+    assert checkpoint.config.lora.rank == 2 and checkpoint.config.lora.scaling == 3.0
+    assert checkpoint.config.lora.dropout == pytest.approx(0.05)
+    ours = _ours(blip2.build(checkpoint.config), checkpoint.tree(), kind)
+    theirs = _theirs(peft_model, kind)
+    mask = _inputs(kind)[2].astype(bool) if kind == "opt" else np.ones(theirs.shape[:2], bool)
+    np.testing.assert_allclose(ours[mask], theirs[mask], atol=TOL, rtol=TOL)
+
+    out = _no_tokenizer_export(checkpoint, tmp_path / "back")
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+    first, again = (load_file(d / "adapter_model.safetensors") for d in (tmp_path / "adapter", out / "adapter"))
+    assert first.keys() == again.keys()
+    for key, value in first.items():
+        np.testing.assert_array_equal(again[key], value, key)
+
+
+@pytest.mark.parametrize("setting,message", [(dict(use_dora=True), "DoRA"),
+                                             (dict(target_modules=["q_proj"], layers_to_transform=[0]), "layers_to_transform")])
+def test_an_adapter_our_lora_cannot_express_is_refused(setting, message, tmp_path, blip2_jax):
+    _peft_adapter("opt", tmp_path, **setting)
+    code, _, err = blip2_jax("convert", "from-hf", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "ours"),
+                             "--adapter", str(tmp_path / "adapter"))
+    assert code == 2 and message in err and "adapter_config.json" in err
+    assert not (tmp_path / "ours").exists()
+
+
+def test_targets_that_match_nothing_are_refused():
+    config = config_lib.from_hf(ref.blip2_config(ref.OPT).to_dict())
+    with pytest.raises(UserError, match="match no dense layer"):
+        blip2.abstract_params(config.replace(lora=lora.LoraConfig(rank=2, targets=("language_model/.*/nope$",))))
+    with pytest.raises(UserError, match="adapts nothing"):
+        lora.LoraConfig(rank=2)
+
+
+def test_adapter_dropout_runs_only_on_a_training_pass():
+    _, model, params = _adapted("opt")
+    px, ids, mask, _ = _inputs("opt")
+
+    def run(tree, **kw):
+        return np.asarray(model.apply({"params": tree}, ref.nhwc(px), ids, mask, **kw).logits)
+
+    without = jax.tree_util.tree_map_with_path(
+        lambda path, x: np.zeros_like(x) if path[-1].key == lora.DROPOUT else x, params)
+    np.testing.assert_array_equal(run(params, deterministic=True), run(without, deterministic=True))
+    train = dict(deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    assert np.abs(run(params, **train) - run(without, **train)).max() > 1e-3
