@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,14 @@ from blip2_jax.convert import hf_export
 from blip2_jax.errors import UserError
 from blip2_jax.models import blip2, lora
 from blip2_jax.models import config as config_lib
+from blip2_jax.parallel import mesh as mesh_lib
+from blip2_jax.train import loop
+from blip2_jax.train.layout import build_layout
+from blip2_jax.weights import load as weights
 from blip2_jax.weights import model_checkpoint
+from blip2_jax.weights.model_checkpoint import CheckpointParams
 from tests.reference import hf_models as ref
+from tests.test_train import load_config
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 Q = ref.NUM_QUERY_TOKENS
@@ -81,7 +88,8 @@ def _no_tokenizer_export(checkpoint, out, **kw):
 
 @pytest.fixture(autouse=True)
 def _skip_processor(monkeypatch):
-    monkeypatch.setattr(hf_export, "_write_processor", lambda directory, params, source: ref.IMAGE_TOKEN_INDEX)
+    """These tests feed token ids, so `to_hf` writes no processor files (tested in test_convert.py)."""
+    monkeypatch.setattr(hf_export, "_write_processor", lambda directory, params, source: params.config.image_token_index)
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])
@@ -178,3 +186,76 @@ def test_adapter_dropout_runs_only_on_a_training_pass():
     np.testing.assert_array_equal(run(params, deterministic=True), run(without, deterministic=True))
     train = dict(deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
     assert np.abs(run(params, **train) - run(without, **train)).max() > 1e-3
+
+
+def test_optimizer_state_exists_only_for_adapters_and_the_partition_at_opt2_7b_size():
+    """`configs/lora.py:caption_coco_opt2.7b` on shapes alone (`build_layout` runs under
+    `jax.eval_shape`): the train state mirrors exactly the stage-2 trainables and the adapters of the
+    LLM's 32 x 4 attention projections; the LLM's and the ViT's kernels are frozen (bf16), the
+    adapters' constants frozen in float32."""
+    config = load_config("configs/lora.py", "caption_coco_opt2.7b")
+    layout = build_layout(config, mesh_lib.make_mesh(fsdp=8))
+    trainable = traverse_util.flatten_dict(layout.state_abstract.params, sep="/")
+    adapters = {p for p in trainable if lora.is_adapter_leaf(p)}
+    assert adapters == {f"language_model/model/decoder/layers/self_attn/{m}/lora_{ab}"
+                        for m in ("q_proj", "k_proj", "v_proj", "out_proj") for ab in "ab"}
+    assert all(trainable[p].shape in ((32, 2560, 16), (32, 16, 2560)) for p in adapters)
+    assert {p.split("/")[0] for p in set(trainable) - adapters} == {
+        "qformer", "query_tokens", "language_projection", "vision_model"}
+    assert all(p.startswith("vision_model/post_layernorm/") for p in trainable if p.startswith("vision_model"))
+    n_adapter = sum(int(np.prod(trainable[p].shape)) for p in adapters)
+    assert n_adapter == 32 * 4 * 2 * 2560 * 16  # 10.5 M of the LLM's 2.7 B
+    mirrored = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(layout.state_abstract.opt_state)[0]
+                if leaf.ndim > 0]
+    n_trainable = sum(int(np.prod(v.shape)) for v in trainable.values())
+    assert sum(int(np.prod(v.shape)) for v in mirrored) == 2 * n_trainable  # Adam's mu and nu, nothing else
+    frozen = traverse_util.flatten_dict(layout.frozen_abstract, sep="/")
+    assert frozen["language_model/model/decoder/layers/self_attn/q_proj/kernel"].dtype == jnp.bfloat16
+    assert {frozen[p].dtype for p in frozen if lora.is_constant(p)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.slow  # compiles the tiny LoRA step: ~40 s on 2 cores
+def test_the_tiny_lora_preset_trains_resumes_and_exports_to_peft(tmp_path, blip2_jax):
+    """`configs/lora.py:tiny` through the real trainer: the adapters and the stage-2 trainables
+    move, the LLM's and the ViT's weights do not; a run killed after step 2 continues exactly;
+    `blip2-jax convert to-hf` gives the base model and a PEFT adapter that transformers + PEFT run
+    to our logits."""
+    config = load_config("configs/lora.py", "tiny")
+    config.total_steps, config.optim.warmup_steps = 3, 1
+    config.mesh.update(num_devices=1, data=1)
+    config.checkpoint.update(every=1, async_save=False)
+    config.log.tensorboard = False
+    run = tmp_path / "run"
+    loop.train(config, run)
+    a = traverse_util.flatten_dict(CheckpointParams.open(run / "checkpoints" / "1").tree(), sep="/")
+    b = traverse_util.flatten_dict(CheckpointParams.open(run).tree(), sep="/")
+    moved = {p for p in a if not np.array_equal(a[p], b[p])}
+    assert {p for p in b if p.endswith(f"/{lora.B}")} <= moved and "query_tokens" in moved
+    assert not any(p.startswith(("language_model", "vision_model/encoder")) and not p.endswith((lora.A, lora.B))
+                   for p in moved)
+
+    shutil.copytree(run, tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "3")
+    loop.train(config, tmp_path / "resumed")
+    logs = [[(m["step"], m["loss"], m["grad_norm"]) for m in map(json.loads, (d / "metrics.jsonl").open())]
+            for d in (run, tmp_path / "resumed")]
+    assert logs[0] == logs[1] and len(logs[0]) == 3
+    resumed = traverse_util.flatten_dict(CheckpointParams.open(tmp_path / "resumed").tree(), sep="/")
+    assert resumed.keys() == b.keys() and all(np.array_equal(resumed[p], b[p]) for p in b)
+
+    code, _, err = blip2_jax("convert", "to-hf", "--src", str(run), "--out", str(tmp_path / "hf"),
+                             "--tokenizer", "none")
+    assert code == 0, err
+    hf, info = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    peft_model = peft.PeftModel.from_pretrained(hf.eval(), tmp_path / "hf" / hf_export.ADAPTER_DIR).eval()
+    loaded = weights.load(run)
+    rng = np.random.default_rng(0)
+    px = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ids = np.concatenate([np.full((2, 8), 127), rng.integers(3, 120, (2, 5))], 1)
+    mask = np.ones_like(ids)
+    ours = blip2.build(loaded.config).apply({"params": loaded.params}, ref.nhwc(px), ids, mask).logits
+    with torch.no_grad():
+        theirs = peft_model(pixel_values=torch.tensor(px), input_ids=torch.tensor(ids),
+                            attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=TOL)
