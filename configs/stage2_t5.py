@@ -5,7 +5,9 @@
       --config.init.hf=Salesforce/blip2-flan-t5-xl --config.mesh.fsdp=8
 
 Presets: `tiny`, `flant5xl`, `flant5xxl`. Paper: 80k steps, batch 1520, min LR 5e-5, 2k warmup,
-AdamW b2=0.98. FlanT5 is frozen in bf16 (spec §7.1).
+AdamW b2=0.98. FlanT5 is frozen in bf16 (spec §7.1). `<preset>_int8` (e.g. `flant5xxl_int8`) keeps
+the frozen LLM's and ViT's dense kernels in int8 with per-channel scales (`models/quantization.py`),
+computed from `init.hf`'s weights at load: half the frozen bytes of bf16 per device.
 """
 import ml_collections
 
@@ -14,5 +16,11 @@ from blip2_jax.train.config import stage2_config
 _MODEL = {"tiny": "tiny_t5", "flant5xl": "flant5xl", "flant5xxl": "flant5xxl"}
 
 
+INT8 = ("^language_model/", "^vision_model/")  # every frozen dense kernel
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    return stage2_config(arg, _MODEL, paper_batch=1520)
+    c = stage2_config(arg.removesuffix("_int8"), _MODEL, paper_batch=1520)
+    if arg.endswith("_int8"):
+        c.model.int8 = INT8
+    return c

@@ -66,3 +66,13 @@ def blip2_jax(monkeypatch, capsys):
     yield call
     signal.set_wakeup_fd(-1)  # `train` arms a SIGTERM-at-start-up handler: give pytest its own back
     signal.signal(signal.SIGTERM, handler)
+
+
+@pytest.fixture
+def no_processor_files(monkeypatch):
+    """`convert.hf_export.to_hf` without the processor files: for tests that feed token ids (the
+    processor's files are tested in test_convert.py)."""
+    from blip2_jax.convert import hf_export  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setattr(hf_export, "_write_processor",
+                        lambda directory, params, source: params.config.image_token_index)

@@ -87,9 +87,8 @@ def _no_tokenizer_export(checkpoint, out, **kw):
 
 
 @pytest.fixture(autouse=True)
-def _skip_processor(monkeypatch):
-    """These tests feed token ids, so `to_hf` writes no processor files (tested in test_convert.py)."""
-    monkeypatch.setattr(hf_export, "_write_processor", lambda directory, params, source: params.config.image_token_index)
+def _skip_processor(no_processor_files):
+    """These tests feed token ids, so `to_hf` writes no processor files."""
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])
@@ -156,8 +155,8 @@ def test_a_peft_adapter_imports_as_ours_and_exports_back(kind, tmp_path, blip2_j
         np.testing.assert_array_equal(again[key], value, key)
 
 
-@pytest.mark.parametrize("setting,message", [(dict(use_dora=True), "DoRA"),
-                                             (dict(target_modules=["q_proj"], layers_to_transform=[0]), "layers_to_transform")])
+@pytest.mark.parametrize("setting,message", [
+    (dict(use_dora=True), "DoRA"), (dict(target_modules=["q_proj"], layers_to_transform=[0]), "layers_to_transform")])
 def test_an_adapter_our_lora_cannot_express_is_refused(setting, message, tmp_path, blip2_jax):
     _peft_adapter("opt", tmp_path, **setting)
     code, _, err = blip2_jax("convert", "from-hf", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "ours"),

@@ -26,7 +26,7 @@ import numpy as np
 from blip2_jax.data.tokenizers import INSTRUCTION_TOKENIZER_DIR
 from blip2_jax.errors import InputNotFound
 from blip2_jax.models import config as config_lib
-from blip2_jax.models import lora
+from blip2_jax.models import lora, quantization
 from blip2_jax.weights import hf_names
 from blip2_jax.weights import model_checkpoint
 from blip2_jax.weights import peft
@@ -105,10 +105,17 @@ def _hf_config(params: model_checkpoint.CheckpointParams, image_token_index: int
 
 def _tensor_plan(params: model_checkpoint.CheckpointParams, dtype: Any
                  ) -> tuple[list[tuple[str, tuple[int, ...], np.dtype]], dict[str, hf_names.Slot]]:
-    shapes = {p: s for p, (s, _) in params.shapes.items() if not lora.is_adapter_leaf(p)}
+    """(HF name, shape, dtype) of every tensor written, and where each comes from. Adapters and int8
+    scales are no HF tensors: an int8 kernel is written dequantized (float32 by default)."""
+    shapes = {p: s for p, (s, _) in params.shapes.items()
+              if not lora.is_adapter_leaf(p) and not p.endswith("/" + quantization.SCALE)}
     table = hf_names.slots(shapes, qformer_group=params.config.qformer.cross_attention_frequency)
-    plan = [(name, hf_names.hf_shape(slot, shapes[slot.path]),
-             np.dtype(dtype) if dtype is not None else params.shapes[slot.path][1]) for name, slot in table.items()]
+
+    def stored(path: str) -> np.dtype:
+        return np.dtype(np.float32) if params.shapes[path][1] == np.int8 else params.shapes[path][1]
+
+    plan = [(name, hf_names.hf_shape(slot, shapes[slot.path]), np.dtype(dtype) if dtype is not None
+             else stored(slot.path)) for name, slot in table.items()]
     return plan, table
 
 
@@ -125,6 +132,17 @@ class _LeafReader:
         self.order = list(dict.fromkeys(table[n].path for n in order))  # leaves in the order they are needed
         self.cache: dict[str, np.ndarray] = {}
         self.current: str | None = None
+
+    def _float_kernel(self, layer: str, kernel: np.ndarray) -> np.ndarray:
+        """An int8 kernel dequantized; with the layer's adapter folded in when it is merged."""
+        if kernel.dtype == np.int8:
+            kernel = quantization.dequantize_kernel(kernel, self.params.read([f"{layer}/{quantization.SCALE}"])[
+                f"{layer}/{quantization.SCALE}"])
+        if layer in self.merge:
+            adapter = self.params.read([f"{layer}/{k}" for k in (lora.A, lora.B, lora.SCALING)])
+            kernel = (kernel.astype(np.float32) + lora.delta(
+                *(adapter[f"{layer}/{k}"] for k in (lora.A, lora.B, lora.SCALING)))).astype(kernel.dtype)
+        return kernel
 
     def _nbytes(self, path: str) -> int:
         shape, dtype = self.params.shapes[path]
@@ -145,12 +163,8 @@ class _LeafReader:
                 size += self._nbytes(path)
             self.cache.update(self.params.read(batch))
             for path in batch:
-                layer = path[: -len("/kernel")]
-                if path.endswith("/kernel") and layer in self.merge:
-                    adapter = self.params.read([f"{layer}/{k}" for k in (lora.A, lora.B, lora.SCALING)])
-                    kernel = self.cache[path]
-                    self.cache[path] = (kernel.astype(np.float32) + lora.delta(
-                        *(adapter[f"{layer}/{k}"] for k in (lora.A, lora.B, lora.SCALING)))).astype(kernel.dtype)
+                if path.endswith("/kernel"):
+                    self.cache[path] = self._float_kernel(path[: -len("/kernel")], self.cache[path])
         value = self.cache[slot.path]
         value = slot.to_hf(np.asarray(value if slot.index is None else value[slot.index]))
         return value.astype(self.dtype) if self.dtype is not None else value

@@ -15,7 +15,7 @@ from flax import linen as nn
 from flax import struct
 
 from blip2_jax.errors import UnknownName
-from blip2_jax.models import layers, lora
+from blip2_jax.models import layers, lora, quantization
 from blip2_jax.models.attention import qformer_mask
 from blip2_jax.models.config import Blip2Config, LlamaConfig, OPTConfig, T5Config
 from blip2_jax.models.llama import LlamaForCausalLM
@@ -441,9 +441,8 @@ def init(config: Blip2Config, rng: jax.Array, model: nn.Module | None = None) ->
     model = build(config) if model is None else model
     method = model.init_all if isinstance(model, Blip2ForImageTextRetrieval) else model.__call__
     variables = model.init(rng, **_dummy_inputs(config), method=method)
-    if not config.lora.enabled:
-        return variables
-    return {**variables, "params": lora.add(variables["params"], config.lora, jax.random.fold_in(rng, 1))}
+    params = lora.add(variables["params"], config.lora, jax.random.fold_in(rng, 1))  # adapters on float kernels
+    return {**variables, "params": quantization.quantize(params, config.int8)}
 
 
 def abstract_params(config: Blip2Config, *, unbox: bool = True, model: nn.Module | None = None) -> Any:

@@ -263,10 +263,13 @@ class Blip2Config:
     remat_policy: str = "none"
     # LoRA adapters on dense layers (models/lora.py); rank 0: none
     lora: LoraConfig = LoraConfig()
+    # dense layers (regexes over their paths) whose frozen kernels are int8 (models/quantization.py)
+    int8: tuple[str, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.lora, Mapping):  # read back from a JSON / ConfigDict
             object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        object.__setattr__(self, "int8", tuple(self.int8))
         if self.qformer.encoder_hidden_size != self.vision.hidden_size:
             raise ValueError(
                 f"qformer.encoder_hidden_size ({self.qformer.encoder_hidden_size}) must equal the vision "

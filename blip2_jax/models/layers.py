@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
-from blip2_jax.models import lora
+from blip2_jax.models import lora, quantization
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -45,9 +45,10 @@ def dense(
 
 class Dense(nn.Module):
     """`nn.Dense`'s computation and parameters (`kernel` (in, out), `bias`), plus what the tree may
-    add to a frozen layer (`models/lora.py`): a LoRA branch wherever `lora_a` is present. Its
-    dropout runs on a training pass — one given a `dropout` RNG, as PEFT's runs in `train()` mode —
-    so the objectives pass that RNG only when they train."""
+    make of a frozen layer: an int8 kernel with per-channel `kernel_scale` (`models/quantization.py`)
+    and a LoRA branch wherever `lora_a` is present (`models/lora.py`). LoRA's dropout runs on a
+    training pass — one given a `dropout` RNG, as PEFT's runs in `train()` mode — so the
+    objectives pass that RNG only when they train."""
 
     features: int
     axes: Axes
@@ -62,8 +63,10 @@ class Dense(nn.Module):
                             self.param_dtype)
         bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[-1],)), (self.features,),
                           self.param_dtype) if self.use_bias else None
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)  # int8 -> bf16/fp32 is exact
         y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.has_variable("params", quantization.SCALE):
+            y = y * self.get_variable("params", quantization.SCALE).astype(y.dtype)
         if bias is not None:
             y = y + bias
         if self.has_variable("params", lora.A):

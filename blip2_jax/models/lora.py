@@ -140,6 +140,8 @@ def merged(params: Tree) -> Tree:
     flat = traverse_util.flatten_dict(params, sep="/")
     for layer in adapted_layers(flat):
         w = flat[layer + "/kernel"]
+        if w.dtype == np.int8:
+            raise UserError(f"{layer}: an adapter on an int8 kernel stays unmerged (merging would requantize it)")
         flat[layer + "/kernel"] = (w.astype(np.float32) + delta(*(flat[f"{layer}/{k}"] for k in (A, B, SCALING)))
                                    ).astype(w.dtype)
     return strip(traverse_util.unflatten_dict(flat, sep="/"))

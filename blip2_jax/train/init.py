@@ -34,7 +34,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from blip2_jax.errors import UserError
-from blip2_jax.models import blip2, lora
+from blip2_jax.models import blip2, lora, quantization
 from blip2_jax.train.partition import cast_frozen, merge, partition
 from blip2_jax.weights.bert_init import init_from_bert, load_bert
 from blip2_jax.weights.load import check_like, load, open_source
@@ -98,13 +98,23 @@ def _pretrained(config: ml_collections.ConfigDict, model_cfg: Any, shardings: tu
         return _instruction_aware(source, plain_cfg, model_cfg, merge(*shardings))
     if source.architecture != want:
         raise UserError(f"init.{field} {source.name} holds a {source.architecture}; {config.stage} trains a {want}")
-    if model_cfg.lora.enabled and not source.config.lora.enabled:  # new adapters on the source's weights
-        base_cfg = model_cfg.replace(lora=lora.LoraConfig())
-        check_like(source, base_cfg, "config.model without lora")
-        params = load(source, shardings=lora.strip(merge(*shardings)), like=base_cfg).params
-        return with_adapters(params, model_cfg.lora, merge(*shardings), jax.random.PRNGKey(config.seed))
-    check_like(source, model_cfg, "config.model")
-    return load(source, shardings=merge(*shardings), like=model_cfg).params
+    adapt = model_cfg.lora.enabled and not source.config.lora.enabled  # new adapters on the source's weights
+    quantize = bool(model_cfg.int8) and not source.config.int8  # int8 kernels computed from the source's
+    if not (adapt or quantize):
+        check_like(source, model_cfg, "config.model")
+        return load(source, shardings=merge(*shardings), like=model_cfg).params
+    base_cfg = model_cfg.replace(lora=source.config.lora if adapt else model_cfg.lora,
+                                 int8=source.config.int8 if quantize else model_cfg.int8)
+    check_like(source, base_cfg, "config.model without " + " and ".join(
+        k for k, on in (("lora", adapt), ("int8", quantize)) if on))
+    full = traverse_util.flatten_dict(merge(*shardings), sep="/")
+    # a float kernel is placed as its int8 copy will be (same shape and axes)
+    base_sh = {p: sh for p, sh in full.items() if not (adapt and lora.is_adapter_leaf(p))
+               and not (quantize and p.endswith("/" + quantization.SCALE))}
+    params = load(source, shardings=traverse_util.unflatten_dict(base_sh, sep="/"), like=base_cfg).params
+    if adapt:
+        params = with_adapters(params, model_cfg.lora, merge(*shardings), jax.random.PRNGKey(config.seed))
+    return quantization.quantize_placed(params, model_cfg.int8, merge(*shardings)) if quantize else params
 
 
 def with_adapters(params: Any, config: lora.LoraConfig, shardings: Any, rng: jax.Array) -> Any:

@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import linen as nn
+from flax import traverse_util
 from jax.sharding import Mesh
 
 from blip2_jax.data.spec import BatchSpec
+from blip2_jax.errors import UserError
 from blip2_jax.models import blip2, lora, presets
 from blip2_jax.objectives import lm, stage1, stage2
 from blip2_jax.parallel import mesh as mesh_lib
@@ -134,6 +136,10 @@ def build_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
     mesh_lib.check_replicated(replicated, config.mesh.max_replicated_mib)
     trainable_sh, frozen_sh = partition(mesh_lib.logical_shardings(boxed, mesh, rules), patterns)
     trainable_abstract, frozen_abstract = partition(nn.unbox(boxed), patterns)
+    int8 = [p for p, v in traverse_util.flatten_dict(trainable_abstract, sep="/").items() if v.dtype == jnp.int8]
+    if int8:
+        raise UserError(f"config.model.int8 quantizes {len(int8)} kernels config.trainable trains (e.g. {int8[0]}): "
+                        "an int8 kernel is frozen; narrow config.model.int8 or adapt it with config.model.lora")
     tx = make_optimizer(config.optim, trainable_abstract)
     key = jax.random.PRNGKey(config.seed + 1)
 

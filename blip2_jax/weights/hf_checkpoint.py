@@ -105,7 +105,7 @@ def config_differences(a: config_lib.Blip2Config, b: config_lib.Blip2Config) -> 
         for f in dataclasses.fields(x):
             if getattr(x, f.name) != getattr(y, f.name):
                 diffs.append(f"{part}.{f.name}: {getattr(x, f.name)!r} vs {getattr(y, f.name)!r}")
-    for f in ("num_query_tokens", "image_text_hidden_size", "image_token_index", "lora"):
+    for f in ("num_query_tokens", "image_text_hidden_size", "image_token_index", "lora", "int8"):
         if getattr(a, f) != getattr(b, f):
             diffs.append(f"{f}: {getattr(a, f)!r} vs {getattr(b, f)!r}")
     return diffs
