@@ -23,6 +23,7 @@ from blip2_jax.train import loop
 from blip2_jax.train.layout import build_layout
 from blip2_jax.train.plan import per_device_bytes
 from blip2_jax.weights.model_checkpoint import CheckpointParams
+from tests.test_lora import source_checkpoint
 from tests.test_train import load_config
 
 TOWERS = ("^language_model/", "^vision_model/")
@@ -91,13 +92,16 @@ def test_training_an_int8_kernel_is_refused():
 
 @pytest.mark.slow  # two tiny stage-2 runs: ~90 s on 2 cores
 def test_a_tiny_stage2_run_with_int8_towers_follows_the_bf16_loss_curve(tmp_path, no_processor_files):
-    """`configs/stage2_t5.py:tiny_int8` against `tiny` with bf16 frozen towers, same data and seed:
-    every step's loss within the stated 1% (the towers' rounding is all that differs; measured 0.59%);
-    the frozen checkpoint holds int8, a resumed int8 run continues exactly, and `to_hf` writes the
-    kernels dequantized."""
+    """`configs/stage2_t5.py:tiny_int8` against `tiny` with bf16 frozen towers, both from one model
+    checkpoint, same data and seed: the int8 kernels are the source's quantized at load; every
+    step's loss within the stated 1% (the towers' rounding is all that differs); the frozen
+    checkpoint holds int8, a resumed int8 run continues exactly, and `to_hf` writes the kernels
+    dequantized."""
+    source = source_checkpoint(tmp_path / "source", "tiny_t5")
     losses = {}
     for arg in ("tiny", "tiny_int8"):
         config = load_config("configs/stage2_t5.py", arg)
+        config.init.checkpoint = str(tmp_path / "source")
         config.frozen_dtype, config.model.dtype = "bfloat16", "bfloat16"
         config.mesh.update(num_devices=1, data=1)
         config.checkpoint.update(every=10, async_save=False)
@@ -109,7 +113,10 @@ def test_a_tiny_stage2_run_with_int8_towers_follows_the_bf16_loss_curve(tmp_path
     assert not np.array_equal(losses["tiny_int8"], losses["tiny"])  # the int8 towers ran
     run = CheckpointParams.open(tmp_path / "tiny_int8")
     kernel = "language_model/encoder/block/layer_0/SelfAttention/q/kernel"
-    assert run.shapes[kernel][1] == np.int8
+    leaves = run.read([kernel, kernel + "_scale"])
+    q, scale = quantization.quantize_kernel(jnp.asarray(source[kernel]))
+    np.testing.assert_array_equal(leaves[kernel], q)
+    np.testing.assert_array_equal(leaves[kernel + "_scale"], scale)
 
     shutil.copytree(tmp_path / "tiny_int8", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "20")
@@ -119,6 +126,5 @@ def test_a_tiny_stage2_run_with_int8_towers_follows_the_bf16_loss_curve(tmp_path
 
     hf_export.to_hf(run, tmp_path / "hf", tokenizer="none")
     written = load_file(tmp_path / "hf" / "model.safetensors")
-    leaves = run.read([kernel, kernel + "_scale"])
     np.testing.assert_array_equal(written["language_model.encoder.block.0.layer.0.SelfAttention.q.weight"],
                                   quantization.dequantize_kernel(leaves[kernel], leaves[kernel + "_scale"])[0].T)

@@ -26,6 +26,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from blip2_jax.errors import UserError
+from blip2_jax.models import dense_paths
 
 Tree = Any
 A, B, SCALING, DROPOUT = "lora_a", "lora_b", "lora_scaling", "lora_dropout"
@@ -76,24 +77,9 @@ def is_adapter_leaf(path: str) -> bool:
     return path.rpartition("/")[2] in LEAVES
 
 
-def _value(leaf: Any) -> Any:
-    return leaf.value if isinstance(leaf, nn.Partitioned) else leaf
-
-
 def adapted_layers(paths: Iterable[str]) -> list[str]:
     """The dense layers that hold an adapter, of a flat tree's '/'-joined leaf `paths`."""
     return sorted(p[: -len(A) - 1] for p in paths if p.endswith("/" + A))
-
-
-def target_layers(params: Tree, config: LoraConfig) -> list[str]:
-    """The dense layers of `params` that `config.targets` select; each target must select one."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    dense = [p[: -len("/kernel")] for p, leaf in flat.items()
-             if p.endswith("/kernel") and len(np.shape(_value(leaf))) in (2, 3)]  # not the patch conv (4-D)
-    unused = [t for t in config.targets if not any(re.search(t, p) for p in dense)]
-    if unused:
-        raise UserError(f"lora.targets {unused} match no dense layer; some there are: {dense[:6]}")
-    return [p for p in dense if any(re.search(t, p) for t in config.targets)]
 
 
 def add(params: Tree, config: LoraConfig, rng: jax.Array) -> Tree:
@@ -104,9 +90,9 @@ def add(params: Tree, config: LoraConfig, rng: jax.Array) -> Tree:
     if not config.enabled:
         return params
     flat = traverse_util.flatten_dict(params, sep="/")
-    for i, layer in enumerate(target_layers(params, config)):
+    for i, layer in enumerate(dense_paths.select(params, config.targets, "lora.targets")):
         kernel = flat[layer + "/kernel"]
-        w = _value(kernel)
+        w = dense_paths.value(kernel)
         lead, (d_in, d_out) = w.shape[:-2], w.shape[-2:]
         bound = 1.0 / math.sqrt(d_in)
         a = jax.random.uniform(jax.random.fold_in(rng, i), (*lead, d_in, config.rank), w.dtype, -bound, bound)

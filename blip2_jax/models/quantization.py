@@ -12,7 +12,6 @@ quantizes the LLM. A quantized kernel cannot train; LoRA adapters on it can (QLo
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import jax
@@ -21,25 +20,10 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from blip2_jax.errors import UserError
+from blip2_jax.models import dense_paths, lora
 
 Tree = Any
 SCALE = "kernel_scale"
-
-
-def _value(leaf: Any) -> Any:
-    return leaf.value if isinstance(leaf, nn.Partitioned) else leaf
-
-
-def layers(params: Tree, patterns: Sequence[str]) -> list[str]:
-    """The dense layers (kernel paths without `/kernel`) `patterns` select; each must select one."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    dense = [p[: -len("/kernel")] for p, leaf in flat.items()
-             if p.endswith("/kernel") and len(np.shape(_value(leaf))) in (2, 3)]  # not the patch conv
-    unused = [t for t in patterns if not any(re.search(t, p) for p in dense)]
-    if unused:
-        raise UserError(f"int8 patterns {unused} match no dense layer; some there are: {dense[:6]}")
-    return [p for p in dense if any(re.search(t, p) for t in patterns)]
 
 
 def quantize_kernel(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -60,9 +44,9 @@ def quantize(params: Tree, patterns: Sequence[str]) -> Tree:
     if not patterns:
         return params
     flat = traverse_util.flatten_dict(params, sep="/")
-    for layer in layers(params, patterns):
+    for layer in dense_paths.select(params, patterns, "int8"):
         kernel = flat[f"{layer}/kernel"]
-        q, scale = quantize_kernel(_value(kernel))
+        q, scale = quantize_kernel(dense_paths.value(kernel))
         if isinstance(kernel, nn.Partitioned):
             q, scale = kernel.replace_boxed(q), kernel.replace_boxed(scale).replace(
                 names=(*kernel.names[:-2], kernel.names[-1]))
@@ -82,10 +66,17 @@ def quantize_placed(params: Tree, patterns: Sequence[str], shardings: Tree) -> T
     flat = traverse_util.flatten_dict(params, sep="/")
     flat_sh = traverse_util.flatten_dict(shardings, sep="/")
     compiled: dict[Any, Any] = {}
-    for layer in layers(params, patterns):
+    for layer in dense_paths.select(params, patterns, "int8"):
         path = f"{layer}/kernel"
         key = (flat_sh[path], flat_sh[f"{layer}/{SCALE}"])
         if key not in compiled:
             compiled[key] = jax.jit(quantize_kernel, out_shardings=key)
         flat[path], flat[f"{layer}/{SCALE}"] = compiled[key](flat[path])
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def keeps_dtype(path: str, dtype: Any) -> bool:
+    """Whether a leaf stays in its own dtype when a run stores its weights in another: int8
+    kernels, their float32 scales, and LoRA's constants (a dropout rate of 0.05 or a scaling of 16/6
+    are not bfloat16 numbers)."""
+    return np.dtype(dtype) == np.int8 or path.endswith("/" + SCALE) or lora.is_constant(path)

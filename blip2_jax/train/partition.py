@@ -10,7 +10,6 @@ import re
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import traverse_util
 
 from blip2_jax.errors import UnknownName
@@ -79,11 +78,10 @@ def merge(trainable: Tree, frozen: Tree) -> Tree:
 
 
 def cast_frozen(frozen: Tree, dtype: Any) -> Tree:
-    """The frozen tree (arrays or `jax.ShapeDtypeStruct`s) stored in `dtype`, but for int8 kernels,
-    their float32 scales and LoRA's constants (a dropout rate of 0.05 or a scaling of 16/6 are not
-    bfloat16 numbers)."""
+    """The frozen tree (arrays or `jax.ShapeDtypeStruct`s) stored in `dtype`, but for the leaves
+    that keep theirs (`quantization.keeps_dtype`)."""
     def cast(path: str, leaf: Any) -> Any:
-        if lora.is_constant(path) or path.endswith("/" + quantization.SCALE) or leaf.dtype == jnp.int8:
+        if quantization.keeps_dtype(path, leaf.dtype):
             return leaf
         if isinstance(leaf, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)

@@ -25,7 +25,7 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from blip2_jax.models import blip2
+from blip2_jax.models import blip2, quantization
 from blip2_jax.models import config as config_lib
 from blip2_jax.models.interpolate import interpolate_position_embedding
 from blip2_jax.parallel import mesh as mesh_lib
@@ -117,7 +117,7 @@ def load(source: str | os.PathLike | Source, *, mesh: Mesh | None = None, shardi
                                   is_leaf=lambda x: hasattr(x, "unbox")))
     flat_shardings = traverse_util.flatten_dict(shardings, sep="/")
     abstract = nn.unbox(boxed)
-    dtypes = {p: np.dtype(dtype if dtype is not None else leaf.dtype)
+    dtypes = {p: np.dtype(dtype if dtype is not None and not quantization.keeps_dtype(p, leaf.dtype) else leaf.dtype)
               for p, leaf in traverse_util.flatten_dict(abstract, sep="/").items()}
     resize = config.vision.image_size != stored.vision.image_size
     read_shardings = {**flat_shardings, POSITIONS: SingleDeviceSharding(jax.local_devices()[0])} if resize \
