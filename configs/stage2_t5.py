@@ -11,16 +11,14 @@ computed from `init.hf`'s weights at load: half the frozen bytes of bf16 per dev
 """
 import ml_collections
 
+from blip2_jax.models import quantization
 from blip2_jax.train.config import stage2_config
 
 _MODEL = {"tiny": "tiny_t5", "flant5xl": "flant5xl", "flant5xxl": "flant5xxl"}
 
 
-INT8 = ("^language_model/", "^vision_model/")  # every frozen dense kernel
-
-
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = stage2_config(arg.removesuffix("_int8"), _MODEL, paper_batch=1520)
     if arg.endswith("_int8"):
-        c.model.int8 = INT8
+        c.model.int8 = quantization.TOWERS
     return c

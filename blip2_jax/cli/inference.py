@@ -25,6 +25,8 @@ def _generate_flags(values: flags.FlagValues, argv: list[str]) -> None:
                               "or one per --image.", flag_values=values)
     flags.DEFINE_integer("batch_size", 8, "Images per compiled generate call.", flag_values=values)
     define_dtype(values)
+    flags.DEFINE_boolean("int8", False, "Run the frozen LLM's and ViT's dense layers with int8 kernels (per-channel, "
+                         "quantized at load).", flag_values=values)
     define_search(values)
 
 
@@ -66,6 +68,7 @@ def _generate(values: flags.FlagValues) -> None:
     from blip2_jax.data.images import check_image_file
     from blip2_jax.generation.api import Blip2Generator, check_question_template
     from blip2_jax.generation.config import CAPTION, VQA_OPT, VQA_T5
+    from blip2_jax.models import quantization
     from blip2_jax.models.config import T5Config
 
     if not values.checkpoint or not values.image:
@@ -76,7 +79,8 @@ def _generate(values: flags.FlagValues) -> None:
         check_question_template(values.prompt)
     search_config(values, CAPTION)  # the flags' own checks, before the model loads
     generator = Blip2Generator.from_pretrained(values.checkpoint, dtype=values.dtype, batch_size=values.batch_size,
-                                               step=values.step, tokenizer=values.tokenizer)
+                                               step=values.step, tokenizer=values.tokenizer,
+                                               int8=quantization.TOWERS if values.int8 else ())
     if values.question:
         preset = VQA_T5 if isinstance(generator.config.text, T5Config) else VQA_OPT
         questions = values.question[0] if len(values.question) == 1 else values.question

@@ -15,6 +15,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.checkpoint, c.step = "", -1
     c.tokenizer = ""  # default: the checkpoint's (the LLM's for caption/vqa, the Q-Former's BERT for retrieval)
     c.dtype = ""  # e.g. bfloat16: storage and compute dtype; default the checkpoint's config
+    c.int8 = False  # the frozen LLM's and ViT's dense kernels in int8, quantized at load (models/quantization.py)
     c.num_devices, c.fsdp = -1, 1  # every device; the rest of the mesh is data-parallel
     c.batch_size = 8  # per device
     # source: json (LAVIS eval annotations: comma-separated files, image_root) | easy_vqa (split)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -27,11 +27,12 @@ class EvalModel:
 
 
 def load_model(checkpoint: str | os.PathLike, mesh: Mesh, *, step: int | None = None,
-               dtype: str | None = None) -> EvalModel:
+               dtype: str | None = None, int8: Sequence[str] = ()) -> EvalModel:
     """`checkpoint`: a model checkpoint or training workdir (latest step, or `step`), else a Hugging
-    Face directory or hub id. `dtype` (e.g. bfloat16) is storage and compute dtype."""
+    Face directory or hub id. `dtype` (e.g. bfloat16) is storage and compute dtype; `int8` the dense
+    layers run with int8 kernels (`weights.load`)."""
     overrides = {} if dtype is None else dict(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
-    loaded = load(checkpoint, mesh=mesh, step=step, dtype=dtype, **overrides)
+    loaded = load(checkpoint, mesh=mesh, step=step, dtype=dtype, int8=int8, **overrides)
     return EvalModel(blip2.build(loaded.config, loaded.architecture), loaded.config, loaded.params, loaded.tokenizer)
 
 

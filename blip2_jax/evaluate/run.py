@@ -23,6 +23,7 @@ from blip2_jax.evaluate.generation import generate_texts
 from blip2_jax.evaluate.model import generation_tokenizers, load_model, tokenizer_path
 from blip2_jax.evaluate.retrieval import retrieval_scores
 from blip2_jax.generation.config import GenerationConfig
+from blip2_jax.models import quantization
 from blip2_jax.parallel import mesh as mesh_lib
 from blip2_jax.train.validate import check_eval_config
 
@@ -122,7 +123,7 @@ def evaluate(config: ml_collections.ConfigDict, output: str | Path | None = None
     devices = jax.devices() if config.num_devices == -1 else jax.devices()[:config.num_devices]
     mesh = mesh_lib.make_mesh(-1, config.fsdp, 1, devices)
     model = load_model(config.checkpoint, mesh, step=config.step if config.step >= 0 else None,
-                       dtype=config.dtype or None)
+                       dtype=config.dtype or None, int8=quantization.TOWERS if config.int8 else ())
     if config.task == "retrieval" and not hasattr(model.module, "itm"):
         raise ValueError(f"retrieval needs a model with the ITC/ITM heads (Blip2ForImageTextRetrieval or a stage-1 "
                          f"checkpoint); {config.checkpoint} is a {type(model.module).__name__}")

@@ -135,13 +135,15 @@ class Blip2Generator:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype: Any = None, batch_size: int = 8,
-                        step: int | None = None, tokenizer: str | os.PathLike | None = None) -> Blip2Generator:
+                        step: int | None = None, tokenizer: str | os.PathLike | None = None,
+                        int8: Sequence[str] = ()) -> Blip2Generator:
         """From anything `weights.load` reads: a Hugging Face BLIP-2 directory (weights, config.json
         and the LLM tokenizer) or hub id, a model checkpoint, or a stage-2 training workdir (its
         latest step, or `step`).
 
         `tokenizer` (a directory or hub id) replaces the checkpoint's own. `dtype` (e.g. "bfloat16")
-        is both the storage and the compute dtype; default float32.
+        is both the storage and the compute dtype; default float32. `int8` (dense-layer regexes, e.g.
+        `quantization.TOWERS`) runs those layers of a float checkpoint with int8 kernels, quantized at load.
         """
         source = open_source(path_or_id, step)  # metadata only: the checks below come before the weights
         if source.architecture not in GENERATORS:
@@ -153,7 +155,7 @@ class Blip2Generator:
         qformer = instruction_tokenizer(tokenizer or source.tokenizer) if source.config.instruction_aware else None
         tokenizer = language_tokenizer(tokenizer or source.tokenizer)
         overrides = {} if dtype is None else dict(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
-        loaded = load(source, dtype=dtype, **overrides)
+        loaded = load(source, dtype=dtype, int8=int8, **overrides)
         return cls(build(loaded.config, source.architecture), loaded.params, tokenizer, batch_size=batch_size,
                    qformer_tokenizer=qformer)
 

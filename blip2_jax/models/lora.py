@@ -82,11 +82,12 @@ def adapted_layers(paths: Iterable[str]) -> list[str]:
     return sorted(p[: -len(A) - 1] for p in paths if p.endswith("/" + A))
 
 
-def add(params: Tree, config: LoraConfig, rng: jax.Array) -> Tree:
+def add(params: Tree, config: LoraConfig, rng: jax.Array, dtype: Any = None) -> Tree:
     """`params` with an adapter on every targeted layer: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's
     kaiming-uniform with a=sqrt(5)), B = 0, so the adapted model computes what `params` computes.
     Works on boxed (`nn.Partitioned`) trees — the adapters get the kernel's logical axes, the rank
-    axis unsharded — and under `jax.eval_shape`."""
+    axis unsharded — and under `jax.eval_shape`. `dtype`: the adapters' (default: the kernel's,
+    which must then be a float kernel)."""
     if not config.enabled:
         return params
     flat = traverse_util.flatten_dict(params, sep="/")
@@ -95,8 +96,9 @@ def add(params: Tree, config: LoraConfig, rng: jax.Array) -> Tree:
         w = dense_paths.value(kernel)
         lead, (d_in, d_out) = w.shape[:-2], w.shape[-2:]
         bound = 1.0 / math.sqrt(d_in)
-        a = jax.random.uniform(jax.random.fold_in(rng, i), (*lead, d_in, config.rank), w.dtype, -bound, bound)
-        leaves = {A: a, B: jnp.zeros((*lead, config.rank, d_out), w.dtype),
+        kind = w.dtype if dtype is None else dtype
+        a = jax.random.uniform(jax.random.fold_in(rng, i), (*lead, d_in, config.rank), kind, -bound, bound)
+        leaves = {A: a, B: jnp.zeros((*lead, config.rank, d_out), kind),
                   SCALING: jnp.full(lead, config.scaling, jnp.float32),
                   DROPOUT: jnp.full(lead, config.dropout, jnp.float32)}
         if isinstance(kernel, nn.Partitioned):

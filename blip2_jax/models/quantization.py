@@ -24,6 +24,7 @@ from blip2_jax.models import dense_paths, lora
 
 Tree = Any
 SCALE = "kernel_scale"
+TOWERS = ("^language_model/", "^vision_model/")  # every dense kernel of the frozen LLM and ViT
 
 
 def quantize_kernel(w: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -34,7 +34,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from blip2_jax.errors import UserError
-from blip2_jax.models import blip2, lora, quantization
+from blip2_jax.models import blip2, lora
 from blip2_jax.train.partition import cast_frozen, merge, partition
 from blip2_jax.weights.bert_init import init_from_bert, load_bert
 from blip2_jax.weights.load import check_like, load, open_source
@@ -100,30 +100,25 @@ def _pretrained(config: ml_collections.ConfigDict, model_cfg: Any, shardings: tu
         raise UserError(f"init.{field} {source.name} holds a {source.architecture}; {config.stage} trains a {want}")
     adapt = model_cfg.lora.enabled and not source.config.lora.enabled  # new adapters on the source's weights
     quantize = bool(model_cfg.int8) and not source.config.int8  # int8 kernels computed from the source's
-    if not (adapt or quantize):
-        check_like(source, model_cfg, "config.model")
-        return load(source, shardings=merge(*shardings), like=model_cfg).params
     base_cfg = model_cfg.replace(lora=source.config.lora if adapt else model_cfg.lora,
                                  int8=source.config.int8 if quantize else model_cfg.int8)
-    check_like(source, base_cfg, "config.model without " + " and ".join(
-        k for k, on in (("lora", adapt), ("int8", quantize)) if on))
-    full = traverse_util.flatten_dict(merge(*shardings), sep="/")
-    # a float kernel is placed as its int8 copy will be (same shape and axes)
-    base_sh = {p: sh for p, sh in full.items() if not (adapt and lora.is_adapter_leaf(p))
-               and not (quantize and p.endswith("/" + quantization.SCALE))}
-    params = load(source, shardings=traverse_util.unflatten_dict(base_sh, sep="/"), like=base_cfg).params
+    check_like(source, base_cfg, "config.model" + "".join(f" without {k}" for k, on in (("lora", adapt),
+                                                                                         ("int8", quantize)) if on))
+    placed = merge(*shardings)
+    params = load(source, shardings=lora.strip(placed) if adapt else placed, like=base_cfg,
+                  int8=model_cfg.int8 if quantize else ()).params
     if adapt:
-        params = with_adapters(params, model_cfg.lora, merge(*shardings), jax.random.PRNGKey(config.seed))
-    return quantization.quantize_placed(params, model_cfg.int8, merge(*shardings)) if quantize else params
+        return with_adapters(params, model_cfg.lora, placed, jax.random.PRNGKey(config.seed), model_cfg.weight_dtype)
+    return params
 
 
-def with_adapters(params: Any, config: lora.LoraConfig, shardings: Any, rng: jax.Array) -> Any:
-    """`params` (placed) with fresh LoRA adapters made in their shardings: only the adapters are
-    computed, the placed weights are not copied."""
+def with_adapters(params: Any, config: lora.LoraConfig, shardings: Any, rng: jax.Array, dtype: Any) -> Any:
+    """`params` (placed; int8 kernels too) with fresh LoRA adapters in `dtype` made in their
+    shardings: only the adapters are computed, the placed weights are not copied."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
 
     def adapters():
-        full = traverse_util.flatten_dict(lora.add(abstract, config, rng), sep="/")
+        full = traverse_util.flatten_dict(lora.add(abstract, config, rng, dtype), sep="/")
         return {p: v for p, v in full.items() if lora.is_adapter_leaf(p)}
 
     flat_sh = traverse_util.flatten_dict(shardings, sep="/")

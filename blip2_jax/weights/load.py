@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -92,7 +92,7 @@ def open_lavis(src: str | os.PathLike, config: config_lib.Blip2Config, *, vision
 
 def load(source: str | os.PathLike | Source, *, mesh: Mesh | None = None, shardings: Tree | None = None,
          dtype: Any = None, step: int | None = None, like: config_lib.Blip2Config | None = None,
-         **overrides) -> Loaded:
+         int8: Sequence[str] = (), **overrides) -> Loaded:
     """The checkpoint `source` (a path or hub id, or what `open_source` made of one) with its
     parameters placed in `shardings` (a tree like the parameters), else on `mesh` by the default
     logical rules, else on the first device. `dtype` (default: the config's `param_dtype`) is the
@@ -104,18 +104,28 @@ def load(source: str | os.PathLike | Source, *, mesh: Mesh | None = None, shardi
     weights, so the ViT position table (one small leaf) is then read whole, resized bicubically on
     the host (align_corners=False, as LAVIS and HF's `interpolate_pos_encoding` do for EVA ViT-g,
     spec §2.1) and placed in its sharding; every other leaf is read shard by shard as always.
+
+    `int8` (dense-layer regexes, `models/quantization.py`) quantizes those kernels of a float
+    checkpoint once read, a layer at a time into the kernel's sharding; the config returned says so,
+    and `shardings`, when given, are those of the quantized tree.
     """
     source = source if isinstance(source, Source) else open_source(source, step)
     stored = source.config.replace(**overrides) if overrides else source.config
     if like is not None:
         check_like(source, like)
     config = stored if like is None else like
-    boxed = blip2.abstract_params(config, unbox=False, model=blip2.build(config, source.architecture))
+    quantized = config.replace(int8=tuple(int8)) if int8 and not config.int8 else None
     if shardings is None:
+        target = quantized or config
+        boxed = blip2.abstract_params(target, unbox=False, model=blip2.build(target, source.architecture))
         shardings = (mesh_lib.logical_shardings(boxed, mesh) if mesh is not None else
                      jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), boxed,
                                   is_leaf=lambda x: hasattr(x, "unbox")))
-    flat_shardings = traverse_util.flatten_dict(shardings, sep="/")
+    out_shardings = shardings
+    boxed = blip2.abstract_params(config, unbox=False, model=blip2.build(config, source.architecture))
+    # a float kernel is read into the sharding its int8 copy will have (same shape and axes)
+    flat_shardings = {p: sh for p, sh in traverse_util.flatten_dict(shardings, sep="/").items()
+                      if not (quantized and p.endswith("/" + quantization.SCALE))}
     abstract = nn.unbox(boxed)
     dtypes = {p: np.dtype(dtype if dtype is not None and not quantization.keeps_dtype(p, leaf.dtype) else leaf.dtype)
               for p, leaf in traverse_util.flatten_dict(abstract, sep="/").items()}
@@ -138,8 +148,10 @@ def load(source: str | os.PathLike | Source, *, mesh: Mesh | None = None, shardi
         flat[POSITIONS] = jax.device_put(np.asarray(resized).astype(table.dtype), flat_shardings[POSITIONS])
         logging.info("%s: interpolated the ViT position table from %d to %d px (%d to %d positions)", source.name,
                      stored.vision.image_size, config.vision.image_size, table.shape[1], config.vision.num_positions)
-    return Loaded(source.architecture, config, source.tokenizer, traverse_util.unflatten_dict(flat, sep="/"),
-                  source.name)
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    if quantized:
+        params, config = quantization.quantize_placed(params, quantized.int8, out_shardings), quantized
+    return Loaded(source.architecture, config, source.tokenizer, params, source.name)
 
 
 def check_like(source: Source, like: config_lib.Blip2Config, requested: str = "the requested config") -> None:
