@@ -115,14 +115,14 @@ def load(source: str | os.PathLike | Source, *, mesh: Mesh | None = None, shardi
         check_like(source, like)
     config = stored if like is None else like
     quantized = config.replace(int8=tuple(int8)) if int8 and not config.int8 else None
+    boxed = blip2.abstract_params(config, unbox=False, model=blip2.build(config, source.architecture))
     if shardings is None:
-        target = quantized or config
-        boxed = blip2.abstract_params(target, unbox=False, model=blip2.build(target, source.architecture))
-        shardings = (mesh_lib.logical_shardings(boxed, mesh) if mesh is not None else
-                     jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), boxed,
+        target = boxed if quantized is None else blip2.abstract_params(
+            quantized, unbox=False, model=blip2.build(quantized, source.architecture))
+        shardings = (mesh_lib.logical_shardings(target, mesh) if mesh is not None else
+                     jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), target,
                                   is_leaf=lambda x: hasattr(x, "unbox")))
     out_shardings = shardings
-    boxed = blip2.abstract_params(config, unbox=False, model=blip2.build(config, source.architecture))
     # a float kernel is read into the sharding its int8 copy will have (same shape and axes)
     flat_shardings = {p: sh for p, sh in traverse_util.flatten_dict(shardings, sep="/").items()
                       if not (quantized and p.endswith("/" + quantization.SCALE))}
