@@ -28,6 +28,7 @@ from blip2_jax.models.presets import HUB_IDS
 from blip2_jax.train.config import base_config, make_tiny
 
 _LLMS = ("opt2.7b", "opt6.7b", "flant5xl")
+_MODEL = {"tiny": "tiny", **{f"caption_coco_{m}": m for m in _LLMS}}  # config preset -> model preset
 _ATTENTION = {"opt": r"language_model/.*/self_attn/(q_proj|k_proj|v_proj|out_proj)$",
               "t5": r"language_model/.*/(SelfAttention|EncDecAttention)/(q|k|v|o)$"}
 COCO_CAPTIONS = 566_747  # LAVIS coco_karpathy_train.json
@@ -40,10 +41,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.model.lora.update(rank=4, alpha=8.0, dropout=0.1,
                             targets=(r"language_model/.*/(q_proj|v_proj)$", r"vision_model/.*/qkv$"))
         return c
-    model = arg.removeprefix("caption_coco_")
-    if not arg.startswith("caption_coco_") or model not in _LLMS:
-        raise UnknownName(f"configs/lora.py presets: tiny, {', '.join(f'caption_coco_{m}' for m in _LLMS)}; "
-                          f"got {arg!r}")
+    if arg not in _MODEL:
+        raise UnknownName(f"configs/lora.py presets: {', '.join(_MODEL)}; got {arg!r}")
+    model = _MODEL[arg]
     c = base_config("stage2", model)
     c.init.hf = HUB_IDS[model]
     c.model.lora.update(rank=16, alpha=32.0, dropout=0.05, targets=(_ATTENTION[c.model.text_type],))

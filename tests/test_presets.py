@@ -114,9 +114,12 @@ def test_every_config_file_and_preset_loads():
         if name == "finetune.py":  # the published model at the fine-tuning image size, checkpointed
             want = want.replace(vision=dataclasses.replace(want.vision, image_size=config.model.vision.image_size),
                                 remat_policy="full")
+        if name == "lora.py":  # the model with adapters
+            want = want.replace(lora=presets.from_config_dict(config.model).lora)
+            assert want.lora.enabled, arg
         assert presets.from_config_dict(config.model) == want, (name, arg)
         seen.add(name)
-    assert {"model.py", "stage1.py", "stage2_opt.py", "stage2_t5.py", "finetune.py"} <= seen
+    assert {"model.py", "stage1.py", "stage2_opt.py", "stage2_t5.py", "finetune.py", "lora.py"} <= seen
 
 
 # preset -> (stage, image size, batch, LR, beta2, ViT layer decay, prompt): the paper's Appendix
