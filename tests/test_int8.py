@@ -27,7 +27,7 @@ from blip2_jax.weights import load as weights
 from blip2_jax.weights.model_checkpoint import CheckpointParams
 from tests.reference import hf_models as ref
 from tests.reference.tokenizers import tiny_opt_tokenizer
-from tests.test_lora import source_checkpoint
+from tests.test_lora import init_params, source_checkpoint
 from tests.test_train import load_config
 
 TOWERS = quantization.TOWERS
@@ -44,7 +44,7 @@ def test_a_quantized_kernel_is_within_half_a_step_of_the_weight():
 
 
 def _logits(config, params, pixels, ids) -> np.ndarray:
-    out = blip2.build(config).apply({"params": params}, pixels, ids, jnp.ones_like(ids))
+    out = jax.jit(blip2.build(config).apply)({"params": params}, pixels, ids, jnp.ones_like(ids))
     return np.asarray(out.logits, np.float32)
 
 
@@ -59,7 +59,8 @@ def test_int8_towers_compute_the_bf16_models_logits_within_the_stated_tolerance(
     compute) against fp32: int8 adds per-channel rounding of the weights, so its logits may differ
     from bf16's by the stated fraction of the logits' RMS."""
     config = presets.get("tiny") if text is None else presets.get("tiny").replace(text=text)
-    params = nn.unbox(blip2.init(config, jax.random.PRNGKey(0), blip2.build(config))["params"])
+    params = init_params(config, 0) if text is None else nn.unbox(  # jit compiles the full width slower than it runs
+        blip2.init(config, jax.random.PRNGKey(0), blip2.build(config))["params"])
     rng = np.random.default_rng(0)
     pixels = jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32)
     ids = jnp.asarray(np.concatenate([np.full((2, 8), 127), rng.integers(3, 120, (2, 8))], 1))

@@ -53,7 +53,7 @@ def _inputs(kind: str):
 
 def _ours(model: nn.Module, params, kind: str) -> np.ndarray:
     px, ids, mask, extra = _inputs(kind)
-    return np.asarray(model.apply({"params": params}, ref.nhwc(px), ids, mask, **extra).logits)
+    return np.asarray(jax.jit(model.apply)({"params": params}, ref.nhwc(px), ids, mask, **extra).logits)
 
 
 def _theirs(model: torch.nn.Module, kind: str) -> np.ndarray:
@@ -63,13 +63,19 @@ def _theirs(model: torch.nn.Module, kind: str) -> np.ndarray:
                      **{k: torch.tensor(v) for k, v in extra.items()}).logits.numpy()
 
 
+def init_params(config, seed: int, model: nn.Module | None = None):
+    """`blip2.init`'s parameters, unboxed, jitted (op by op it takes twice as long here)."""
+    model = blip2.build(config) if model is None else model
+    return jax.jit(lambda key: nn.unbox(blip2.init(config, key, model)["params"]))(jax.random.PRNGKey(seed))
+
+
 def _adapted(kind: str, seed: int = 3):
     """(config, model, params): a random tiny model with adapters whose B is not zero (an adapter
     at its init computes nothing, and would hide every mapping error)."""
     base = config_lib.from_hf(ref.blip2_config(TEXT[kind]).to_dict())
     config = base.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=TARGETS[kind]))
     model = blip2.build(config)
-    params = nn.unbox(blip2.init(config, jax.random.PRNGKey(seed), model)["params"])
+    params = init_params(config, seed, model)
     rng = np.random.default_rng(seed)
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: np.asarray(x) + (0.3 * rng.standard_normal(x.shape)).astype(x.dtype)
@@ -94,7 +100,7 @@ def _skip_processor(no_processor_files):
     """These tests feed token ids, so `to_hf` writes no processor files."""
 
 
-@pytest.mark.parametrize("kind", ["opt", "t5"])
+@pytest.mark.parametrize("kind", ["opt"])  # T5's names: the import test's round trip through PEFT's own adapter
 def test_peft_runs_our_export_like_ours(kind, tmp_path):
     config, model, params = _adapted(kind)
     unmerged = _ours(model, params, kind)
@@ -180,14 +186,13 @@ def test_adapter_dropout_runs_only_on_a_training_pass():
     _, model, params = _adapted("opt")
     px, ids, mask, _ = _inputs("opt")
 
-    def run(tree, **kw):
-        return np.asarray(model.apply({"params": tree}, ref.nhwc(px), ids, mask, **kw).logits)
-
+    evaluate = jax.jit(lambda tree: model.apply({"params": tree}, ref.nhwc(px), ids, mask, deterministic=True).logits)
+    train = jax.jit(lambda tree: model.apply({"params": tree}, ref.nhwc(px), ids, mask, deterministic=False,
+                                             rngs={"dropout": jax.random.PRNGKey(0)}).logits)
     without = jax.tree_util.tree_map_with_path(
         lambda path, x: np.zeros_like(x) if path[-1].key == lora.DROPOUT else x, params)
-    np.testing.assert_array_equal(run(params, deterministic=True), run(without, deterministic=True))
-    train = dict(deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
-    assert np.abs(run(params, **train) - run(without, **train)).max() > 1e-3
+    np.testing.assert_array_equal(np.asarray(evaluate(params)), np.asarray(evaluate(without)))
+    assert np.abs(np.asarray(train(params)) - np.asarray(train(without))).max() > 1e-3
 
 
 def test_optimizer_state_exists_only_for_adapters_and_the_partition_at_opt2_7b_size():
@@ -220,7 +225,7 @@ def source_checkpoint(directory, preset: str) -> dict[str, np.ndarray]:
     """A model checkpoint of random `preset` weights at `directory` (what `from-hf` makes of a
     published model), for a run's `init.checkpoint`; returns its leaves."""
     config = presets.get(preset)
-    flat = traverse_util.flatten_dict(nn.unbox(blip2.init(config, jax.random.PRNGKey(7))["params"]), sep="/")
+    flat = traverse_util.flatten_dict(init_params(config, 7), sep="/")
     flat = {p: np.asarray(v) for p, v in flat.items()}
     model_checkpoint.write(directory, "Blip2ForConditionalGeneration", config, iter(flat.items()), source="test")
     return flat
