@@ -2,8 +2,6 @@
 and 2, the model): tiny perturbed models with a LLaMA (grouped-query attention) and a FlanT5-style
 T5; the instruction read by the Q-Former beside the queries, padded; logits to 1e-4; greedy and
 beam-search ids equal `generate`'s; the Hugging Face names and config both ways."""
-import json
-import shutil
 
 import easy_vqa
 import jax
@@ -33,7 +31,7 @@ from blip2_jax.weights.hf_names import to_hf
 from blip2_jax.weights.model_checkpoint import CheckpointParams
 from tests.reference import hf_models as ref
 from tests.reference.tokenizers import tiny_opt_tokenizer
-from tests.test_train import load_config
+from tests.test_train import assert_resumes_exactly, load_config
 
 Q, IMAGE = ref.NUM_QUERY_TOKENS, ref.IMAGE_TOKEN_INDEX
 # a symmetric T5: transformers 5's generate sizes the decoder's cache by the encoder's depth
@@ -272,14 +270,7 @@ def test_the_instruct_preset_trains_resumes_and_answers_as_transformers_after_ex
     assert {"qformer/embeddings/word_embeddings/embedding", "query_tokens", "language_projection/kernel"} <= moved
     assert not any(p.startswith(("language_model/", "vision_model/encoder")) for p in moved)
 
-    shutil.copytree(run, tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "3")
-    loop.train(config, tmp_path / "resumed")
-    logs = [[(m["step"], m["loss"], m["grad_norm"]) for m in map(json.loads, (d / "metrics.jsonl").open())]
-            for d in (run, tmp_path / "resumed")]
-    assert logs[0] == logs[1] and len(logs[0]) == 3
-    resumed = traverse_util.flatten_dict(CheckpointParams.open(tmp_path / "resumed").tree(), sep="/")
-    assert resumed.keys() == b.keys() and all(np.array_equal(resumed[p], b[p]) for p in b)
+    assert_resumes_exactly(config, run, tmp_path / "resumed", 3)
 
     tokenizers = tmp_path / "tokenizers"  # the LLM's, and the Q-Former's in its processor subfolder
     tiny_opt_tokenizer().save_pretrained(tokenizers)

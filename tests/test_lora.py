@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from blip2_jax.weights import model_checkpoint
 from blip2_jax.weights.model_checkpoint import CheckpointParams
 from tests.reference import hf_models as ref
 from tests.reference.tokenizers import tiny_opt_tokenizer
-from tests.test_train import load_config
+from tests.test_train import assert_resumes_exactly, load_config
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 Q = ref.NUM_QUERY_TOKENS
@@ -253,14 +252,7 @@ def test_the_tiny_lora_preset_trains_resumes_and_exports_to_peft(tmp_path, blip2
     frozen = [p for p in source if p.startswith(("language_model", "vision_model/encoder", "vision_model/embeddings"))]
     assert frozen and all(np.array_equal(b[p], source[p]) for p in frozen)
 
-    shutil.copytree(run, tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "3")
-    loop.train(config, tmp_path / "resumed")
-    logs = [[(m["step"], m["loss"], m["grad_norm"]) for m in map(json.loads, (d / "metrics.jsonl").open())]
-            for d in (run, tmp_path / "resumed")]
-    assert logs[0] == logs[1] and len(logs[0]) == 3
-    resumed = traverse_util.flatten_dict(CheckpointParams.open(tmp_path / "resumed").tree(), sep="/")
-    assert resumed.keys() == b.keys() and all(np.array_equal(resumed[p], b[p]) for p in b)
+    assert_resumes_exactly(config, run, tmp_path / "resumed", 3)
 
     code, _, err = blip2_jax("convert", "to-hf", "--src", str(run), "--out", str(tmp_path / "hf"),
                              "--tokenizer", "none")

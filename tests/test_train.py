@@ -33,6 +33,23 @@ def load_config(file: str, arg: str):
     return module.get_config(arg)
 
 
+def assert_resumes_exactly(config, run, resumed, last: int) -> None:
+    """A copy of the finished `run` without its step-`last` checkpoint, trained again, logs the same
+    steps, losses and gradient norms and ends with bit-identical parameters."""
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    from blip2_jax.weights.model_checkpoint import CheckpointParams  # pylint: disable=import-outside-toplevel
+
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / str(last))
+    loop.train(config, resumed)
+    logs = [[(m["step"], m["loss"], m["grad_norm"]) for m in map(json.loads, (d / "metrics.jsonl").open())]
+            for d in (run, resumed)]
+    assert logs[0] == logs[1] and len(logs[0]) == last
+    want, got = (traverse_util.flatten_dict(CheckpointParams.open(d).tree(), sep="/") for d in (run, resumed))
+    assert got.keys() == want.keys() and all(np.array_equal(got[p], want[p]) for p in want)
+
+
 def train_tiny_stage1(workdir, steps: int = 2):
     """A real `steps`-step tiny stage-1 run on one device, checkpointed every step; its config."""
     config = load_config("configs/stage1.py", "tiny")
