@@ -56,6 +56,7 @@ def user_error(code: int, err: str) -> str:
     ("--config.total_steps=5", "config.optim.schedule 'cosine' needs total_steps > warmup_steps=5"),
     ("--config.trainable=bogus", "config.trainable must be one of finetune_stage1"),
     ("--config.data.source=bogus", "config.data.source must be one of synthetic, json"),
+    ("--config.data.read_threads=-1", "config.data.read_threads must be an integer >= 0, got -1"),
     ("--config.data.mixture_balance=cubic", "config.data.mixture_balance must be one of size, sqrt"),
     ("--config.data.templates=flan", "config.data.templates must be '' or 'instructblip'; got 'flan'"),
     ("--config.init.bert=bert-base-uncased", "init.bert initialises a stage-1 Q-Former; stage 2 starts from init.stage1"),

@@ -105,22 +105,25 @@ def test_strict_raises_on_first_bad_record(dataset):
         list(it)
 
 
-@pytest.mark.parametrize("worker_count", [0, 2])
-def test_restored_iterator_continues_exactly(dataset, worker_count):
+@pytest.mark.parametrize("worker_count,read_threads", [(0, 16), (2, 16), (0, 0)])
+def test_restored_iterator_continues_exactly(dataset, worker_count, read_threads):
+    """Against the default pipeline (16 read threads, no workers): the same batches and positions with
+    worker processes, or with records read in the consumer's thread (read_threads=0, the demo's)."""
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags (a CLI run parses them)
 
-    def pipeline(workers: int = worker_count):
-        return make_pipeline(dataset["source"], process=process, global_batch_size=4, seed=7, worker_count=workers)
+    def pipeline(workers: int = worker_count, threads: int = read_threads):
+        return make_pipeline(dataset["source"], process=process, global_batch_size=4, seed=7, worker_count=workers,
+                             read_threads=threads)
 
     expected = assert_resumes_exactly(pipeline, 14)  # 56 rows: across an epoch boundary (32 good)
     assert _ids(expected[:8]) != _ids(expected[8:16])  # each epoch is shuffled differently
 
 
 def assert_resumes_exactly(pipeline, batches: int, stop: int = 5) -> list[dict]:
-    """`pipeline(workers=0)` read `batches` batches; `pipeline()` stopped after `stop`, its state
-    through JSON, and a new one restored to it read the rest of them, array for array."""
-    reference = pipeline(workers=0)  # batches do not depend on the number of worker processes either
+    """`pipeline(workers=0, threads=16)` read `batches` batches; `pipeline()` stopped after `stop`, its
+    state through JSON, and a new one restored to it read the rest of them, array for array."""
+    reference = pipeline(workers=0, threads=16)  # nor on the number of worker processes or read threads
     expected = [next(reference) for _ in range(batches)]
     reference.close()
     first = pipeline()
@@ -326,8 +329,9 @@ def assert_restores_exactly(source, worker_count: int) -> None:
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags (a CLI run parses them)
 
-    def pipeline(workers: int = worker_count):
-        return make_pipeline(source, process=process, global_batch_size=4, seed=3, worker_count=workers)
+    def pipeline(workers: int = worker_count, threads: int = 16):
+        return make_pipeline(source, process=process, global_batch_size=4, seed=3, worker_count=workers,
+                             read_threads=threads)
 
     assert_resumes_exactly(pipeline, 12)  # past an epoch: the order is shuffled per epoch
 

@@ -318,5 +318,6 @@ def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, v
                               d.instruction_tokenizer, d.instruction_length, d.templates, tuple(d.vqa_templates))
     iterator = make_pipeline(make_sources(d), process=process, global_batch_size=config.batch_size,
                              seed=config.seed, process_index=jax.process_index(),
-                             process_count=jax.process_count(), worker_count=d.workers, strict=d.strict)
+                             process_count=jax.process_count(), worker_count=d.workers, read_threads=d.read_threads,
+                             strict=d.strict)
     return PipelineLoader(iterator)

@@ -229,7 +229,9 @@ def make_pipeline(source: Source | Mixture, *, process: Process, global_batch_si
     ends when the first source runs out. `worker_count > 0` reads and processes in that many
     worker processes (then `process` and the sources must pickle). `read_threads` threads read and
     process ahead of the consumer, at most `prefetch_batches` batches ahead: Grain's default of 500
-    records holds ~300 MB of 224 px float32 images and fills slowly, which looks like a leak.
+    records holds ~300 MB of 224 px float32 images and fills slowly, which looks like a leak. With
+    `read_threads=0` the consumer's own thread reads each batch when asked: the same batches and
+    positions, without Grain's per-record thread hand-offs (which cost more than the demo's records).
     Each source must have a usable record (`check_readable`, before any thread starts), and
     `max_bad_in_a_row` consecutive skipped records end the iteration with `BadRecordError`."""
     if global_batch_size % process_count:

@@ -100,6 +100,7 @@ def _check_data(d: ml_collections.ConfigDict) -> None:
             _one_of(f"data.mixture[{i}].source", entry["source"], SOURCES)
     _at_least("data.text_length", d.text_length, 1)
     _at_least("data.workers", d.workers, 0)
+    _at_least("data.read_threads", d.read_threads, 0)
     _at_least("data.instruction_length", d.instruction_length, 1)
     _one_of("data.mixture_balance", d.mixture_balance, BALANCES)
     if d.templates not in TEMPLATE_SETS:
