@@ -18,8 +18,8 @@ from PIL import Image
 
 from blip2_jax.data.loader import make_sources
 from blip2_jax.data.pipeline import BadRecordError, Mixture, make_pipeline
-from blip2_jax.data.sources import (ArrayRecordSource, EasyVqaSource, JsonSource, manifest_path, read_image,
-                                    write_array_records)
+from blip2_jax.data.sources import (ArrayRecordSource, CachedImages, EasyVqaSource, JsonSource, manifest_path,
+                                    read_image, write_array_records)
 
 SIZE = 8
 NUM_JPEGS = 25
@@ -96,6 +96,24 @@ def test_epoch_skips_exactly_the_bad_records(dataset):
     assert it.stats["skipped"] == len(dataset["bad"])
     assert sorted(it.stats["skipped_ids"]) == sorted(dataset["bad"])
     assert max(b["words"].max() for b in batches) == 300
+
+
+def test_cached_images_read_the_same_batches_and_skip_the_same_records(dataset):
+    """data.cache_images: two epochs through `CachedImages` (each image decoded once, then its kept
+    pixels) give the plain source's batches and skips, the odd image modes included."""
+    cached = CachedImages(dataset["source"])
+
+    def epochs(source):
+        it = make_pipeline(source, process=process, global_batch_size=4, seed=2, num_epochs=2, read_threads=0)
+        return list(it), it.stats
+
+    (got, got_stats), (want, want_stats) = epochs(cached), epochs(dataset["source"])
+    assert len(got) == len(want) == 2 * (NUM_JPEGS + 7) // 4 and got_stats == want_stats
+    for g, w in zip(got, want):
+        for key in w:
+            np.testing.assert_array_equal(g[key], w[key])
+    assert cached[0]["image"] is cached[0]["image"]  # decoded once, then kept
+    assert cached[0]["image"].dtype == np.uint8 and isinstance(dataset["source"][0]["image"], str)
 
 
 def test_strict_raises_on_first_bad_record(dataset):

@@ -15,8 +15,8 @@ from PIL import Image, ImageOps
 from blip2_jax.data.images import load_image
 from blip2_jax.data.loader import RecordProcessor, positive_key
 from blip2_jax.data.text import TextError, pre_caption, pre_question, split_prefix
-from blip2_jax.data.tokenizers import (opt_eos_token_id, opt_prompt, opt_text, qformer_text, qformer_tokenizer,
-                                       t5_text)
+from blip2_jax.data.tokenizers import (Memoized, opt_eos_token_id, opt_prompt, opt_text, qformer_text,
+                                       qformer_tokenizer, t5_text)
 from blip2_jax.data.transforms import (AUGMENT_OPS, CLIP_MEAN, CLIP_STD, _warp, blip2_image_train, blip_image_eval,
                                        blip_image_train, rand_augment, resized_crop, sample_crop, to_rgb)
 from blip2_jax.objectives import stage2
@@ -274,6 +274,30 @@ def test_qformer_text_is_cls_sep_pad(tmp_path):
     np.testing.assert_array_equal(got["text_ids"], [2, 5, 6, 7, 5, 8, 3, 0])
     np.testing.assert_array_equal(got["text_mask"], [1, 1, 1, 1, 1, 1, 1, 0])
     np.testing.assert_array_equal(qformer_text(tok, "a photo of a cat", max_length=4)["text_ids"], [2, 5, 6, 3])
+
+
+def test_memoized_tokenizer_gives_the_tokenizers_ids_and_pickles(tmp_path):
+    """`Memoized` (the record processor's tokenizers): the wrapped call's ids for every text and
+    argument set, a second call answered from memory, a full memory cleared, attributes passed
+    through, and a pickled copy (a Grain worker's) that starts empty and answers the same."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    calls = [("a photo of a cat", {}), ("a photo of a cat", dict(truncation=True, max_length=4)),
+             ("a photo of a cat", dict(max_length=4, truncation=True)), ("a cat", dict(add_special_tokens=False)),
+             ("", {}), ("a photo of a dog", {})]
+    for tok in (qformer_tokenizer(tmp_path), _word_tokenizer(**OPT_TOK)):
+        memo = Memoized(tok, size=3)
+        for text, kwargs in calls * 2:
+            assert memo(text, **kwargs)["input_ids"] == tuple(tok(text, **kwargs)["input_ids"])
+        assert len(memo._ids) <= 3  # pylint: disable=protected-access
+        first = memo("a cat")["input_ids"]
+        assert memo("a cat")["input_ids"] is first
+        assert (memo.pad_token_id, memo.bos_token_id) == (tok.pad_token_id, tok.bos_token_id)
+        copy = pickle.loads(pickle.dumps(memo))
+        assert copy("a photo of a cat", max_length=4, truncation=True) == memo("a photo of a cat", truncation=True,
+                                                                               max_length=4)
+        np.testing.assert_array_equal(qformer_text(copy, "a photo of a cat", 8)["text_ids"],
+                                      qformer_text(tok, "a photo of a cat", 8)["text_ids"])
 
 
 def test_prefix_lm_splits_the_caption_between_encoder_input_and_target(tmp_path):

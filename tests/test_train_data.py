@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from blip2_jax.checkpoint import Checkpointer
+from blip2_jax.data import tokenizers
 from blip2_jax.data.loader import make_loader
+from blip2_jax.demo import configs as demo_configs
+from blip2_jax.demo import tokenizers as demo_tokenizers
 from blip2_jax.models import presets
 from blip2_jax.train.layout import data_args
 from blip2_jax.train import loop
@@ -60,6 +63,30 @@ def test_batches_are_processed_easy_vqa_records(tokenizer_dir):
     assert batch["text_ids"].shape == batch["labels"].shape == (config.batch_size, config.data.text_length)
     # the prompt ("question: ... answer:") is masked; the answer and "\n" are targets
     assert ((batch["labels"] >= 0).sum(1) >= 2).all() and (batch["labels"][:, :3] == -100).all()
+
+
+@pytest.mark.parametrize("stage", ["lm", "stage1", "stage2"])
+def test_the_demo_reads_the_batches_of_the_default_pipeline(tmp_path, monkeypatch, stage):
+    """The demo's data settings (records read in the trainer's thread, images decoded once, the
+    tokenizer's ids remembered) against the pipeline without them (16 read threads, every image
+    decoded and every text tokenised by the Hugging Face call each time): the same batches and
+    position (images read again from memory: test_data_pipeline's two epochs)."""
+    demo_tokenizers.write_qformer_tokenizer(tmp_path / "tokenizers" / "qformer")
+    demo_tokenizers.write_language_tokenizer(tmp_path / "tokenizers" / "lm")
+    config = demo_configs.train_config(stage, tmp_path)
+    assert config.data.read_threads == 0 and config.data.cache_images
+    model_cfg = presets.from_config_dict(config.model)
+    ours = make_loader(config, **data_args(config, model_cfg))
+    got = [ours.next() for _ in range(4)]
+    config.data.update(read_threads=16, cache_images=False)
+    monkeypatch.setattr(tokenizers, "Memoized", lambda tokenizer: tokenizer)
+    reference = make_loader(config, **data_args(config, model_cfg))
+    for batch in got:
+        want = reference.next()
+        assert batch.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(batch[key], want[key], err_msg=key)
+    assert ours.get_state() == reference.get_state()
 
 
 def test_mixture_alone_replaces_the_synthetic_default(tokenizer_dir):

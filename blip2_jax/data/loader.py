@@ -145,7 +145,8 @@ class RecordProcessor:
 
     @functools.cached_property
     def instruction_tokenizer(self) -> Any:
-        return tokenizers.qformer_tokenizer(self.instruction_tokenizer_path, truncation_side="left")
+        return tokenizers.Memoized(tokenizers.qformer_tokenizer(self.instruction_tokenizer_path,
+                                                                truncation_side="left"))
 
     def _instruction(self, text_input: str) -> dict[str, np.ndarray]:
         if "qformer_ids" not in self.spec:
@@ -156,8 +157,8 @@ class RecordProcessor:
     @functools.cached_property
     def tokenizer(self) -> Any:
         if self.kind == "stage1":
-            return tokenizers.qformer_tokenizer(self.tokenizer_path)
-        return tokenizers.language_tokenizer(self.tokenizer_path)
+            return tokenizers.Memoized(tokenizers.qformer_tokenizer(self.tokenizer_path))
+        return tokenizers.Memoized(tokenizers.language_tokenizer(self.tokenizer_path))
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         return conform(self._arrays(record, rng), self.spec, f"record {record.get('id')!r}")
@@ -316,7 +317,11 @@ def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, v
     process = RecordProcessor(kind, spec, TRANSFORMS[d.transform](image_size), d.tokenizer,
                               d.text_length, d.prompt, d.prefix_lm, d.positives, d.context_length,
                               d.instruction_tokenizer, d.instruction_length, d.templates, tuple(d.vqa_templates))
-    iterator = make_pipeline(make_sources(d), process=process, global_batch_size=config.batch_size,
+    sources = make_sources(d)
+    if d.cache_images:
+        sources = (dataclasses.replace(sources, sources=[sources_lib.CachedImages(s) for s in sources.sources])
+                   if isinstance(sources, Mixture) else sources_lib.CachedImages(sources))
+    iterator = make_pipeline(sources, process=process, global_batch_size=config.batch_size,
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count(), worker_count=d.workers, read_threads=d.read_threads,
                              strict=d.strict)

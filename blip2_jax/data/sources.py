@@ -56,6 +56,39 @@ class Tagged:
         return {**self.source[index], **self.fields}
 
 
+class CachedImages:
+    """A source whose images are decoded once and then kept in memory, as uint8 RGB arrays
+    (`data.cache_images`, like big_vision's `cache_raw`): for a set small enough to hold decoded
+    (easy-VQA's 4,000 training images are 49 MB), read again every epoch, or many times an epoch by
+    its questions. The pixels are the ones a path or bytes give (`read_image` of the array is the
+    same RGB image). Keyed by path, or by record id for encoded bytes. A record whose image cannot be
+    read keeps its path or bytes, so that it fails in processing as without the cache (the pipeline
+    skips and counts it under its record id)."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self._pixels: dict[str, np.ndarray] = {}  # filled from any reading thread: one entry per image
+        if hasattr(source, "record_id"):  # a source that names a record it cannot read keeps doing so
+            self.record_id = source.record_id
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Record:
+        record = self.source[index]
+        image = record.get("image")
+        if image is None or isinstance(image, np.ndarray):
+            return record
+        key = os.fspath(image) if isinstance(image, (str, os.PathLike)) else str(record.get("id", index))
+        pixels = self._pixels.get(key)
+        if pixels is None:
+            try:
+                pixels = self._pixels[key] = np.asarray(read_image(image))
+            except Exception:  # pylint: disable=broad-except  # left to processing: skipped, counted, named
+                return record
+        return {**record, "image": pixels}
+
+
 def read_image(image: str | os.PathLike | bytes | np.ndarray) -> Image.Image:
     """An RGB PIL image from any record's `image` field (a path, encoded bytes or a uint8 array)."""
     if isinstance(image, bytes):

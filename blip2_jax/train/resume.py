@@ -18,8 +18,9 @@ import ml_collections
 # Dotted config fields (or prefixes ending in '.') a resume may change: none of them alters the
 # model, the frozen towers or the batches. The optimizer fields listed keep its state's structure.
 RESUMABLE_CHANGES = ("total_steps", "log.", "checkpoint.", "nonfinite.", "mesh.", "distributed.", "data.workers",
-                     "data.read_threads", "optim.lr", "optim.min_lr", "optim.warmup_lr", "optim.warmup_steps",
-                     "optim.total_steps", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay")
+                     "data.read_threads", "data.cache_images", "optim.lr", "optim.min_lr", "optim.warmup_lr",
+                     "optim.warmup_steps", "optim.total_steps", "optim.b1", "optim.b2", "optim.eps",
+                     "optim.weight_decay")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
