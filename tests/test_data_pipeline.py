@@ -370,7 +370,8 @@ def train_stage1_tiny(tmp_path: Path, *data_flags: str) -> None:
     (tmp_path / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what",
                                                             "color", "is", "the", "shape"]) + "\n")
     proc = subprocess.run([sys.executable, "-m", "blip2_jax", "train", "--config", str(root / "configs/stage1.py:tiny"),
-                           "--workdir", str(tmp_path / "run"), *data_flags, f"--config.data.tokenizer={tmp_path / 'bert'}",
+                           "--workdir", str(tmp_path / "run"), *data_flags,
+                           f"--config.data.tokenizer={tmp_path / 'bert'}",
                            "--config.total_steps=2", "--config.optim.warmup_steps=0", "--config.mesh.num_devices=2",
                            "--config.log.tensorboard=False"],
                           env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True, timeout=600)

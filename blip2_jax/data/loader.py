@@ -196,8 +196,9 @@ class RecordProcessor:
             if self.positives:
                 out["image_id"] = positive_key(record[self.positives])
             return out
-        return {"image": image, **tokenizers.stage2_text(self.kind, self.tokenizer, text_input, text_output, self.text_length,
-                                              self.instruction_length), **self._instruction(text_input)}
+        text = tokenizers.stage2_text(self.kind, self.tokenizer, text_input, text_output, self.text_length,
+                                      self.instruction_length)
+        return {"image": image, **text, **self._instruction(text_input)}
 
 
 def make_source(d: ml_collections.ConfigDict) -> sources_lib.Source:

@@ -284,8 +284,9 @@ class ArrayRecordSource:
 
 class TfdsSource:
     """A TFDS data set read with `tfds.data_source(name, split=..., data_dir=...)`: random access to
-    a set prepared in the array_record file format, decoded with numpy and PIL (no TensorFlow). `fields` maps our record keys to feature names, e.g.
-    {"image": "image", "caption": "captions/text"} (a '/' walks nested features)."""
+    a set prepared in the array_record file format, decoded with numpy and PIL (no TensorFlow).
+    `fields` maps our record keys to feature names, e.g. {"image": "image", "caption": "captions/text"}
+    (a '/' walks nested features)."""
 
     def __init__(self, name: str, split: str, data_dir: str | None = None, fields: dict[str, str] | None = None):
         try:
