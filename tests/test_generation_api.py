@@ -127,3 +127,5 @@ def test_preprocess_is_bicubic_resize_then_clip_normalisation(ckpt):
     np.testing.assert_allclose(got[0], expected, atol=1e-6)
     png = np.asarray(Image.open(ckpt["png"]))  # a path and its array give the same pixels
     np.testing.assert_array_equal(preprocess_images([ckpt["png"]], 30), preprocess_images([png], 30))
+    twice = preprocess_images([ckpt["png"], image, ckpt["png"]], 30)  # a file named twice: read once, both rows
+    np.testing.assert_array_equal(twice, np.concatenate([preprocess_images([png], 30), got, preprocess_images([png], 30)]))
