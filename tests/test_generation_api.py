@@ -128,4 +128,5 @@ def test_preprocess_is_bicubic_resize_then_clip_normalisation(ckpt):
     png = np.asarray(Image.open(ckpt["png"]))  # a path and its array give the same pixels
     np.testing.assert_array_equal(preprocess_images([ckpt["png"]], 30), preprocess_images([png], 30))
     twice = preprocess_images([ckpt["png"], image, ckpt["png"]], 30)  # a file named twice: read once, both rows
-    np.testing.assert_array_equal(twice, np.concatenate([preprocess_images([png], 30), got, preprocess_images([png], 30)]))
+    once = preprocess_images([png], 30)
+    np.testing.assert_array_equal(twice, np.concatenate([once, got, once]))
