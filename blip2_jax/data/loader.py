@@ -287,6 +287,13 @@ def make_sources(d: ml_collections.ConfigDict) -> sources_lib.Source | Mixture:
     return Mixture(parts, weights, balance) if all(given) else Mixture(parts, None, balance, scales)
 
 
+def record_processor(d: ml_collections.ConfigDict, kind: str, spec: BatchSpec, image_size: int) -> RecordProcessor:
+    """The per-record processing `config.data` (`d`) asks for."""
+    return RecordProcessor(kind, spec, TRANSFORMS[d.transform](image_size), d.tokenizer, d.text_length, d.prompt,
+                           d.prefix_lm, d.positives, d.context_length, d.instruction_tokenizer, d.instruction_length,
+                           d.templates, tuple(d.vqa_templates))
+
+
 def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, vocab_size: int,
                 spec: BatchSpec, instruction_vocab_size: int = 100) -> Loader:
     """This host's loader for `config.data`. kind: 'stage1', 'stage2_opt', 'stage2_t5' or 'lm_opt';
@@ -315,9 +322,7 @@ def make_loader(config: ml_collections.ConfigDict, kind: str, image_size: int, v
         raise ValueError(f"data.positives marks ITC/ITM positives (stage1); this run is {kind}")
     if d.context_length and kind != "lm_opt":
         raise ValueError(f"data.context_length is the text-only LM's text before BOS (lm_opt); this run is {kind}")
-    process = RecordProcessor(kind, spec, TRANSFORMS[d.transform](image_size), d.tokenizer,
-                              d.text_length, d.prompt, d.prefix_lm, d.positives, d.context_length,
-                              d.instruction_tokenizer, d.instruction_length, d.templates, tuple(d.vqa_templates))
+    process = record_processor(d, kind, spec, image_size)
     sources = make_sources(d)
     if d.cache_images:
         sources = (dataclasses.replace(sources, sources=[sources_lib.CachedImages(s) for s in sources.sources])
