@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import json
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from blip2_jax.train.flops import step_flops
 from blip2_jax.train.partition import merge, partition, patterns_for
 from blip2_jax.train.state import TrainState
 from blip2_jax.train.step import train_step
+from blip2_jax.weights.model_checkpoint import CheckpointParams
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,10 +38,6 @@ def load_config(file: str, arg: str):
 def assert_resumes_exactly(config, run, resumed, last: int) -> None:
     """A copy of the finished `run` without its step-`last` checkpoint, trained again, logs the same
     steps, losses and gradient norms and ends with bit-identical parameters."""
-    import shutil  # pylint: disable=import-outside-toplevel
-
-    from blip2_jax.weights.model_checkpoint import CheckpointParams  # pylint: disable=import-outside-toplevel
-
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / str(last))
     loop.train(config, resumed)
