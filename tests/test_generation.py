@@ -140,15 +140,22 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(lm):
 
 
 def test_decoding_layout_computes_what_the_scanned_model_does(lm):
-    """The decoding layout (LLM layers unrolled, `decoding_params`) gives the scanned model's logits,
-    and `generate` returns the same from either layout."""
+    """The decoding layout (LLM layers unrolled, their kernels stored (out, in), `decoding_params`)
+    gives the scanned model's logits, and `generate` returns the same from either layout."""
     model, params = lm["model"], lm["params"]
     unrolled = decoding_params(model, params)
-    node = unrolled["language_model"]
+    node, stack = unrolled["language_model"], params["language_model"]
     for key in blip2.LANGUAGE_MODELS[type(model.config.text)].DECODER_LAYERS:
-        node = node[key]
+        node, stack = node[key], stack[key]
     depth = TEXT[lm["kind"]].get("num_decoder_layers", TEXT[lm["kind"]].get("num_hidden_layers"))
     assert sorted(node) == [str(i) for i in range(depth)]
+    stacked = {jax.tree_util.keystr(path): x for path, x in jax.tree_util.tree_leaves_with_path(stack)}
+    last = {jax.tree_util.keystr(path): x for path, x in jax.tree_util.tree_leaves_with_path(node[str(depth - 1)])}
+    kernels = [name for name in stacked if name.endswith("['kernel']")]
+    assert kernels and not any(name.endswith("['kernel']") for name in last)
+    for name in kernels:  # the last layer's, transposed
+        np.testing.assert_array_equal(np.asarray(last[name.replace("['kernel']", "['kernel_t']")]),
+                                      np.asarray(stacked[name][-1]).T)
     args = (jnp.asarray(ref.nhwc(lm["pixels"])), jnp.asarray(lm["ids"]), jnp.asarray(lm["mask"]))
     extra = {} if lm["kind"] != "t5" else dict(decoder_input_ids=jnp.asarray(lm["ids"][:, -4:] % 50))
     scanned = model.apply({"params": params}, *args, **extra).logits

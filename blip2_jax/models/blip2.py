@@ -188,8 +188,9 @@ LANGUAGE_MODELS: dict[type, type[nn.Module]] = {OPTConfig: OPTForCausalLM, Llama
 
 def unscan_language_model(config: Blip2Config, params: dict[str, Any]) -> dict[str, Any]:
     """Parameters of `Blip2ForConditionalGeneration(config)` in the layout of the same model with
-    `scan_lm_layers=False`: the LLM decoder's stacked layers split into one tree per layer
-    (parameters already in that layout come back as they are)."""
+    `scan_lm_layers=False`: the LLM decoder's stacked layers split into one tree per layer, their
+    Dense kernels stored (out, in) (`layers.transpose_kernels`), the layout a decoding step's
+    few-row matmuls read fastest (parameters already in that layout come back as they are)."""
     *parents, leaf = LANGUAGE_MODELS[type(config.text)].DECODER_LAYERS
     out = dict(params)
     node = out["language_model"] = dict(out["language_model"])
@@ -198,6 +199,7 @@ def unscan_language_model(config: Blip2Config, params: dict[str, Any]) -> dict[s
         node = node[key]
     if "0" not in node[leaf]:
         node[leaf] = layers.unstack_layers(node[leaf])
+    node[leaf] = layers.transpose_kernels(node[leaf])
     return out
 
 

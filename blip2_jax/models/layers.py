@@ -21,6 +21,10 @@ Axes = tuple[str | None, ...]
 
 # BERT/OPT/Q-Former initialiser; the loaders overwrite it, training from scratch relies on it.
 default_init = nn.initializers.normal(stddev=0.02)
+# A Dense kernel stored (out, in), as `transpose_kernels` writes it for decoding: with the few rows
+# of a decoding step (batch x beams), XLA:CPU's matmuls run ~25% faster reading the weights
+# contracted on their last axis (the layout torch's Linear keeps).
+KERNEL_T = "kernel_t"
 
 
 def partitioned(init: Callable, axes: Axes) -> Callable:
@@ -45,8 +49,9 @@ def dense(
 
 class Dense(nn.Module):
     """`nn.Dense`'s computation and parameters (`kernel` (in, out), `bias`), plus what the tree may
-    make of a frozen layer: an int8 kernel with per-channel `kernel_scale` (`models/quantization.py`)
-    and a LoRA branch wherever `lora_a` is present (`models/lora.py`). LoRA's dropout runs on a
+    make of a frozen layer: the kernel as `kernel_t` (out, in) (`transpose_kernels`), an int8
+    kernel with per-channel `kernel_scale` (`models/quantization.py`) and a LoRA branch wherever
+    `lora_a` is present (`models/lora.py`). LoRA's dropout runs on a
     training pass — one given a `dropout` RNG, as PEFT's runs in `train()` mode — so the
     objectives pass that RNG only when they train."""
 
@@ -59,12 +64,15 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", partitioned(self.kernel_init, self.axes), (x.shape[-1], self.features),
-                            self.param_dtype)
+        if self.has_variable("params", KERNEL_T):
+            kernel, contract = self.get_variable("params", KERNEL_T), 1
+        else:
+            kernel, contract = self.param("kernel", partitioned(self.kernel_init, self.axes),
+                                          (x.shape[-1], self.features), self.param_dtype), 0
         bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[-1],)), (self.features,),
                           self.param_dtype) if self.use_bias else None
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)  # int8 -> bf16/fp32 is exact
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (contract,)), ((), ())))
         if self.has_variable("params", quantization.SCALE):
             y = y * self.get_variable("params", quantization.SCALE).astype(y.dtype)
         if bias is not None:
@@ -226,6 +234,22 @@ def zero_cache(length: int, shape: tuple[int, ...], dtype: Dtype, *, stacked: bo
     if stacked:
         return {"k": jnp.zeros((length, *shape), dtype), "v": jnp.zeros((length, *shape), dtype)}
     return {"k": [jnp.zeros(shape, dtype) for _ in range(length)], "v": [jnp.zeros(shape, dtype) for _ in range(length)]}
+
+
+def transpose_kernels(tree: Any) -> Any:
+    """`tree` with every Dense `kernel` (in, out) stored as `kernel_t` (out, in), which `Dense`
+    computes the same from (to float32 rounding): the decoding layout of the LLM's layers."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {key: transpose_kernels(value) for key, value in tree.items() if key != "kernel"}
+    if "kernel" in tree:
+        out[KERNEL_T] = tree["kernel"].T
+    return out
+
+
+def dense_kernel(tree: dict[str, Any]) -> jax.Array:
+    """A Dense layer's kernel (in, out) from its parameters, in either layout."""
+    return tree["kernel"] if "kernel" in tree else tree[KERNEL_T].T
 
 
 def unstack_layers(stacked: Any) -> dict[str, Any]:

@@ -327,7 +327,8 @@ class T5ForConditionalGeneration(nn.Module):
         def kernels(name: str) -> Any:
             if self.scan_layers:
                 return blocks["layer_1"]["EncDecAttention"][name]["kernel"]
-            return [blocks[str(i)]["layer_1"]["EncDecAttention"][name]["kernel"] for i in range(cfg.decoder_layers)]
+            return [layers.dense_kernel(blocks[str(i)]["layer_1"]["EncDecAttention"][name])
+                    for i in range(cfg.decoder_layers)]
 
         return {name: jax.tree.map(project, kernels(name)) for name in ("k", "v")}
 
