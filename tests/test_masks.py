@@ -1,5 +1,7 @@
 """Attention masks and kernels: the three Q-Former self-attention masks (spec §5.4) as exact matrices on
-a padded case, and the shared-prefix attention of beam decoding against plain attention."""
+a padded case, the shared-prefix attention of beam decoding against plain attention, and the attention
+XLA:CPU and dropout run against a float64 reference."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,3 +76,37 @@ def test_prefixed_attention_equals_attention_over_the_concatenated_keys():
     expected = dot_product_attention(jnp.asarray(q), jnp.asarray(full_k), jnp.asarray(full_v),
                                      mask=jnp.asarray(full_mask, bool))
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6)
+
+
+def _reference_attention(q, k, v, mask, bias, scale, keep=None, rate=0.0):
+    """Attention in float64 numpy, query head n reading K/V head n // (N / K) (grouped queries)."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, groups, axis=2).astype(np.float64), np.repeat(v, groups, axis=2).astype(np.float64)
+    logits = np.einsum("btnh,bsnh->bnts", q.astype(np.float64), k) * scale + bias
+    logits = np.where(mask, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if keep is not None:
+        probs = np.where(keep, probs / (1.0 - rate), 0.0)
+    return np.einsum("bnts,bsnh->btnh", probs, v)
+
+
+@pytest.mark.parametrize("kv_heads", [6, 2], ids=["multi_head", "grouped_query"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["deterministic", "dropout"])
+def test_attention_equals_a_float64_reference(kv_heads, dropout):
+    """The heads-major attention XLA:CPU runs (and every dropout pass runs) computes attention:
+    grouped-query heads, a T5-style bias with scale 1, padding and causal masks, and with dropout
+    the probabilities zeroed where `bernoulli(rng, 1 - rate, (B,N,T,S))` is False and rescaled."""
+    rng = np.random.default_rng(3)
+    b, t, s, n, h = 2, 5, 7, 6, 8
+    q = rng.standard_normal((b, t, n, h)).astype(np.float32)
+    k, v = (rng.standard_normal((b, s, kv_heads, h)).astype(np.float32) for _ in range(2))
+    bias = rng.standard_normal((1, n, t, s)).astype(np.float32)
+    mask = np.asarray(causal_mask(t, s, offset=s - t)) & (np.arange(s) != 2)[None, None, None, :]
+    key, rate = jax.random.PRNGKey(7), 0.25
+    kw = dict(dropout_rate=rate, dropout_rng=key, deterministic=False) if dropout else {}
+    got = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=jnp.asarray(mask),
+                                bias=jnp.asarray(bias), scale=1.0, **kw)
+    keep = np.asarray(jax.random.bernoulli(key, 1.0 - rate, (b, n, t, s))) if dropout else None
+    np.testing.assert_allclose(np.asarray(got), _reference_attention(q, k, v, mask, bias, 1.0, keep, rate),
+                               rtol=0, atol=2e-6)

@@ -1,9 +1,11 @@
 """The one attention function every tower uses, and the boolean mask builders.
 
-Masks are boolean (True = may attend) and broadcast to (batch, heads, query, key). Without
-attention dropout the computation goes through `jax.nn.dot_product_attention` (cuDNN flash where
-the device allows, XLA elsewhere); attention-probability dropout (the Q-Former trains with 0.1)
-needs the probabilities, so that case is computed explicitly here and nowhere else.
+Masks are boolean (True = may attend) and broadcast to (batch, heads, query, key). On GPU and TPU,
+attention without dropout goes through `jax.nn.dot_product_attention` (cuDNN flash where the
+device allows). On CPU, and wherever attention-probability dropout needs the probabilities (the
+Q-Former trains with 0.1), it is computed here with the heads moved ahead of the tokens first:
+XLA:CPU runs the two batched matmuls about twice as fast in that layout as in the token-major
+one `jax.nn`'s XLA path uses (ViT-B's attention, 8 images: 28 -> 15 ms on 2 Xeon cores).
 """
 from __future__ import annotations
 
@@ -35,21 +37,29 @@ def dot_product_attention(
         mask = _as_4d(mask)
     if bias is not None:
         bias = _as_4d(bias)
-    if deterministic or dropout_rate == 0.0:
+    dropout = not deterministic and dropout_rate > 0.0
+    if not dropout and (implementation is not None or jax.default_backend() != "cpu"):
         return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
                                             implementation=implementation)
-    if dropout_rng is None:
+    if dropout and dropout_rng is None:
         raise ValueError("attention dropout is active but no dropout_rng was given")
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    logits = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32) * scale
+    b, t, heads, dim = query.shape
+    groups = heads // key.shape[-2]  # query heads per K/V head (grouped-query attention), as jax.nn's
+    scale = dim ** -0.5 if scale is None else scale
+    q = jnp.moveaxis(query, 1, 2).reshape(b, heads // groups, groups, t, dim)  # (B,K,G,T,H)
+    k, v = jnp.moveaxis(key, 1, 2), jnp.moveaxis(value, 1, 2)  # (B,K,S,H)
+    logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32).reshape(b, heads, t, -1)
+    logits = logits * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", probs, value)
+    if dropout:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = probs.astype(value.dtype).reshape(b, heads // groups, groups, t, -1)
+    return jnp.moveaxis(jnp.einsum("bkgts,bksh->bkgth", probs, v).reshape(b, heads, t, dim), 1, 2)
 
 
 def prefixed_attention(query: jax.Array, key: jax.Array, value: jax.Array, prefix_key: jax.Array,
