@@ -51,9 +51,9 @@ class Dense(nn.Module):
     """`nn.Dense`'s computation and parameters (`kernel` (in, out), `bias`), plus what the tree may
     make of a frozen layer: the kernel as `kernel_t` (out, in) (`transpose_kernels`), an int8
     kernel with per-channel `kernel_scale` (`models/quantization.py`) and a LoRA branch wherever
-    `lora_a` is present (`models/lora.py`). LoRA's dropout runs on a
-    training pass — one given a `dropout` RNG, as PEFT's runs in `train()` mode — so the
-    objectives pass that RNG only when they train."""
+    `lora_a` is present (`models/lora.py`). LoRA's dropout runs on a training pass — one given a
+    `dropout` RNG, as PEFT's runs in `train()` mode — so the objectives pass that RNG only when
+    they train."""
 
     features: int
     axes: Axes
