@@ -103,7 +103,7 @@ def test_cached_decoding_equals_the_full_pass(rope):
     embeds = model.apply(variables, jnp.asarray(ids), method=model.embed)
     positions = position_ids_from_mask(jnp.asarray(mask))
     cache = model.apply(variables, 2, ids.shape[1], method=model.init_cache)
-    assert cache["k"].shape == (3, 2, 12, 2, 6)  # layers, rows, slots, K/V heads, head_dim
+    assert cache["k"].shape == (3, 2, 2, 12, 6)  # layers, rows, K/V heads, slots, head_dim
     step = jax.jit(lambda emb, pos, cache, index: model.apply(
         variables, emb, jnp.asarray(mask), position_ids=pos, cache=cache, cache_index=index))
     logits, cache = step(embeds[:, :6], positions[:, :6], cache, 0)

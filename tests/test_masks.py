@@ -57,17 +57,20 @@ def test_unknown_mask_kind():
         qformer_mask("causal", 2, TEXT_MASK)
 
 
-def test_prefixed_attention_equals_attention_over_the_concatenated_keys():
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["multi_head", "grouped_query"])
+def test_prefixed_attention_equals_attention_over_the_concatenated_keys(kv_heads):
     """Two samples x three rows each: the shared prefix (with padding) once per sample equals each
-    row attending to its own copy of it followed by its own causally-masked keys."""
+    row attending to its own copy of it followed by its own causally-masked keys. The own and the
+    prefix K/V come in the cache layout (rows, K/V heads, slots, head_dim)."""
     rng = np.random.default_rng(0)
-    b, g, t, p, s, n, h = 2, 3, 2, 5, 4, 2, 8
+    b, g, t, p, s, n, h = 2, 3, 2, 5, 4, 4, 8
     q = rng.standard_normal((b * g, t, n, h)).astype(np.float32)
-    k, v = (rng.standard_normal((b * g, s, n, h)).astype(np.float32) for _ in range(2))
-    pk, pv = (rng.standard_normal((b, p, n, h)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((b * g, s, kv_heads, h)).astype(np.float32) for _ in range(2))
+    pk, pv = (rng.standard_normal((b, p, kv_heads, h)).astype(np.float32) for _ in range(2))
     prefix_mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     own_mask = np.asarray(causal_mask(t, s, offset=1))
-    got = prefixed_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(pk), jnp.asarray(pv),
+    cache_layout = lambda x: jnp.asarray(x.transpose(0, 2, 1, 3))  # noqa: E731
+    got = prefixed_attention(jnp.asarray(q), cache_layout(k), cache_layout(v), cache_layout(pk), cache_layout(pv),
                              mask=jnp.asarray(own_mask), prefix_mask=jnp.asarray(prefix_mask))
     full_k = np.concatenate([np.repeat(pk, g, 0), k], 1)
     full_v = np.concatenate([np.repeat(pv, g, 0), v], 1)

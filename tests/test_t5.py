@@ -118,7 +118,7 @@ def test_incremental_decoding_matches_full_decode():
         step_logits.append(logits)
     incremental = np.concatenate([np.asarray(x) for x in step_logits], axis=1)
     full, no_cache = ours.apply(variables, tokens, encoded, attention_mask, method="decode")
-    assert no_cache is None and cache["k"].shape == (TINY["num_decoder_layers"], B, max_length, 4, 8)
+    assert no_cache is None and cache["k"].shape == (TINY["num_decoder_layers"], B, 4, max_length, 8)
     np.testing.assert_allclose(incremental, np.asarray(full), atol=1e-5, rtol=0)
 
 

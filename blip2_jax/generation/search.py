@@ -2,7 +2,7 @@
 
 Each is one `lax.while_loop` with static shapes (max_new_tokens slots), stopping as soon as every
 sequence is done. The model is reached through `step(tokens (N,), cache, i) -> (logits (N,V), cache)`,
-which feeds the i-th generated token; every cache leaf ends in (N, S, heads, head_dim) (stacked over
+which feeds the i-th generated token; every cache leaf ends in (N, heads, S, head_dim) (stacked over
 layers or one per layer, `attention.CACHE_ROWS_AXIS`), so beams are reordered by one gather per leaf.
 
 Beam search follows `transformers`' vectorised `_beam_search` step for step (top 2K candidates,

@@ -67,35 +67,53 @@ def prefixed_attention(query: jax.Array, key: jax.Array, value: jax.Array, prefi
     """Attention over [a prefix shared by groups of rows ; each row's own keys], without copying the
     prefix per row: the prompt of a beam search is stored once per sample, not once per beam.
 
-    query (N,T,n,H) with N = B*G (G consecutive rows per prefix), key/value (N,S,n,H),
-    prefix_key/value (B,P,n,H), prefix_mask (B,P) key validity, `mask` over the own keys
+    query (N,T,n,H) with N = B*G (G consecutive rows per prefix); key/value (N,K,S,H) and
+    prefix_key/value (B,K,P,H) in the cache layout, K dividing n (grouped-query heads, as
+    `dot_product_attention`); prefix_mask (B,P) key validity, `mask` over the own keys
     (broadcastable to (N,n,T,S)). Equals `dot_product_attention` over the concatenated keys.
     """
     n, t, heads, dim = query.shape
-    b, p = prefix_key.shape[:2]
-    g = n // b
+    b, kv, p = prefix_key.shape[:3]
+    g, groups = n // b, heads // kv
     scale = dim ** -0.5
-    own = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32) * scale
-    grouped = query.reshape(b, g, t, heads, dim)
-    shared = jnp.einsum("bgtnh,bpnh->bgntp", grouped, prefix_key, preferred_element_type=jnp.float32) * scale
-    shared = jnp.where(prefix_mask.astype(bool)[:, None, None, None, :], shared, jnp.finfo(jnp.float32).min)
+    q = query.reshape(n, t, kv, groups, dim)
+    own = jnp.einsum("btkqh,bksh->bkqts", q, key, preferred_element_type=jnp.float32).reshape(n, heads, t, -1)
+    shared = jnp.einsum("bgtkqh,bkph->bgkqtp", q.reshape(b, g, t, kv, groups, dim), prefix_key,
+                        preferred_element_type=jnp.float32)
+    shared = jnp.where(prefix_mask.astype(bool)[:, None, None, None, None, :], shared * scale,
+                       jnp.finfo(jnp.float32).min)
+    own = own * scale
     if mask is not None:
         own = jnp.where(_as_4d(mask), own, jnp.finfo(jnp.float32).min)
     logits = jnp.concatenate([shared.reshape(n, heads, t, p), own], axis=-1)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    out = jnp.einsum("bgntp,bpnh->bgtnh", probs[..., :p].reshape(b, g, heads, t, p), prefix_value)
-    return out.reshape(n, t, heads, dim) + jnp.einsum("bnts,bsnh->btnh", probs[..., p:], value)
+    out = jnp.einsum("bgkqtp,bkph->bgtkqh", probs[..., :p].reshape(b, g, kv, groups, t, p), prefix_value)
+    own_out = jnp.einsum("bkqts,bksh->btkqh", probs[..., p:].reshape(n, kv, groups, t, -1), value)
+    return (out.reshape(n, t, kv, groups, dim) + own_out).reshape(n, t, heads, dim)
 
 
-# Every K/V cache leaf ends in (rows, slots, heads, head_dim): stacked over layers (L, B, S, N, H)
-# for a scanned stack, one (B, S, N, H) array per layer for an unrolled one (`layers.stack_layers`).
+# Every K/V cache leaf ends in (rows, heads, slots, head_dim), the layout a decoding step's attention
+# contracts without transposing the cache (XLA:CPU would copy it per layer and step otherwise):
+# stacked over layers (L, B, N, S, H) for a scanned stack, one (B, N, S, H) array per layer for an
+# unrolled one (`layers.stack_layers`). Beams are reordered along the rows axis.
 CACHE_ROWS_AXIS = -4
 
 
 def cache_shape(cache: Any) -> tuple[int, int]:
     """(rows, slots) of a K/V cache in either layout."""
-    rows, slots = jax.tree.leaves(cache)[0].shape[CACHE_ROWS_AXIS:CACHE_ROWS_AXIS + 2]
-    return rows, slots
+    leaf = jax.tree.leaves(cache)[0]
+    return leaf.shape[CACHE_ROWS_AXIS], leaf.shape[-2]
+
+
+def write_cache(buffer: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.Array:
+    """A layer's K or V buffer (B,N,S,H) with the new tokens' `new` (B,T,N,H) written at slot `index`."""
+    return jax.lax.dynamic_update_slice(buffer, jnp.swapaxes(new, 1, 2).astype(buffer.dtype), (0, 0, index, 0))
+
+
+def token_major(buffer: jax.Array) -> jax.Array:
+    """A cache buffer (B,N,S,H) as the (B,S,N,H) keys or values `dot_product_attention` takes (on CPU
+    the two transposes cancel: it moves the heads forward again)."""
+    return jnp.swapaxes(buffer, 1, 2)
 
 
 def _as_4d(x: jax.Array) -> jax.Array:

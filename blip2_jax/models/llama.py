@@ -20,7 +20,8 @@ import numpy as np
 from flax import linen as nn
 
 from blip2_jax.models import layers
-from blip2_jax.models.attention import decoder_mask, dot_product_attention, prefixed_attention
+from blip2_jax.models.attention import decoder_mask, dot_product_attention, prefixed_attention, token_major, \
+    write_cache
 from blip2_jax.models.config import LlamaConfig
 
 Dtype = Any
@@ -136,13 +137,11 @@ class LlamaAttention(nn.Module):
         v = layers.dense(kv * h, ("embed", "heads"), name="v_proj", **kw)(x).reshape(b, t, kv, h)
         q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
         if cache is not None:  # keys are cached rotated, at the positions they were written with
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0))
-            cache = (k, v)
+            cache = (write_cache(cache[0], k, cache_index), write_cache(cache[1], v, cache_index))
+            k, v = token_major(cache[0]), token_major(cache[1])
         groups = n // kv
-        if prefix is not None:  # decoding after a shared prompt (no dropout at inference)
-            out = prefixed_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), _repeat_kv(prefix[0], groups),
-                                     _repeat_kv(prefix[1], groups), mask=mask, prefix_mask=prefix_mask)
+        if prefix is not None:  # decoding after a shared prompt (no dropout at inference); grouped heads in place
+            out = prefixed_attention(q, *cache, prefix[0], prefix[1], mask=mask, prefix_mask=prefix_mask)
         elif self.deterministic or cfg.attention_dropout == 0:  # grouped heads read in place
             out = dot_product_attention(q, k, v, mask=mask)
         else:
@@ -249,10 +248,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def init_cache(self, batch_size: int, max_length: int) -> Cache:
-        """Zero K/V buffers of the K/V heads (layers, B, max_length, num_key_value_heads, head_dim);
-        with `scan_layers=False` a list of one buffer per layer."""
+        """Zero K/V buffers of the K/V heads (layers, B, num_key_value_heads, max_length, head_dim);
+        with `scan_layers=False` a list of one buffer per layer (`attention.CACHE_ROWS_AXIS`)."""
         cfg = self.config
-        return layers.zero_cache(cfg.num_hidden_layers, (batch_size, max_length, cfg.num_key_value_heads,
+        return layers.zero_cache(cfg.num_hidden_layers, (batch_size, cfg.num_key_value_heads, max_length,
                                                           cfg.head_dim), self.dtype, stacked=self.scan_layers)
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array, *,

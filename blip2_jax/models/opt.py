@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from blip2_jax.models import layers
-from blip2_jax.models.attention import decoder_mask, dot_product_attention, prefixed_attention
+from blip2_jax.models.attention import decoder_mask, dot_product_attention, prefixed_attention, token_major, \
+    write_cache
 from blip2_jax.models.config import OPTConfig
 
 Dtype = Any
@@ -40,11 +41,10 @@ class OPTAttention(nn.Module):
         proj = lambda name: layers.dense(d, ("embed", "heads"), name=name, **kw)(x).reshape(b, t, n, d // n)  # noqa: E731
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
         if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0))
-            cache = (k, v)
+            cache = (write_cache(cache[0], k, cache_index), write_cache(cache[1], v, cache_index))
+            k, v = token_major(cache[0]), token_major(cache[1])
         if prefix is not None:  # decoding after a shared prompt (no dropout at inference)
-            out = prefixed_attention(q, k, v, prefix[0], prefix[1], mask=mask, prefix_mask=prefix_mask)
+            out = prefixed_attention(q, *cache, prefix[0], prefix[1], mask=mask, prefix_mask=prefix_mask)
         else:
             rate = cfg.attention_dropout
             rng = None if self.deterministic or rate == 0 else self.make_rng("dropout")
@@ -171,10 +171,10 @@ class OPTForCausalLM(nn.Module):
         return self.model.decoder.embed_tokens(input_ids)
 
     def init_cache(self, batch_size: int, max_length: int) -> Cache:
-        """Zero K/V buffers (layers, B, max_length, heads, head_dim); with `scan_layers=False` a list
-        of one (B, max_length, heads, head_dim) buffer per layer."""
+        """Zero K/V buffers (layers, B, heads, max_length, head_dim); with `scan_layers=False` a list
+        of one (B, heads, max_length, head_dim) buffer per layer (`attention.CACHE_ROWS_AXIS`)."""
         cfg = self.config
-        return layers.zero_cache(cfg.num_hidden_layers, (batch_size, max_length, cfg.num_attention_heads,
+        return layers.zero_cache(cfg.num_hidden_layers, (batch_size, cfg.num_attention_heads, max_length,
                                                           cfg.hidden_size // cfg.num_attention_heads),
                                  self.dtype, stacked=self.scan_layers)
 

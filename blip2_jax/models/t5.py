@@ -74,7 +74,7 @@ class T5Attention(nn.Module):
     def __call__(self, x: jax.Array, kv: jax.Array, bias: jax.Array | None, mask: jax.Array | None,
                  cache: Cache | None = None, cache_index: jax.Array | None = None
                  ) -> tuple[jax.Array, Cache | None]:
-        """x (B,T,D), kv (B,S,D) -> (B,T,D); with `cache` ({'k','v'}: (B,L,N,H)) also the updated cache.
+        """x (B,T,D), kv (B,S,D) -> (B,T,D); with `cache` ({'k','v'}: (B,N,L,H)) also the updated cache.
 
         `kv` may instead be cross-attention memory ({'k','v'}: (B',S,N,H) from
         `T5ForConditionalGeneration.cross_memory`) shared by groups of B/B' consecutive rows (the
@@ -105,10 +105,9 @@ class T5Attention(nn.Module):
         k = heads("k", kv, cfg.d_model)
         v = heads("v", kv, cfg.d_model)
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
+            cache = {"k": attention.write_cache(cache["k"], k, cache_index),
+                     "v": attention.write_cache(cache["v"], v, cache_index)}
+            k, v = attention.token_major(cache["k"]), attention.token_major(cache["v"])
         out = attention.dot_product_attention(q, k, v, mask=mask, bias=bias, scale=1.0,
                                               dropout_rate=cfg.dropout_rate, dropout_rng=rng,
                                               deterministic=self.deterministic)
@@ -333,10 +332,10 @@ class T5ForConditionalGeneration(nn.Module):
         return {name: jax.tree.map(project, kernels(name)) for name in ("k", "v")}
 
     def init_cache(self, batch_size: int, max_length: int) -> Cache:
-        """Zero self-attention K/V cache: {'k','v'}: (num_decoder_layers, B, max_length, N, H); with
-        `scan_layers=False` a list of one (B, max_length, N, H) buffer per layer."""
+        """Zero self-attention K/V cache: {'k','v'}: (num_decoder_layers, B, N, max_length, H); with
+        `scan_layers=False` a list of one (B, N, max_length, H) buffer per layer (`attention.CACHE_ROWS_AXIS`)."""
         cfg = self.config
-        return layers.zero_cache(cfg.decoder_layers, (batch_size, max_length, cfg.num_heads, cfg.d_kv), self.dtype,
+        return layers.zero_cache(cfg.decoder_layers, (batch_size, cfg.num_heads, max_length, cfg.d_kv), self.dtype,
                                  stacked=self.scan_layers)
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None,
