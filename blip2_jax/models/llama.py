@@ -112,11 +112,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _repeat_kv(x: jax.Array, groups: int) -> jax.Array:
-    """(B,S,K,H) -> (B,S,K*groups,H), each K/V head serving `groups` consecutive query heads."""
-    return x if groups == 1 else jnp.repeat(x, groups, axis=2)
-
-
 class LlamaAttention(nn.Module):
     config: LlamaConfig
     deterministic: bool = True
@@ -139,15 +134,13 @@ class LlamaAttention(nn.Module):
         if cache is not None:  # keys are cached rotated, at the positions they were written with
             cache = (write_cache(cache[0], k, cache_index), write_cache(cache[1], v, cache_index))
             k, v = token_major(cache[0]), token_major(cache[1])
-        groups = n // kv
-        if prefix is not None:  # decoding after a shared prompt (no dropout at inference); grouped heads in place
+        if prefix is not None:  # decoding after a shared prompt (no dropout at inference)
             out = prefixed_attention(q, *cache, prefix[0], prefix[1], mask=mask, prefix_mask=prefix_mask)
-        elif self.deterministic or cfg.attention_dropout == 0:  # grouped heads read in place
-            out = dot_product_attention(q, k, v, mask=mask)
-        else:
-            out = dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), mask=mask,
-                                        dropout_rate=cfg.attention_dropout, dropout_rng=self.make_rng("dropout"),
-                                        deterministic=False)
+        else:  # grouped K/V heads read in place, with or without dropout
+            rate = cfg.attention_dropout
+            rng = None if self.deterministic or rate == 0 else self.make_rng("dropout")
+            out = dot_product_attention(q, k, v, mask=mask, dropout_rate=rate, dropout_rng=rng,
+                                        deterministic=self.deterministic)
         out = layers.dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out.reshape(b, t, n * h))
         return out, cache
 
