@@ -32,20 +32,46 @@ def save_weights(directory: str) -> None:
     transformers.Blip2ForConditionalGeneration(config).save_pretrained(directory)
 
 
+def best_seconds(fn, *args, reps: int = 5) -> float:
+    """Best of `reps` timed calls of the jitted `fn` after one warm-up call."""
+    fn(*args).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        tick = time.perf_counter()
+        fn(*args).block_until_ready()
+        best = min(best, time.perf_counter() - tick)
+    return best
+
+
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     """Best-of-`reps` fp32 rate of a jitted n^3 `jnp.dot`, GFLOP/s."""
     import jax
     import jax.numpy as jnp
 
     a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        tick = time.perf_counter()
-        dot(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - tick)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n ** 3 / best_seconds(jax.jit(jnp.dot), a, b, reps=reps) / 1e9
+
+
+def kernel_seconds(equations, reps: int = 5) -> float:
+    """Seconds the matrix work takes when every distinct dot and convolution in `equations`
+    ((equation, count) pairs, `blip2_jax.train.flops.matmul_equations`) runs alone, jitted and hot
+    (best of `reps`), times its count: the least time XLA's own kernels need for that work here, with
+    every other operation free. Shapes with few rows run below the 2048^3 rate, so this floor is the
+    one an implementation on XLA can approach."""
+    import jax
+
+    distinct: dict = {}
+    for eqn, count in equations:
+        key = (eqn.primitive.name, tuple((v.aval.shape, str(v.aval.dtype)) for v in eqn.invars),
+               repr(sorted(eqn.params.items())))
+        distinct[key] = (eqn, distinct.get(key, (eqn, 0))[1] + count)
+    total = 0.0
+    for eqn, count in distinct.values():
+        keys = jax.random.split(jax.random.PRNGKey(0), len(eqn.invars))
+        operands = [jax.random.normal(k, v.aval.shape, v.aval.dtype) for k, v in zip(keys, eqn.invars)]
+        run = jax.jit(lambda *xs, eqn=eqn: eqn.primitive.bind(*xs, **eqn.params))
+        total += count * best_seconds(run, *operands, reps=reps)
+    return total
 
 
 def cpu_name() -> str:

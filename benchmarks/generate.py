@@ -15,8 +15,13 @@ the `same ids` row says how many of the returned captions agree token for token.
 The floor is the matrix FLOPs of the work (vision tower and Q-Former once per image, the LLM
 prompt once per image, then one decoding step per new token for every beam; counted from the
 jaxprs of our pieces) over this machine's fp32 matmul rate (best jitted 2048^3 `jnp.dot`), the
-least time any implementation could take here. Timings share the machine with whatever else runs;
-the load average is printed, and the ratio means something only from a quiet run.
+least time any implementation could take here. Matmuls with few rows (a decoding step's 40) run
+well below that rate, so a second floor times the same matmuls on XLA's own kernels: each distinct
+dot and convolution jitted alone, hot, times how often the work runs it (`common.kernel_seconds`),
+the least time an implementation built on XLA could take with everything else free; `torch /
+that` is the most such an implementation could gain over torch here. Timings share the machine
+with whatever else runs; the load average is printed, and the ratio means something only from a
+quiet run.
 """
 # pylint: disable=import-outside-toplevel
 from __future__ import annotations
@@ -30,8 +35,8 @@ import time
 
 import numpy as np
 
-from common import IMAGE_TOKEN_INDEX, NUM_QUERY_TOKENS, VISION, cpu_name, load_average, matmul_gflops, row, \
-    save_weights
+from common import IMAGE_TOKEN_INDEX, NUM_QUERY_TOKENS, VISION, cpu_name, kernel_seconds, load_average, \
+    matmul_gflops, row, save_weights
 
 
 def _timed(run, runs: int) -> list[float]:
@@ -75,7 +80,7 @@ def run_jax(weights: str, images: np.ndarray, args: argparse.Namespace) -> dict:
     from blip2_jax.generation.config import GenerationConfig
     from blip2_jax.generation.decode import decoding_params, generate_fn
     from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
-    from blip2_jax.train.flops import step_flops
+    from blip2_jax.train.flops import equation_flops
     from blip2_jax.weights.hf_checkpoint import load_pretrained
 
     cfg, params = load_pretrained(weights)
@@ -94,17 +99,22 @@ def run_jax(weights: str, images: np.ndarray, args: argparse.Namespace) -> dict:
 
     run()
     times = _timed(run, args.runs)
-    flops = _work_flops(model, params, pixels, ids, args, step_flops)
+    work = _work(model, params, pixels, ids, args)
+    flops = {part: sum(count * equation_flops(eqn) for eqn, count in eqns) for part, eqns in work.items()}
     device = jax.devices()[0]
     return dict(times=times, tokens=np.asarray(out["result"].tokens[:, 0]), compile_s=compile_s, flops=flops,
-                device=f"{device.platform}: {device.device_kind}", matmul_gflops=matmul_gflops())
+                device=f"{device.platform}: {device.device_kind}", matmul_gflops=matmul_gflops(),
+                kernel_s={part: kernel_seconds(eqns) for part, eqns in work.items()})
 
 
-def _work_flops(model, params, pixels, ids, args, step_flops) -> dict[str, float]:
-    """Matrix FLOPs of the necessary work, from the jaxprs of the model's pieces."""
+def _work(model, params, pixels, ids, args) -> dict[str, list]:
+    """The necessary matrix work, part by part, as (equation, count) pairs from the jaxprs of the
+    model's pieces (`flops.matmul_equations`)."""
+    import jax
     import jax.numpy as jnp
 
     from blip2_jax.models.attention import cache_shape
+    from blip2_jax.train.flops import matmul_equations
 
     b, t = ids.shape
     n = b * args.beams
@@ -121,12 +131,15 @@ def _work_flops(model, params, pixels, ids, args, step_flops) -> dict[str, float
                            cache_index=index, logits_from=embeds.shape[1] - 1,
                            method=lambda m, *a, **k: m.language_model(*a, **k))
 
+    def equations(fn, *inputs, times=1):
+        return [(eqn, count * times) for eqn, count in matmul_equations(jax.make_jaxpr(fn)(*inputs).jaxpr)]
+
     width, length = model.config.text.hidden_size, t + args.new_tokens
     cache = model.apply(variables, b, length, method=lambda m, *a: m.language_model.init_cache(*a))
     step_cache = model.apply(variables, n, length, method=lambda m, *a: m.language_model.init_cache(*a))
-    return dict(visual=step_flops(visual, params, pixels),
-                prompt=step_flops(llm, params, jnp.zeros((b, t, width)), cache, 0),
-                decode=(args.new_tokens - 1) * step_flops(llm, params, jnp.zeros((n, 1, width)), step_cache, t))
+    return dict(visual=equations(visual, params, pixels),
+                prompt=equations(llm, params, jnp.zeros((b, t, width)), cache, 0),
+                decode=equations(llm, params, jnp.zeros((n, 1, width)), step_cache, t, times=args.new_tokens - 1))
 
 
 def main() -> None:
@@ -174,6 +187,11 @@ def main() -> None:
     print(f"  work: {flops / 1e9:.1f} GFLOP of matmuls ({parts}); fp32 matmul 2048^3: "
           f"{ours['matmul_gflops']:.1f} GFLOP/s -> floor {floor:.2f} s; ours / floor {t_ours / floor:.2f}, "
           f"torch / floor {t_theirs / floor:.2f} (the most any implementation could gain over torch here)")
+    kernel_s = sum(ours["kernel_s"].values())
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in ours["kernel_s"].items())
+    print(f"  XLA's kernels: the same matmuls, each distinct one run alone and hot, {kernel_s:.2f} s ({parts}; "
+          f"{flops / kernel_s / 1e9:.0f} GFLOP/s); ours / that {t_ours / kernel_s:.2f}, torch / that "
+          f"{t_theirs / kernel_s:.2f} (the most an implementation on XLA's kernels could gain over torch here)")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ How to read it:
     each scan body times its length: the step's real matrix work. `fp32 matmul` is the best of a
     few jitted 2048^3 `jnp.dot`s in our child right after its timed steps; `floor` = matmul FLOPs
     / that rate, a lower bound on any step on this machine, so `torch / floor` is the largest
-    speed-up on offer.
+    speed-up on offer. `XLA's kernels` runs each distinct dot and convolution of the step alone,
+    jitted and hot, times its count (`common.kernel_seconds`): the least time a step on XLA's own
+    kernels could take with everything else free, so `torch / that` is the most it could gain.
   The GPU figures (MFU of full-size steps, captioning against transformers on one GPU) are
   `benchmarks/gpu_suite.sh`'s.
 Timings share the machine with whatever else runs: the load average is printed before and after
@@ -69,8 +71,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common import (IMAGE_TOKEN_INDEX, NUM_QUERY_TOKENS, VISION, cpu_name, load_average, matmul_gflops, row,
-                    save_weights)
+from common import (IMAGE_TOKEN_INDEX, NUM_QUERY_TOKENS, VISION, cpu_name, kernel_seconds, load_average,
+                    matmul_gflops, row, save_weights)
 
 REPO = Path(__file__).resolve().parent.parent
 LR, WEIGHT_DECAY, BETAS, EPS = 1e-4, 0.05, (0.9, 0.999), 1e-8
@@ -133,7 +135,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
 
     from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
     from blip2_jax.objectives.stage2 import stage2_loss
-    from blip2_jax.train.flops import step_flops
+    from blip2_jax.train.flops import equation_flops, matmul_equations
     from blip2_jax.train.optim import default_config, make_optimizer
     from blip2_jax.train.partition import merge, partition, patterns_for
     from blip2_jax.train.state import TrainState
@@ -159,7 +161,8 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     del trainable  # donated with the state from the first step on
 
     step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
-    flops = step_flops(step_fn, state, frozen, batches[0])
+    matmuls = matmul_equations(jax.make_jaxpr(step_fn)(state, frozen, batches[0]).jaxpr)
+    flops = sum(count * equation_flops(eqn) for eqn, count in matmuls)
     tick = time.perf_counter()
     compiled = jax.jit(step_fn, donate_argnums=0).lower(state, frozen, batches[0]).compile()
     compile_s = time.perf_counter() - tick
@@ -178,7 +181,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     return dict(device=f"{device.platform}: {device.device_kind}", **times, compile_s=compile_s, flops=flops,
                 xla_flops=_xla_flops(compiled), eval_loss=eval_loss, first_loss=first_loss,
                 last_loss=float(metrics["loss"]), trainable=counts[0], frozen=counts[1], **memory,
-                matmul_gflops=matmul_gflops(),
+                matmul_gflops=matmul_gflops(), kernel_s=kernel_seconds(matmuls),
                 xla_argument_mib=buffers.argument_size_in_bytes / 2 ** 20,
                 xla_temp_mib=buffers.temp_size_in_bytes / 2 ** 20)
 
@@ -301,6 +304,10 @@ def parent(args: argparse.Namespace) -> None:
     print(f"  fp32 matmul 2048^3 (ours' process, after its steps): {rate:.1f} GFLOP/s (best of 5) -> floor "
           f"{floor:.2f} s; ours / floor {t_ours / floor:.2f}, torch / floor {t_theirs / floor:.2f} (the most any step "
           "could gain over torch here)")
+    kernel_s = ours["kernel_s"]
+    print(f"  XLA's kernels: the step's matmuls, each distinct one run alone and hot, {kernel_s:.2f} s "
+          f"({ours['flops'] / kernel_s / 1e9:.0f} GFLOP/s); ours / that {t_ours / kernel_s:.2f}, torch / that "
+          f"{t_theirs / kernel_s:.2f} (the most a step on XLA's kernels could gain over torch here)")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from blip2_jax.data.loader import make_loader
 from blip2_jax.models import blip2, presets
 from blip2_jax.train import layout, loop
 from blip2_jax.train.optim import make_optimizer
-from blip2_jax.train.flops import step_flops
+from blip2_jax.train.flops import matmul_equations, matmul_flops, step_flops
 from blip2_jax.train.partition import merge, partition, patterns_for
 from blip2_jax.train.state import TrainState
 from blip2_jax.train.step import train_step
@@ -170,3 +170,17 @@ def test_flop_count_sees_every_scanned_layer():
 
     x, w = jnp.ones((4, 8)), jnp.ones((5, 8, 8))
     assert step_flops(stack, x, w) == 5 * 2 * 4 * 8 * 8
+
+
+def test_matmul_equations_count_scans_and_the_costlier_branch():
+    """Inside a 3-step scan, a cond choosing a (4,8)x(8,16) dot or a (4,8)x(8,8) one: only the
+    costlier branch's dot is listed, with the count 3 and its shapes (what the benchmarks time)."""
+    def stack(x, w_wide, w_square):
+        def body(h, i):
+            return jax.lax.cond(i > 0, lambda: (h @ w_wide)[:, :8], lambda: h @ w_square), None
+        return jax.lax.scan(body, x, jnp.arange(3))[0]
+
+    jaxpr = jax.make_jaxpr(stack)(jnp.ones((4, 8)), jnp.ones((8, 16)), jnp.ones((8, 8))).jaxpr
+    found = matmul_equations(jaxpr)
+    assert [(tuple(v.aval.shape for v in eqn.invars), n) for eqn, n in found] == [(((4, 8), (8, 16)), 3)]
+    assert matmul_flops(jaxpr) == 3 * 2 * 4 * 8 * 16

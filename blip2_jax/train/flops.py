@@ -24,27 +24,36 @@ def _sub_jaxprs(value: Any) -> list[Any]:
     return []
 
 
-def matmul_flops(jaxpr: Any) -> float:
-    """FLOPs of the dots and convolutions in `jaxpr`, each scan body counted `length` times and
-    the costlier branch of a cond once."""
-    total = 0.0
+def equation_flops(eqn: Any) -> float:
+    """FLOPs of one dot_general or conv_general_dilated equation."""
+    if eqn.primitive.name == "dot_general":
+        (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+        lhs, rhs = (v.aval.shape for v in eqn.invars)
+        free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+        return 2.0 * np.prod(lhs) * np.prod(free)
+    kernel = eqn.invars[1].aval.shape
+    out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+    return 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(kernel) / out_features
+
+
+def matmul_equations(jaxpr: Any) -> list[tuple[Any, int]]:
+    """The dots and convolutions in `jaxpr`, each with how often one call runs it: scan bodies
+    `length` times, only the costlier branch of a cond."""
+    found = []
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
-            lhs, rhs = (v.aval.shape for v in eqn.invars)
-            free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
-            total += 2.0 * np.prod(lhs) * np.prod(free)
-        elif name == "conv_general_dilated":
-            kernel = eqn.invars[1].aval.shape
-            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
-            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(kernel) / out_features
-        inner = [matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
-        if name == "cond":
-            total += max(inner, default=0.0)
-        else:
-            total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
-    return float(total)
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            found.append((eqn, 1))
+        inner = [matmul_equations(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if eqn.primitive.name == "cond":
+            inner = [max(inner, key=lambda branch: sum(n * equation_flops(e) for e, n in branch))] if inner else []
+        times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        found += [(e, n * times) for branch in inner for e, n in branch]
+    return found
+
+
+def matmul_flops(jaxpr: Any) -> float:
+    """FLOPs of the dots and convolutions in `jaxpr` (`matmul_equations`)."""
+    return float(sum(n * equation_flops(eqn) for eqn, n in matmul_equations(jaxpr)))
 
 
 def step_flops(fn: Callable, *args: Any) -> float:
