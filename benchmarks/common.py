@@ -11,6 +11,8 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
+
 NUM_QUERY_TOKENS = 32
 IMAGE_TOKEN_INDEX = 50265  # OPT's <image> id in the BLIP-2 checkpoints; text ids are drawn below it
 VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
@@ -34,11 +36,13 @@ def save_weights(directory: str) -> None:
 
 def best_seconds(fn, *args, reps: int = 5) -> float:
     """Best of `reps` timed calls of the jitted `fn` after one warm-up call."""
-    fn(*args).block_until_ready()
+    import jax
+
+    jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(reps):
         tick = time.perf_counter()
-        fn(*args).block_until_ready()
+        jax.block_until_ready(fn(*args))
         best = min(best, time.perf_counter() - tick)
     return best
 
@@ -52,26 +56,57 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / best_seconds(jax.jit(jnp.dot), a, b, reps=reps) / 1e9
 
 
-def kernel_seconds(equations, reps: int = 5) -> float:
-    """Seconds the matrix work takes when every distinct dot and convolution in `equations`
-    ((equation, count) pairs, `blip2_jax.train.flops.matmul_equations`) runs alone, jitted and hot
-    (best of `reps`), times its count: the least time XLA's own kernels need for that work here, with
-    every other operation free. Shapes with few rows run below the 2048^3 rate, so this floor is the
-    one an implementation on XLA can approach."""
+def _matmul_forms(eqn) -> list[tuple[tuple, int | None]]:
+    """How to time one equation, as (operand shapes, the weight's contracting axis): a dot as a
+    (batch, M, K) by (batch, K, N) product and by (batch, N, K), the two layouts a weight can be
+    stored in; a convolution as it is (axis None)."""
+    if eqn.primitive.name != "dot_general":
+        return [(tuple(v.aval.shape for v in eqn.invars), None)]
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = (v.aval.shape for v in eqn.invars)
+
+    def size(shape: tuple, dims) -> int:
+        return int(np.prod([shape[d] for d in dims]))
+
+    b, k = size(lhs, lb), size(lhs, lc)
+    m = size(lhs, [d for d in range(len(lhs)) if d not in lc + lb])
+    n = size(rhs, [d for d in range(len(rhs)) if d not in rc + rb])
+    return [(((b, m, k), (b, k, n)), 1), (((b, m, k), (b, n, k)), 2)]
+
+
+def kernel_seconds(equations, budget: int = 256 * 2 ** 20) -> float:
+    """Seconds the matrix work takes on XLA's own kernels, every other operation free.
+
+    `equations` are (equation, count) pairs (`blip2_jax.train.flops.matmul_equations`). Each
+    distinct form is timed jitted, as the work runs it: up to `count` calls in one program, each on
+    its own copy of the second operand (the weight) and together up to `budget` bytes of them, so
+    that weights stream from memory as a decoding step's ~500 MB do rather than sit in cache; best
+    of enough runs to fill ~0.5 s. A dot runs as a plain (batched) M x K by K x N product in
+    whichever weight layout is faster (in place, XLA folds transposes and reshapes into a dot that
+    an isolated copy of the equation would pay for)."""
     import jax
 
-    distinct: dict = {}
-    for eqn, count in equations:
-        key = (eqn.primitive.name, tuple((v.aval.shape, str(v.aval.dtype)) for v in eqn.invars),
-               repr(sorted(eqn.params.items())))
-        distinct[key] = (eqn, distinct.get(key, (eqn, 0))[1] + count)
-    total = 0.0
-    for eqn, count in distinct.values():
-        keys = jax.random.split(jax.random.PRNGKey(0), len(eqn.invars))
-        operands = [jax.random.normal(k, v.aval.shape, v.aval.dtype) for k, v in zip(keys, eqn.invars)]
-        run = jax.jit(lambda *xs, eqn=eqn: eqn.primitive.bind(*xs, **eqn.params))
-        total += count * best_seconds(run, *operands, reps=reps)
-    return total
+    forms: dict = {}  # (primitive, shapes, axis, dtype) -> (an equation, its count, [indices into equations])
+    for index, (eqn, count) in enumerate(equations):
+        for shapes, axis in _matmul_forms(eqn):
+            key = (eqn.primitive.name, shapes, axis, str(eqn.invars[0].aval.dtype))
+            _, most, indices = forms.setdefault(key, (eqn, 0, []))
+            forms[key] = (eqn, max(most, count), indices + [index])
+    best = [float("inf")] * len(equations)
+    for (_, shapes, axis, dtype), (eqn, count, indices) in forms.items():
+        copies = int(np.clip(budget // (np.prod(shapes[1]) * np.dtype(dtype).itemsize), 1, count))
+        first, weight = (jax.random.normal(jax.random.PRNGKey(i), shape, dtype) for i, shape in enumerate(shapes))
+        weights = [weight + i for i in range(copies)]
+        if axis is None:
+            run = jax.jit(lambda x, *ws, eqn=eqn: [eqn.primitive.bind(x, w, **eqn.params) for w in ws])
+        else:
+            dims = (((2,), (axis,)), ((0,), (0,)))
+            run = jax.jit(lambda x, *ws, dims=dims: [jax.lax.dot_general(x, w, dims) for w in ws])
+        once = best_seconds(run, first, *weights, reps=1)
+        seconds = best_seconds(run, first, *weights, reps=int(np.clip(0.5 / once, 3, 50))) / copies
+        for index in indices:
+            best[index] = min(best[index], seconds)
+    return sum(count * seconds for (_, count), seconds in zip(equations, best))
 
 
 def cpu_name() -> str:

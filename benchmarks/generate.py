@@ -17,9 +17,9 @@ prompt once per image, then one decoding step per new token for every beam; coun
 jaxprs of our pieces) over this machine's fp32 matmul rate (best jitted 2048^3 `jnp.dot`), the
 least time any implementation could take here. Matmuls with few rows (a decoding step's 40) run
 well below that rate, so a second floor times the same matmuls on XLA's own kernels: each distinct
-dot and convolution jitted alone, hot, times how often the work runs it (`common.kernel_seconds`),
-the least time an implementation built on XLA could take with everything else free; `torch /
-that` is the most such an implementation could gain over torch here. Timings share the machine
+dot and convolution jitted alone, its weights streamed from memory, times how often the work runs
+it (`common.kernel_seconds`): the least time an implementation built on XLA could take with
+everything else free, so `torch / that` is the most such an implementation could gain here. Timings share the machine
 with whatever else runs; the load average is printed, and the ratio means something only from a
 quiet run.
 """
@@ -189,8 +189,8 @@ def main() -> None:
           f"torch / floor {t_theirs / floor:.2f} (the most any implementation could gain over torch here)")
     kernel_s = sum(ours["kernel_s"].values())
     parts = ", ".join(f"{k} {v:.2f}" for k, v in ours["kernel_s"].items())
-    print(f"  XLA's kernels: the same matmuls, each distinct one run alone and hot, {kernel_s:.2f} s ({parts}; "
-          f"{flops / kernel_s / 1e9:.0f} GFLOP/s); ours / that {t_ours / kernel_s:.2f}, torch / that "
+    print(f"  XLA's kernels: the same matmuls, each form jitted alone (common.kernel_seconds), {kernel_s:.2f} s "
+          f"({parts}; {flops / kernel_s / 1e9:.0f} GFLOP/s); ours / that {t_ours / kernel_s:.2f}, torch / that "
           f"{t_theirs / kernel_s:.2f} (the most an implementation on XLA's kernels could gain over torch here)")
 
 

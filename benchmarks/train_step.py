@@ -37,9 +37,9 @@ How to read it:
     each scan body times its length: the step's real matrix work. `fp32 matmul` is the best of a
     few jitted 2048^3 `jnp.dot`s in our child right after its timed steps; `floor` = matmul FLOPs
     / that rate, a lower bound on any step on this machine, so `torch / floor` is the largest
-    speed-up on offer. `XLA's kernels` runs each distinct dot and convolution of the step alone,
-    jitted and hot, times its count (`common.kernel_seconds`): the least time a step on XLA's own
-    kernels could take with everything else free, so `torch / that` is the most it could gain.
+    speed-up on offer. `XLA's kernels` runs each distinct dot and convolution of the step jitted
+    alone, times its count (`common.kernel_seconds`): the least time a step on XLA's own kernels
+    could take with everything else free, so `torch / that` is the most it could gain.
   The GPU figures (MFU of full-size steps, captioning against transformers on one GPU) are
   `benchmarks/gpu_suite.sh`'s.
 Timings share the machine with whatever else runs: the load average is printed before and after
@@ -305,7 +305,7 @@ def parent(args: argparse.Namespace) -> None:
           f"{floor:.2f} s; ours / floor {t_ours / floor:.2f}, torch / floor {t_theirs / floor:.2f} (the most any step "
           "could gain over torch here)")
     kernel_s = ours["kernel_s"]
-    print(f"  XLA's kernels: the step's matmuls, each distinct one run alone and hot, {kernel_s:.2f} s "
+    print(f"  XLA's kernels: the step's matmuls, each form jitted alone (common.kernel_seconds), {kernel_s:.2f} s "
           f"({ours['flops'] / kernel_s / 1e9:.0f} GFLOP/s); ours / that {t_ours / kernel_s:.2f}, torch / that "
           f"{t_theirs / kernel_s:.2f} (the most a step on XLA's kernels could gain over torch here)")
 
