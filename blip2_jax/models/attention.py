@@ -28,7 +28,9 @@ def dot_product_attention(
     deterministic: bool = True,
     implementation: str | None = None,
 ) -> jax.Array:
-    """Multi-head attention. query (B,T,N,H), key/value (B,S,N,H) -> (B,T,N,H).
+    """Multi-head attention. query (B,T,N,H), key/value (B,S,K,H) -> (B,T,N,H), where K divides N:
+    with K < N (grouped-query attention, as LLaMA-family models use) query head n reads K/V head
+    n // (N / K), as in `jax.nn.dot_product_attention`, without copying K/V per query head.
 
     `scale` defaults to H**-0.5 (T5 passes 1.0). `bias` (T5 relative positions) is added to the
     logits before masking. Softmax runs in float32.
