@@ -14,6 +14,9 @@ A step whose loss or gradient norm is not finite is not applied: parameters and 
 consumed: the data position and the RNG stream stay aligned with it, so the next step sees the
 next batch rather than retrying the one that diverged. The check is two scalar `isfinite`s on
 device; the trainer (`loop.py`) counts skipped steps and stops a run that keeps producing them.
+The update sits in a `lax.cond` on that check, so it runs in place on the donated state: an
+elementwise select between the updated and the old trees (optax's `apply_if_finite` way) keeps
+both alive, and on the CPU benchmark the copies and the select pass cost ~0.35 s of a 5.4 s step.
 """
 from __future__ import annotations
 
@@ -41,10 +44,12 @@ def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *
     (loss, metrics), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     (params, opt_state), (state.params, state.opt_state))
+
+    def update(params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, lambda *old: old, state.params, state.opt_state)
     metrics = dict(metrics, grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
