@@ -17,7 +17,8 @@ device; the trainer (`loop.py`) counts skipped steps and stops a run that keeps 
 The update sits in a `lax.cond` on that check, so it runs in place on the donated state: an
 elementwise select between the updated and the old trees (optax's `apply_if_finite` way) keeps
 both alive: copies of the optimizer state and a select pass (the CPU benchmark step, A/B on an
-AVX-512 EPYC: medians 5.14 and 5.46 s -> 5.06 and 5.10 s, 420k -> 311k page faults a step).
+AVX-512 EPYC: medians 5.14 and 5.46 s -> 5.06 and 5.10 s, 420k -> 311k page faults a step, XLA's
+temporaries 1640 -> 1213 MiB, peak RSS 3881 -> 3458 MiB).
 """
 from __future__ import annotations
 
