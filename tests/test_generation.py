@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 import transformers.generation.logits_process as hf_lp
+from flax.core import FrozenDict
 
 from blip2_jax.generation import logits as lp
 from blip2_jax.generation.config import GenerationConfig
 from blip2_jax.generation.decode import decoding_params, generate_fn
-from blip2_jax.models import blip2
+from blip2_jax.models import blip2, layers
 from blip2_jax.models import config as config_lib
 from blip2_jax.weights.hf_checkpoint import params_from_state_dict
 from tests.reference import hf_models as ref
@@ -165,6 +166,19 @@ def test_decoding_layout_computes_what_the_scanned_model_does(lm):
     a, b = (generate_fn(model, cfg)(p, *args) for p in (params, unrolled))
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     np.testing.assert_allclose(np.asarray(a.scores), np.asarray(b.scores), rtol=0, atol=1e-6)
+
+
+def test_the_decoding_layout_transposes_frozen_dict_params_too():
+    """Parameters held in Flax `FrozenDict`s get every kernel moved to `kernel_t` (out, in) as plain
+    dicts do, layer by layer out of a stack; left untransposed they would still compute, slower."""
+    stack = FrozenDict({"fc1": {"kernel": np.arange(24.0).reshape(2, 3, 4), "bias": np.ones((2, 4))},
+                        "final_layer_norm": {"scale": np.ones((2, 3))}})
+    unrolled = layers.transpose_kernels(layers.unstack_layers(stack))
+    assert sorted(unrolled) == ["0", "1"] and all(type(layer["fc1"]) is dict for layer in unrolled.values())
+    for i in (0, 1):
+        assert sorted(unrolled[str(i)]["fc1"]) == ["bias", "kernel_t"]
+        np.testing.assert_array_equal(unrolled[str(i)]["fc1"]["kernel_t"], stack["fc1"]["kernel"][i].T)
+        np.testing.assert_array_equal(unrolled[str(i)]["final_layer_norm"]["scale"], np.ones(3))
 
 
 def _scores(seed: int, ties: bool = False) -> np.ndarray:

@@ -7,7 +7,7 @@ mesh axes. Norms compute in float32 whatever the compute dtype (design decision 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -238,8 +238,9 @@ def zero_cache(length: int, shape: tuple[int, ...], dtype: Dtype, *, stacked: bo
 
 def transpose_kernels(tree: Any) -> Any:
     """`tree` with every Dense `kernel` (in, out) stored as `kernel_t` (out, in), which `Dense`
-    computes the same from (to float32 rounding): the decoding layout of the LLM's layers."""
-    if not isinstance(tree, dict):
+    computes the same from (to float32 rounding): the decoding layout of the LLM's layers. Any
+    mapping (a Flax `FrozenDict` too) comes back as a plain dict, transposed all the way down."""
+    if not isinstance(tree, Mapping):
         return tree
     out = {key: transpose_kernels(value) for key, value in tree.items() if key != "kernel"}
     if "kernel" in tree:
