@@ -54,12 +54,16 @@ def test_sharded_losses_equal_single_device(results):
 
 def test_sharded_gradients_equal_single_device(results):
     """Element-wise |a - b| <= 1e-6 + 1e-6 |a| (float32 sums over the batch are reduced in another
-    order across shards; the largest difference seen is ~1e-6 on the query tokens)."""
+    order across shards; the largest difference seen is ~1e-6 on the query tokens), except the
+    temperature's: one scalar that sums every image-text pair's ITC term in both directions, so all
+    of the batch's rounding lands on it (2.3e-6 relative on an AVX-512 EPYC, jax 0.10.2); it gets
+    1e-5 relative, still far below what a missing cross-device gather would change."""
     single, sharded = results
     for (_, grads_a), (_, grads_b) in zip(single, sharded):
         for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads_a)[0], jax.tree.leaves(grads_b)):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6,
-                                       err_msg=jax.tree_util.keystr(path))
+            name = jax.tree_util.keystr(path)
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5 if name == "['temp']" else 1e-6,
+                                       atol=1e-6, err_msg=name)
         assert float(jnp.abs(grads_a["temp"])) > 0 and float(jnp.abs(grads_a["query_tokens"]).max()) > 0
         assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads_a["vision_model"]))
 
