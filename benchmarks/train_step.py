@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py               # 5 timed steps per framework: ~3.5 min on 2 idle cores
     python benchmarks/train_step.py --steps 3     # ~2.7 min (twice that on busy cores)
+    python benchmarks/train_step.py --rounds 3    # the two children in turn 3 times, steps pooled: ~8 min
 
 What it measures: one optimizer step of BLIP-2 stage 2 (image-conditioned LM loss through a
 frozen OPT) on a ViT-B/16-sized EVA-style vision tower (768 wide, 12 layers, 224 px), a BERT-base
@@ -22,6 +23,9 @@ they compute the same function. Each framework runs in its own subprocess (`--fr
 How to read it:
   step time: median over `--steps` timed steps after one warm-up step (and, for ours, the
     compile, reported apart). `torch / ours` > 1 means ours is faster; the issue's CPU target is 1.3.
+    With `--rounds R` the children run torch, jax, torch, jax, ... and the step rows pool all R x
+    `--steps` steps (each round's median printed beside): on a shared machine PyTorch's step has
+    moved from 5.9 to 6.9 s between two runs minutes apart, more than ours did.
     `step CPU time` is the process's CPU seconds per step (all threads): less sensitive than wall
     time to other work on the machine, since the two children run at different moments.
   peak memory: the child's peak RSS (`ru_maxrss`) minus its RSS right after importing and
@@ -181,7 +185,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     return dict(device=f"{device.platform}: {device.device_kind}", **times, compile_s=compile_s, flops=flops,
                 xla_flops=_xla_flops(compiled), eval_loss=eval_loss, first_loss=first_loss,
                 last_loss=float(metrics["loss"]), trainable=counts[0], frozen=counts[1], **memory,
-                matmul_gflops=matmul_gflops(), kernel_s=kernel_seconds(matmuls),
+                **({} if args.skip_floors else dict(matmul_gflops=matmul_gflops(), kernel_s=kernel_seconds(matmuls))),
                 xla_argument_mib=buffers.argument_size_in_bytes / 2 ** 20,
                 xla_temp_mib=buffers.temp_size_in_bytes / 2 ** 20)
 
@@ -237,10 +241,12 @@ def run_torch(args: argparse.Namespace) -> dict[str, Any]:
                 first_loss=first_loss, last_loss=losses[-1], trainable=trainable, frozen=frozen, **_memory(base))
 
 
-def _child(framework: str, args: argparse.Namespace, weights: str = "") -> dict[str, Any]:
-    """Run this file as `--framework framework` and return its result line."""
+def _child(framework: str, args: argparse.Namespace, weights: str = "", floors: bool = True) -> dict[str, Any]:
+    """Run this file as `--framework framework` and return its result line (`floors`: the jax child
+    also measures the matmul rate and the XLA-kernel floor, ~1 min)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--framework", framework, "--weights", weights,
            "--steps", str(args.steps), "--batch", str(args.batch), "--text-length", str(args.text_length)]
+    cmd += [] if floors else ["--skip-floors"]
     tick = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
@@ -259,9 +265,12 @@ def parent(args: argparse.Namespace) -> None:
     start = datetime.datetime.now().astimezone()
     with tempfile.TemporaryDirectory(prefix="blip2_bench_") as weights:
         save_weights(weights)
-        theirs = _child("torch", args, weights)
-        ours = _child("jax", args, weights)
+        rounds = [(_child("torch", args, weights), _child("jax", args, weights, floors=r == 0))
+                  for r in range(args.rounds)]
     load_after = os.getloadavg()
+    # Round 0 reports memory, losses and floors; the step rows pool every round's steps.
+    theirs, ours = ({**runs[0], **{key: [x for run in runs for x in run[key]] for key in ("times", "cpu_times")},
+                     "load": max(run["load"] for run in runs)} for runs in zip(*rounds))
 
     t_ours, t_theirs = statistics.median(ours["times"]), statistics.median(theirs["times"])
     c_ours, c_theirs = statistics.median(ours["cpu_times"]), statistics.median(theirs["cpu_times"])
@@ -276,7 +285,8 @@ def parent(args: argparse.Namespace) -> None:
           + (": other work shares the cores, timings are noisy" if loaded else ""))
     print(f"  ViT-B/16 224 px (EVA-style, qkv bias) + BERT-base Q-Former ({NUM_QUERY_TOKENS} queries) + "
           f"OPT-125m-sized LM; batch {args.batch}, text {args.text_length} tokens; fp32, dropout on, AdamW; "
-          f"median of {args.steps} steps after 1 warm-up step")
+          f"median of {args.steps} steps after 1 warm-up step" + (
+              f", in each of {args.rounds} rounds of the two children in turn, pooled" if args.rounds > 1 else ""))
     if not ours["device"].startswith("cpu"):
         print("  ours runs on an accelerator and theirs on the CPU: the rows below compare different devices, "
               "and memory is host RSS")
@@ -285,6 +295,10 @@ def parent(args: argparse.Namespace) -> None:
     print(row("step time, median (s)", f"{t_ours:.3f}", f"{t_theirs:.3f}", f"{t_theirs / t_ours:.2f}x"))
     print(row("step time, min-max (s)", f"{min(ours['times']):.3f}-{max(ours['times']):.3f}",
                f"{min(theirs['times']):.3f}-{max(theirs['times']):.3f}"))
+    if args.rounds > 1:
+        per_round = [[statistics.median(run["times"]) for run in runs] for runs in zip(*rounds)]
+        print(row("  median of each round (s)", " ".join(f"{t:.2f}" for t in per_round[1]),
+                  " ".join(f"{t:.2f}" for t in per_round[0])))
     print(row("1-min load average after steps", f"{ours['load']:.2f}", f"{theirs['load']:.2f}"))
     print(row("step CPU time, median (s)", f"{c_ours:.3f}", f"{c_theirs:.3f}", f"{c_theirs / c_ours:.2f}x"))
     for name, key in (("peak memory (MiB)", "peak_mib"), ("  during steps (MiB)", "step_peak_mib")):
@@ -316,10 +330,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per framework (after 1 warm-up step)")
     parser.add_argument("--batch", type=int, default=8, help="stage-2 batch size")
     parser.add_argument("--text-length", type=int, default=32, help="text tokens per example (after the queries)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the torch and jax children in turn this many times and pool their steps: on "
+                             "a shared machine PyTorch's step moves by up to a third from one run to the next")
     parser.add_argument("--framework", choices=("jax", "torch"), default=None,
                         help="internal: run one side in this process and print its result line")
     parser.add_argument("--weights", default="", help="internal: the saved weights the children load")
+    parser.add_argument("--skip-floors", action="store_true",
+                        help="internal: the jax child leaves out the matmul rate and the XLA-kernel floor")
     args = parser.parse_args()
+    if args.rounds < 1 or args.steps < 1:
+        parser.error(f"--rounds and --steps must be >= 1, got --rounds {args.rounds} --steps {args.steps}")
     if args.framework is None:
         parent(args)
         return
