@@ -19,9 +19,9 @@ least time any implementation could take here. Matmuls with few rows (a decoding
 well below that rate, so a second floor times the same matmuls on XLA's own kernels: each distinct
 dot and convolution jitted alone, its weights streamed from memory, times how often the work runs
 it (`common.kernel_seconds`): the least time an implementation built on XLA could take with
-everything else free, so `torch / that` is the most such an implementation could gain here. Timings share the machine
-with whatever else runs; the load average is printed, and the ratio means something only from a
-quiet run.
+everything else free, so `torch / that` is the most such an implementation could gain here.
+Timings share the machine with whatever else runs; the load average is printed, and the ratio
+means something only from a quiet run.
 """
 # pylint: disable=import-outside-toplevel
 from __future__ import annotations
@@ -80,7 +80,7 @@ def run_jax(weights: str, images: np.ndarray, args: argparse.Namespace) -> dict:
     from blip2_jax.generation.config import GenerationConfig
     from blip2_jax.generation.decode import decoding_params, generate_fn
     from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
-    from blip2_jax.train.flops import equation_flops
+    from blip2_jax.train.flops import equations_flops
     from blip2_jax.weights.hf_checkpoint import load_pretrained
 
     cfg, params = load_pretrained(weights)
@@ -100,7 +100,7 @@ def run_jax(weights: str, images: np.ndarray, args: argparse.Namespace) -> dict:
     run()
     times = _timed(run, args.runs)
     work = _work(model, params, pixels, ids, args)
-    flops = {part: sum(count * equation_flops(eqn) for eqn, count in eqns) for part, eqns in work.items()}
+    flops = {part: equations_flops(eqns) for part, eqns in work.items()}
     device = jax.devices()[0]
     return dict(times=times, tokens=np.asarray(out["result"].tokens[:, 0]), compile_s=compile_s, flops=flops,
                 device=f"{device.platform}: {device.device_kind}", matmul_gflops=matmul_gflops(),

@@ -139,7 +139,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
 
     from blip2_jax.models.blip2 import Blip2ForConditionalGeneration
     from blip2_jax.objectives.stage2 import stage2_loss
-    from blip2_jax.train.flops import equation_flops, matmul_equations
+    from blip2_jax.train.flops import equations_flops, matmul_equations
     from blip2_jax.train.optim import default_config, make_optimizer
     from blip2_jax.train.partition import merge, partition, patterns_for
     from blip2_jax.train.state import TrainState
@@ -166,7 +166,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
 
     step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
     matmuls = matmul_equations(jax.make_jaxpr(step_fn)(state, frozen, batches[0]).jaxpr)
-    flops = sum(count * equation_flops(eqn) for eqn, count in matmuls)
+    flops = equations_flops(matmuls)
     tick = time.perf_counter()
     compiled = jax.jit(step_fn, donate_argnums=0).lower(state, frozen, batches[0]).compile()
     compile_s = time.perf_counter() - tick

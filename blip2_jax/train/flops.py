@@ -45,15 +45,20 @@ def matmul_equations(jaxpr: Any) -> list[tuple[Any, int]]:
             found.append((eqn, 1))
         inner = [matmul_equations(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
         if eqn.primitive.name == "cond":
-            inner = [max(inner, key=lambda branch: sum(n * equation_flops(e) for e, n in branch))] if inner else []
+            inner = [max(inner, key=equations_flops)] if inner else []
         times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
         found += [(e, n * times) for branch in inner for e, n in branch]
     return found
 
 
+def equations_flops(equations: list[tuple[Any, int]]) -> float:
+    """FLOPs of (equation, count) pairs as `matmul_equations` lists them."""
+    return float(sum(n * equation_flops(eqn) for eqn, n in equations))
+
+
 def matmul_flops(jaxpr: Any) -> float:
     """FLOPs of the dots and convolutions in `jaxpr` (`matmul_equations`)."""
-    return float(sum(n * equation_flops(eqn) for eqn, n in matmul_equations(jaxpr)))
+    return equations_flops(matmul_equations(jaxpr))
 
 
 def step_flops(fn: Callable, *args: Any) -> float:
