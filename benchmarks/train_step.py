@@ -22,7 +22,7 @@ they compute the same function. Each framework runs in its own subprocess (`--fr
 
 How to read it:
   step time: median over `--steps` timed steps after one warm-up step (and, for ours, the
-    compile, reported apart). `torch / ours` > 1 means ours is faster; the issue's CPU target is 1.3.
+    compile, reported apart). `torch / ours` > 1 means ours is faster; the issue's CPU target is 1.35.
     With `--rounds R` the children run torch, jax, torch, jax, ... and the step rows pool all R x
     `--steps` steps (each round's median printed beside): on a shared machine PyTorch's step has
     moved from 5.9 to 6.9 s between two runs minutes apart, more than ours did.
